@@ -1,0 +1,299 @@
+//! The `fncache` command: a thin layer over `fncache` and `fncache-wasmtime`.
+//!
+//! Exit codes: 0 success; 1 an error (bad input, unusable cache for `stats`/`gc`/`clear`);
+//! 2 bad command-line usage; for `run`, the guest's own exit code, or 134 when it traps.
+
+mod logger;
+mod wasi;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use bytesize::ByteSize;
+use clap::{Args, Parser, Subcommand};
+use fncache::{Cache, CacheConfig};
+use fncache_wasmtime::{CompileReport, Compiler};
+use serde_json::json;
+
+/// Compile and run WebAssembly with a persistent, function-level compilation cache.
+#[derive(Parser)]
+#[command(name = "fncache", version, about, propagate_version = true)]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args)]
+struct Global {
+    /// Cache directory [default: $FNCACHE_DIR, else $XDG_CACHE_HOME/fncache, else ~/.cache/fncache]
+    #[arg(long, global = true, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Byte limit of the cache, e.g. 512MiB or 2G [default: 1GiB]
+    #[arg(long, global = true, value_name = "SIZE", value_parser = parse_size)]
+    max_size: Option<u64>,
+    /// Compile without the cache
+    #[arg(long, global = true)]
+    no_cache: bool,
+    /// Use cached entries but write nothing to the cache
+    #[arg(long, global = true)]
+    read_only: bool,
+    /// Print machine-readable JSON on stdout (`run`: the summary on stderr)
+    #[arg(long, global = true)]
+    json: bool,
+    /// Say more on stderr (repeat for more)
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Compile a module (binary or text) with the cache; optionally write the compiled module
+    Compile {
+        /// The WebAssembly module
+        input: PathBuf,
+        /// Write Wasmtime's precompiled module here (load it with `Module::deserialize`)
+        #[arg(short, long, value_name = "OUT.cwasm")]
+        output: Option<PathBuf>,
+    },
+    /// Compile a WASI preview 1 command module with the cache, then run it
+    Run {
+        /// Give the guest a host directory: HOST or HOST::GUEST (repeatable)
+        #[arg(long = "dir", value_name = "HOST[::GUEST]")]
+        dirs: Vec<String>,
+        /// The WebAssembly module
+        input: PathBuf,
+        /// Arguments for the guest
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Show the cache's statistics
+    Stats,
+    /// Evict least recently used entries down to a size
+    Gc {
+        /// Target size [default: the cache's limit]
+        #[arg(long = "max-size", value_name = "SIZE", value_parser = parse_size)]
+        target: Option<u64>,
+    },
+    /// Remove every entry (statistics are kept)
+    Clear,
+    /// Decode and check every entry; damaged ones are removed
+    Verify,
+}
+
+fn parse_size(text: &str) -> Result<u64, String> {
+    text.trim()
+        .parse::<ByteSize>()
+        .map(|size| size.as_u64())
+        .map_err(|_| format!("'{text}' is not a size; use a number with an optional unit: 1048576, 512KiB, 64MiB, 2G"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logger::init(cli.global.verbose);
+    match run(cli) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("fncache: error: {}", error_chain(&error));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn error_chain(error: &anyhow::Error) -> String {
+    let mut text = error.to_string();
+    for cause in error.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    let global = &cli.global;
+    match cli.command {
+        Command::Compile { input, output } => {
+            let wasm = read_input(&input)?;
+            let compiler = compiler(global)?;
+            let (compiled, report) = compiler.precompile(&wasm)?;
+            if let Some(output) = &output {
+                std::fs::write(output, &compiled)
+                    .with_context(|| format!("cannot write {}", output.display()))?;
+            }
+            finish(&compiler);
+            if global.json {
+                let mut object = report_json(&report, compiler.cache().is_some());
+                object["output"] = json!(output.as_ref().map(|p| p.display().to_string()));
+                println!("{object}");
+            } else {
+                eprintln!("fncache: compiled {}: {}", input.display(), summary(&report, &compiler));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run { dirs, input, args } => {
+            let wasm = read_input(&input)?;
+            let compiler = compiler(global)?;
+            let (module, report) = compiler.compile(&wasm)?;
+            if global.json {
+                eprintln!("{}", report_json(&report, compiler.cache().is_some()));
+            } else if global.verbose > 0 {
+                eprintln!("fncache: compiled {}: {}", input.display(), summary(&report, &compiler));
+            }
+            let guest_name = input.display().to_string();
+            let code = wasi::run_command(compiler.engine(), &module, &guest_name, &args, &dirs);
+            finish(&compiler);
+            code
+        }
+        Command::Stats => {
+            let cache = open_cache(global)?;
+            let stats = cache.stats()?;
+            if global.json {
+                println!("{}", serde_json::to_string(&stats)?);
+            } else {
+                print_stats(&stats);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Gc { target } => {
+            let cache = open_cache(global)?;
+            let target = target.unwrap_or(cache.store().max_bytes());
+            let eviction = cache.gc(target)?;
+            let stats = cache.stats()?;
+            if global.json {
+                println!(
+                    "{}",
+                    json!({"evicted": eviction.entries, "freed_bytes": eviction.bytes,
+                           "entries": stats.entries, "bytes": stats.bytes, "max_bytes": target})
+                );
+            } else {
+                println!(
+                    "evicted {} entries ({}); {} entries, {} left",
+                    eviction.entries,
+                    ByteSize(eviction.bytes),
+                    stats.entries,
+                    ByteSize(stats.bytes)
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Clear => {
+            let cache = open_cache(global)?;
+            let before = cache.stats()?;
+            cache.clear()?;
+            if global.json {
+                println!("{}", json!({"removed": before.entries, "freed_bytes": before.bytes}));
+            } else {
+                println!("removed {} entries ({})", before.entries, ByteSize(before.bytes));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Verify => {
+            let cache = open_cache(global)?;
+            let report = cache.verify()?;
+            if global.json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                println!("checked {} entries; {} damaged and removed", report.checked, report.rejected);
+            }
+            Ok(if report.rejected == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+    }
+}
+
+fn read_input(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+fn cache_config(global: &Global) -> CacheConfig {
+    let mut config = CacheConfig::new().read_only(global.read_only);
+    if let Some(dir) = &global.cache_dir {
+        config = config.directory(dir);
+    }
+    if let Some(max) = global.max_size {
+        config = config.max_bytes(max);
+    }
+    config
+}
+
+/// The cache for `stats`, `gc`, `clear` and `verify`, where an unusable cache is an error.
+fn open_cache(global: &Global) -> Result<Cache> {
+    if global.no_cache {
+        bail!("--no-cache leaves nothing to inspect");
+    }
+    Ok(Cache::open(&cache_config(global))?)
+}
+
+/// The compiler for `compile` and `run`, where an unusable cache only costs speed.
+fn compiler(global: &Global) -> Result<Compiler> {
+    let cache = if global.no_cache {
+        None
+    } else {
+        match Cache::open(&cache_config(global)) {
+            Ok(cache) => Some(cache),
+            Err(error) => {
+                log::warn!("cannot use the compilation cache ({error}); compiling without it");
+                None
+            }
+        }
+    };
+    Compiler::new(wasmtime::Config::new(), cache)
+}
+
+/// Waits for the cache's writes, so that they outlive the process.
+fn finish(compiler: &Compiler) {
+    if let Some(cache) = compiler.cache() {
+        if let Err(error) = cache.flush() {
+            log::warn!("could not store compiled code in the cache ({error})");
+        }
+    }
+}
+
+fn summary(report: &CompileReport, compiler: &Compiler) -> String {
+    let cache = match compiler.cache() {
+        None => "no cache".to_string(),
+        Some(_) => format!(
+            "{} lookups, {} hits, {} misses ({:.1}% hit)",
+            report.lookups(),
+            report.hits,
+            report.misses,
+            report.hit_rate() * 100.0
+        ),
+    };
+    format!("{} functions, {cache}, {:.3} s", report.functions, report.seconds)
+}
+
+fn report_json(report: &CompileReport, cached: bool) -> serde_json::Value {
+    json!({
+        "functions": report.functions,
+        "lookups": report.lookups(),
+        "hits": report.hits,
+        "misses": report.misses,
+        "inserts": report.inserts,
+        "seconds": report.seconds,
+        "cache": cached,
+    })
+}
+
+fn print_stats(stats: &fncache::Stats) {
+    let c = &stats.counters;
+    let lookups = c.hits + c.misses;
+    let rate = if lookups == 0 { 0.0 } else { c.hits as f64 * 100.0 / lookups as f64 };
+    println!("cache directory  {}{}", stats.location, if stats.read_only { " (read-only)" } else { "" });
+    println!("entries          {} values under {} keys", stats.entries, stats.keys);
+    println!(
+        "size             {} of {} limit{}",
+        ByteSize(stats.bytes),
+        ByteSize(stats.max_bytes),
+        stats.disk_bytes.map(|d| format!(" ({} on disk)", ByteSize(d))).unwrap_or_default()
+    );
+    println!("lookups          {lookups}: {} hits, {} misses ({rate:.1}% hit)", c.hits, c.misses);
+    println!("inserts          {} ({} written)", c.inserts, ByteSize(c.bytes_written));
+    println!("read on hits     {}", ByteSize(c.bytes_read));
+    println!("evictions        {}", c.evictions);
+    println!("damaged entries  {} (discarded and recompiled)", c.rejected);
+}

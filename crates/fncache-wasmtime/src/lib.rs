@@ -1,0 +1,24 @@
+//! fncache for Wasmtime: the one crate that knows Wasmtime.
+//!
+//! - [`fingerprint`]: the engine fingerprint that namespaces every entry, so that two Wasmtime
+//!   versions or two code-changing settings sharing one cache never read each other's entries.
+//! - [`function_store`]: the [`wasmtime::CacheStore`] adapter Cranelift's incremental cache
+//!   calls, once per function and trampoline, from many threads at once.
+//! - [`compiler`]: [`Compiler`], an engine with the cache wired in and per-compile reports;
+//!   the one call an embedder needs.
+//!
+//! ```no_run
+//! let cache = fncache::Cache::open(&fncache::CacheConfig::new())?;
+//! let compiler = fncache_wasmtime::Compiler::new(wasmtime::Config::new(), Some(cache))?;
+//! let (module, report) = compiler.compile(&std::fs::read("app.wasm")?)?;
+//! eprintln!("{} of {} lookups hit", report.hits, report.lookups());
+//! # Ok::<(), anyhow::Error>(())
+//! ```
+
+pub mod compiler;
+pub mod fingerprint;
+pub mod function_store;
+
+pub use compiler::{CompileReport, Compiler};
+pub use fingerprint::engine_fingerprint;
+pub use function_store::{enable, FunctionStore};

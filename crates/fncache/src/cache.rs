@@ -1,0 +1,224 @@
+//! The cache policy over a store: encode and verify every entry, count, degrade with a warning.
+//!
+//! Nothing here can fail a compile. A store error turns into a miss (and one warning for the
+//! life of the cache); a damaged entry is discarded, counted and reported as a miss so that the
+//! caller compiles again and stores a good one.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::config::{CacheConfig, Compression};
+use crate::entry;
+use crate::key::{Digest, KeyId, Namespace};
+use crate::stats::{Counters, Stats};
+use crate::store::{disk::DiskStore, Eviction, Store, StoreError};
+
+/// A handle to a cache; cheap to clone and shared by all compile threads.
+#[derive(Clone, Debug)]
+pub struct Cache {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    store: Arc<dyn Store>,
+    compression: Compression,
+    session: SessionCounters,
+    /// Counts already handed to the store's `record`.
+    recorded: parking_lot::Mutex<Counters>,
+    warned: AtomicBool,
+}
+
+/// Counters since this handle was opened, updated lock-free from many threads.
+#[derive(Debug, Default)]
+struct SessionCounters {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    inserts: AtomicU64,
+    bytes_read: AtomicU64,
+    bytes_written: AtomicU64,
+    rejected: AtomicU64,
+}
+
+impl SessionCounters {
+    fn snapshot(&self) -> Counters {
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        Counters {
+            hits: load(&self.hits),
+            misses: load(&self.misses),
+            inserts: load(&self.inserts),
+            evictions: 0,
+            bytes_read: load(&self.bytes_read),
+            bytes_written: load(&self.bytes_written),
+            rejected: load(&self.rejected),
+        }
+    }
+}
+
+/// The outcome of [`Cache::verify`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Verification {
+    pub checked: u64,
+    pub rejected: u64,
+}
+
+impl Cache {
+    /// Opens the disk cache `config` describes.
+    pub fn open(config: &CacheConfig) -> Result<Cache, StoreError> {
+        let dir = config.resolved_directory().ok_or_else(|| {
+            StoreError::Unusable(
+                "no cache directory: set FNCACHE_DIR, XDG_CACHE_HOME or HOME, or pass one".into(),
+            )
+        })?;
+        let store = DiskStore::open(&dir, config.max_bytes, config.read_only)?;
+        Ok(Cache::with_store(Arc::new(store), config))
+    }
+
+    /// A cache over any store; `config`'s directory, limit and read-only flag are the store's
+    /// business and are not used here.
+    pub fn with_store(store: Arc<dyn Store>, config: &CacheConfig) -> Cache {
+        Cache {
+            inner: Arc::new(Inner {
+                store,
+                compression: config.compression,
+                session: SessionCounters::default(),
+                recorded: Default::default(),
+                warned: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.inner.store
+    }
+
+    /// The verified value stored under `key` in `namespace`, if any.
+    pub fn get(&self, namespace: &Namespace, key: &[u8]) -> Option<Vec<u8>> {
+        let session = &self.inner.session;
+        let key = KeyId::new(namespace, key);
+        let found = match self.inner.store.get(&key) {
+            Ok(found) => found,
+            Err(error) => {
+                self.warn_once(&error);
+                None
+            }
+        };
+        let Some((digest, stored)) = found else {
+            session.misses.fetch_add(1, Ordering::Relaxed);
+            return None;
+        };
+        match entry::decode(&stored, Some(&digest)) {
+            Ok(value) => {
+                session.hits.fetch_add(1, Ordering::Relaxed);
+                session.bytes_read.fetch_add(stored.len() as u64, Ordering::Relaxed);
+                Some(value)
+            }
+            Err(error) => {
+                log::warn!(
+                    "discarded a damaged cache entry {digest:?} in {} ({error}); compiling it again",
+                    self.inner.store.location()
+                );
+                session.rejected.fetch_add(1, Ordering::Relaxed);
+                session.misses.fetch_add(1, Ordering::Relaxed);
+                if let Err(error) = self.inner.store.remove(&digest) {
+                    self.warn_once(&error);
+                }
+                None
+            }
+        }
+    }
+
+    /// Stores `value` under `key` in `namespace`. Never fails; a store error is warned about once.
+    pub fn insert(&self, namespace: &Namespace, key: &[u8], value: &[u8]) {
+        if self.inner.store.is_read_only() {
+            return;
+        }
+        let (encoded, digest) = entry::encode(value, self.inner.compression);
+        let session = &self.inner.session;
+        session.inserts.fetch_add(1, Ordering::Relaxed);
+        session.bytes_written.fetch_add(encoded.len() as u64, Ordering::Relaxed);
+        if let Err(error) = self.inner.store.put(KeyId::new(namespace, key), digest, encoded.into()) {
+            self.warn_once(&error);
+        }
+    }
+
+    /// Counters since this handle was opened.
+    pub fn session_counters(&self) -> Counters {
+        self.inner.session.snapshot()
+    }
+
+    /// Hands the session's counters to the store and waits until every write is stored.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        {
+            let now = self.inner.session.snapshot();
+            let mut recorded = self.inner.recorded.lock();
+            self.inner.store.record(&now.since(&recorded));
+            *recorded = now;
+        }
+        self.inner.store.flush()
+    }
+
+    /// Persistent statistics (after a flush, so that this handle's work is included).
+    pub fn stats(&self) -> Result<Stats, StoreError> {
+        let _ = self.flush();
+        let store = &self.inner.store;
+        let usage = store.usage()?;
+        Ok(Stats {
+            counters: store.counters()?,
+            entries: usage.entries,
+            keys: usage.keys,
+            bytes: usage.bytes,
+            max_bytes: store.max_bytes(),
+            disk_bytes: store.disk_bytes(),
+            location: store.location(),
+            read_only: store.is_read_only(),
+        })
+    }
+
+    /// Evicts least recently used entries until the cache takes at most `max_bytes`.
+    pub fn gc(&self, max_bytes: u64) -> Result<Eviction, StoreError> {
+        self.flush()?;
+        self.inner.store.evict_to(max_bytes)
+    }
+
+    /// Removes every entry.
+    pub fn clear(&self) -> Result<(), StoreError> {
+        self.flush()?;
+        self.inner.store.clear()
+    }
+
+    /// Decodes every stored entry; damaged ones are removed and counted.
+    pub fn verify(&self) -> Result<Verification, StoreError> {
+        self.flush()?;
+        let mut report = Verification::default();
+        let mut damaged: Vec<Digest> = Vec::new();
+        self.inner.store.for_each_entry(&mut |digest, stored| {
+            report.checked += 1;
+            if entry::decode(stored, Some(&digest)).is_err() {
+                damaged.push(digest);
+            }
+        })?;
+        report.rejected = damaged.len() as u64;
+        for digest in &damaged {
+            self.inner.store.remove(digest)?;
+        }
+        self.inner.store.record(&Counters { rejected: report.rejected, ..Counters::default() });
+        self.inner.store.flush()?;
+        Ok(report)
+    }
+
+    fn warn_once(&self, error: &StoreError) {
+        if !self.inner.warned.swap(true, Ordering::Relaxed) {
+            log::warn!("the compilation cache is not working ({error}); compiling without it");
+        }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Persist what this handle counted; the store flushes its own writes when dropped.
+        let now = self.session.snapshot();
+        let recorded = *self.recorded.lock();
+        self.store.record(&now.since(&recorded));
+    }
+}

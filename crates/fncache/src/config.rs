@@ -1,0 +1,110 @@
+//! The knobs an embedder sets, with their defaults.
+
+use std::path::{Path, PathBuf};
+
+/// The environment variable that overrides the default cache directory.
+pub const DIR_ENV: &str = "FNCACHE_DIR";
+/// The default byte limit: 1 GiB.
+pub const DEFAULT_MAX_BYTES: u64 = 1 << 30;
+
+/// How entries are compressed on disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compression {
+    /// Stored as they are.
+    None,
+    /// zstd at the given level (1 to 22).
+    Zstd(i32),
+}
+
+impl Default for Compression {
+    /// zstd level 3: see docs/design.md for the measurement behind it.
+    fn default() -> Self {
+        Compression::Zstd(3)
+    }
+}
+
+/// Configuration of a [`Cache`](crate::Cache).
+///
+/// ```no_run
+/// let config = fncache::CacheConfig::new()
+///     .directory("/var/cache/my-host/fncache")
+///     .max_bytes(256 << 20)
+///     .read_only(false);
+/// let cache = fncache::Cache::open(&config)?;
+/// # Ok::<(), fncache::StoreError>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct CacheConfig {
+    pub(crate) directory: Option<PathBuf>,
+    pub(crate) max_bytes: u64,
+    pub(crate) compression: Compression,
+    pub(crate) read_only: bool,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            directory: None,
+            max_bytes: DEFAULT_MAX_BYTES,
+            compression: Compression::default(),
+            read_only: false,
+        }
+    }
+}
+
+impl CacheConfig {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Where the cache lives. Default: `$FNCACHE_DIR`, else `$XDG_CACHE_HOME/fncache`, else
+    /// `~/.cache/fncache` (see [`default_directory`]).
+    pub fn directory(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.directory = Some(dir.into());
+        self
+    }
+
+    /// The byte limit of the cache. Default: 1 GiB. Least recently used entries are evicted
+    /// when a write takes the cache over it.
+    pub fn max_bytes(mut self, max_bytes: u64) -> Self {
+        self.max_bytes = max_bytes;
+        self
+    }
+
+    /// How new entries are compressed. Default: zstd level 3. Entries of any codec are read.
+    pub fn compression(mut self, compression: Compression) -> Self {
+        self.compression = compression;
+        self
+    }
+
+    /// Serve hits but never write: no new entries, no eviction, no recorded use. Default: off.
+    pub fn read_only(mut self, read_only: bool) -> Self {
+        self.read_only = read_only;
+        self
+    }
+
+    /// The directory this configuration resolves to.
+    pub fn resolved_directory(&self) -> Option<PathBuf> {
+        self.directory.clone().or_else(default_directory)
+    }
+
+    pub fn get_max_bytes(&self) -> u64 {
+        self.max_bytes
+    }
+
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+}
+
+/// `$FNCACHE_DIR`, else `$XDG_CACHE_HOME/fncache`, else `$HOME/.cache/fncache`.
+pub fn default_directory() -> Option<PathBuf> {
+    let non_empty = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
+    if let Some(dir) = non_empty(DIR_ENV) {
+        return Some(PathBuf::from(dir));
+    }
+    if let Some(xdg) = non_empty("XDG_CACHE_HOME") {
+        return Some(Path::new(&xdg).join("fncache"));
+    }
+    non_empty("HOME").map(|home| Path::new(&home).join(".cache").join("fncache"))
+}

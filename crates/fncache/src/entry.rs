@@ -1,0 +1,191 @@
+//! The entry format: how one value is laid out on disk and on the wire.
+//!
+//! ```text
+//! offset  size  field
+//!      0     4  magic "FNCE"
+//!      4     1  format version (FORMAT_VERSION)
+//!      5     1  codec: 0 = stored as is, 1 = zstd
+//!      6     2  reserved, zero
+//!      8     8  payload length, uncompressed (u64, little endian)
+//!     16     8  body length, as stored (u64, little endian)
+//!     24    32  BLAKE3 digest of the uncompressed payload
+//!     56     .  body
+//! ```
+//!
+//! The digest is also the value's name in content-addressed stores, so an entry is checked
+//! twice on every read: against its own header (damage) and against the name it was found
+//! under (an entry renamed or pointed at by the wrong key). Cranelift's own value carries no
+//! checksum, so this is the only thing standing between a flipped bit and executed code.
+
+use crate::config::Compression;
+use crate::key::Digest;
+
+pub const MAGIC: [u8; 4] = *b"FNCE";
+/// Bumped whenever the layout or the meaning of a field changes; part of every namespace.
+pub const FORMAT_VERSION: u8 = 1;
+pub const HEADER_LEN: usize = 56;
+/// Refuse to allocate for payloads claiming to be larger than this (a damaged length field).
+pub const MAX_PAYLOAD_LEN: u64 = 4 << 30;
+
+const CODEC_NONE: u8 = 0;
+const CODEC_ZSTD: u8 = 1;
+
+/// Why an entry was rejected.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum EntryError {
+    #[error("entry is {0} bytes, shorter than its {HEADER_LEN}-byte header")]
+    TooShort(usize),
+    #[error("entry does not start with the fncache magic")]
+    BadMagic,
+    #[error("entry format version {0} is not {FORMAT_VERSION}")]
+    UnsupportedVersion(u8),
+    #[error("entry uses unknown codec {0}")]
+    UnknownCodec(u8),
+    #[error("entry body is {actual} bytes but its header says {expected} (truncated or padded)")]
+    LengthMismatch { expected: u64, actual: u64 },
+    #[error("entry claims a {0}-byte payload, over the {MAX_PAYLOAD_LEN}-byte limit")]
+    PayloadTooLarge(u64),
+    #[error("entry body does not decompress: {0}")]
+    Decompress(String),
+    #[error("entry payload does not match its checksum")]
+    ChecksumMismatch,
+    #[error("entry is stored under another value's name")]
+    DigestMismatch,
+}
+
+/// Encodes `payload` into an entry; returns the entry and the payload's digest.
+pub fn encode(payload: &[u8], compression: Compression) -> (Vec<u8>, Digest) {
+    let digest = Digest::of(payload);
+    let compressed = match compression {
+        Compression::None => None,
+        Compression::Zstd(level) => zstd::bulk::compress(payload, level)
+            .ok()
+            // Incompressible values are stored as they are: no decompression on the read path.
+            .filter(|body| body.len() < payload.len()),
+    };
+    let (codec, body) = match &compressed {
+        Some(body) => (CODEC_ZSTD, body.as_slice()),
+        None => (CODEC_NONE, payload),
+    };
+    let mut entry = Vec::with_capacity(HEADER_LEN + body.len());
+    entry.extend_from_slice(&MAGIC);
+    entry.push(FORMAT_VERSION);
+    entry.push(codec);
+    entry.extend_from_slice(&[0, 0]);
+    entry.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    entry.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    entry.extend_from_slice(digest.as_bytes());
+    entry.extend_from_slice(body);
+    (entry, digest)
+}
+
+/// The digest an entry's header claims, without checking the body.
+pub fn header_digest(entry: &[u8]) -> Option<Digest> {
+    entry.get(24..56).and_then(Digest::from_slice)
+}
+
+/// Decodes and verifies an entry. `expected` is the name the entry was found under, if any.
+pub fn decode(entry: &[u8], expected: Option<&Digest>) -> Result<Vec<u8>, EntryError> {
+    if entry.len() < HEADER_LEN {
+        return Err(EntryError::TooShort(entry.len()));
+    }
+    if entry[0..4] != MAGIC {
+        return Err(EntryError::BadMagic);
+    }
+    if entry[4] != FORMAT_VERSION {
+        return Err(EntryError::UnsupportedVersion(entry[4]));
+    }
+    let codec = entry[5];
+    let payload_len = u64::from_le_bytes(entry[8..16].try_into().unwrap());
+    let body_len = u64::from_le_bytes(entry[16..24].try_into().unwrap());
+    let digest = header_digest(entry).expect("header length checked");
+    let body = &entry[HEADER_LEN..];
+    if body.len() as u64 != body_len {
+        return Err(EntryError::LengthMismatch { expected: body_len, actual: body.len() as u64 });
+    }
+    if payload_len > MAX_PAYLOAD_LEN {
+        return Err(EntryError::PayloadTooLarge(payload_len));
+    }
+    if let Some(expected) = expected {
+        if *expected != digest {
+            return Err(EntryError::DigestMismatch);
+        }
+    }
+    let payload = match codec {
+        CODEC_NONE => body.to_vec(),
+        CODEC_ZSTD => zstd::bulk::decompress(body, payload_len as usize)
+            .map_err(|e| EntryError::Decompress(e.to_string()))?,
+        other => return Err(EntryError::UnknownCodec(other)),
+    };
+    if payload.len() as u64 != payload_len {
+        return Err(EntryError::LengthMismatch { expected: payload_len, actual: payload.len() as u64 });
+    }
+    if Digest::of(&payload) != digest {
+        return Err(EntryError::ChecksumMismatch);
+    }
+    Ok(payload)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Vec<u8> {
+        (0..5000u32).flat_map(|i| (i % 251).to_le_bytes()).collect()
+    }
+
+    #[test]
+    fn round_trips_with_every_codec() {
+        for compression in [Compression::None, Compression::Zstd(1), Compression::Zstd(9)] {
+            let (entry, digest) = encode(&sample(), compression);
+            assert_eq!(decode(&entry, Some(&digest)).unwrap(), sample());
+        }
+    }
+
+    #[test]
+    fn compresses_when_it_pays() {
+        let (plain, _) = encode(&sample(), Compression::None);
+        let (packed, _) = encode(&sample(), Compression::Zstd(3));
+        assert!(packed.len() < plain.len() / 2, "{} vs {}", packed.len(), plain.len());
+    }
+
+    #[test]
+    fn every_flipped_bit_is_detected() {
+        for compression in [Compression::None, Compression::Zstd(3)] {
+            let (entry, digest) = encode(&sample()[..600], compression);
+            for i in 0..entry.len() {
+                // Only the reserved bytes may change without effect... and they are checked
+                // indirectly: a flip there leaves the payload intact, which is harmless.
+                if (6..8).contains(&i) {
+                    continue;
+                }
+                let mut damaged = entry.clone();
+                damaged[i] ^= 0x10;
+                assert!(decode(&damaged, Some(&digest)).is_err(), "flip at byte {i} undetected");
+            }
+        }
+    }
+
+    #[test]
+    fn truncation_and_empty_are_detected() {
+        let (entry, digest) = encode(&sample(), Compression::Zstd(3));
+        assert_eq!(decode(&[], Some(&digest)), Err(EntryError::TooShort(0)));
+        for len in [1, HEADER_LEN - 1, HEADER_LEN, entry.len() - 1] {
+            assert!(decode(&entry[..len], Some(&digest)).is_err(), "truncated to {len}");
+        }
+    }
+
+    #[test]
+    fn an_entry_under_another_name_is_rejected() {
+        let (entry, _) = encode(b"one value", Compression::None);
+        let other = Digest::of(b"another value");
+        assert_eq!(decode(&entry, Some(&other)), Err(EntryError::DigestMismatch));
+    }
+
+    #[test]
+    fn a_huge_claimed_length_does_not_allocate() {
+        let (mut entry, digest) = encode(b"small", Compression::Zstd(3));
+        entry[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert_eq!(decode(&entry, Some(&digest)), Err(EntryError::PayloadTooLarge(u64::MAX)));
+    }
+}

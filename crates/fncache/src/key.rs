@@ -1,0 +1,97 @@
+//! Digests, namespaces and store keys.
+//!
+//! Every identifier in fncache is a BLAKE3 digest, so nothing that comes from an entry or a
+//! wasm file ever steers a path or a SQL statement by its content.
+//!
+//! - A [`Namespace`] is the fingerprint of everything outside a function that changes its
+//!   machine code: compiler versions, target, settings (see `fncache-wasmtime` for what goes into
+//!   Wasmtime's). Two engines with different fingerprints never see each other's keys.
+//! - A [`KeyId`] is what a store is indexed by: the digest of a namespace and a caller's key
+//!   (Cranelift's own key for a function).
+//! - A [`Digest`] of a value's content names the stored value, so one value reached under many
+//!   keys is stored once.
+
+use std::fmt;
+
+/// A 32-byte BLAKE3 digest.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Digest(pub [u8; 32]);
+
+impl Digest {
+    /// The digest of `bytes`.
+    pub fn of(bytes: &[u8]) -> Digest {
+        Digest(*blake3::hash(bytes).as_bytes())
+    }
+
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// Reads a digest from a 32-byte slice; `None` for any other length.
+    pub fn from_slice(bytes: &[u8]) -> Option<Digest> {
+        bytes.try_into().ok().map(Digest)
+    }
+
+    /// Lower-case hex, as used in file names and logs.
+    pub fn to_hex(&self) -> String {
+        blake3::Hash::from_bytes(self.0).to_hex().to_string()
+    }
+}
+
+impl fmt::Debug for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", &self.to_hex()[..16])
+    }
+}
+
+/// The fingerprint of the compiler and settings that produced a set of entries.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct Namespace(pub Digest);
+
+impl Namespace {
+    /// A namespace from named parts; the names keep `("ab", "c")` and `("a", "bc")` apart.
+    pub fn from_parts<'a>(parts: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> Namespace {
+        let mut hasher = blake3::Hasher::new_derive_key("fncache namespace v1");
+        for (name, value) in parts {
+            hasher.update(&(name.len() as u64).to_le_bytes());
+            hasher.update(name.as_bytes());
+            hasher.update(&(value.len() as u64).to_le_bytes());
+            hasher.update(value);
+        }
+        Namespace(Digest(*hasher.finalize().as_bytes()))
+    }
+}
+
+/// The key a store is indexed by: a digest of the namespace and the caller's key.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
+pub struct KeyId(pub Digest);
+
+impl KeyId {
+    pub fn new(namespace: &Namespace, key: &[u8]) -> KeyId {
+        let mut hasher = blake3::Hasher::new_derive_key("fncache key v1");
+        hasher.update(namespace.0.as_bytes());
+        hasher.update(key);
+        KeyId(Digest(*hasher.finalize().as_bytes()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn namespaces_separate_keys() {
+        let a = Namespace::from_parts([("wasmtime", b"48.0.8".as_slice())]);
+        let b = Namespace::from_parts([("wasmtime", b"48.0.9".as_slice())]);
+        assert_ne!(a, b);
+        assert_ne!(KeyId::new(&a, b"k"), KeyId::new(&b, b"k"));
+        assert_eq!(KeyId::new(&a, b"k"), KeyId::new(&a, b"k"));
+    }
+
+    #[test]
+    fn namespace_parts_are_length_delimited() {
+        let a = Namespace::from_parts([("ab", b"c".as_slice())]);
+        let b = Namespace::from_parts([("a", b"bc".as_slice())]);
+        assert_ne!(a, b);
+    }
+}

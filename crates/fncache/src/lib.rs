@@ -1,0 +1,27 @@
+//! fncache: a persistent, bounded, shareable cache of compiled functions.
+//!
+//! This crate knows nothing about Wasmtime. It stores opaque values (Cranelift's serialized
+//! compiled functions, in practice) under opaque keys, inside a [`Namespace`] that says which
+//! compiler produced them. The layers, from the caller down:
+//!
+//! - [`Cache`] ([`cache`]): the policy. It encodes and verifies every entry ([`entry`]), counts
+//!   hits and misses, warns once when the cache degrades, and never lets an error reach the
+//!   compile: a broken cache is a slower compile, not a failed one.
+//! - [`Store`] ([`store`]): where bytes live. One trait, one file per backend:
+//!   [`MemoryStore`] (bounded, LRU) and [`DiskStore`] (the embedded default: SQLite in WAL mode,
+//!   shared by many processes, content-addressed, LRU-evicted under a byte limit).
+//! - [`key`]: digests, namespaces and the key that a store is indexed by.
+//! - [`CacheConfig`] ([`config`]): the knobs an embedder sets, with their defaults.
+
+pub mod cache;
+pub mod config;
+pub mod entry;
+pub mod key;
+pub mod stats;
+pub mod store;
+
+pub use cache::Cache;
+pub use config::{CacheConfig, Compression};
+pub use key::{Digest, KeyId, Namespace};
+pub use stats::{Counters, Stats};
+pub use store::{disk::DiskStore, memory::MemoryStore, Store, StoreError};

@@ -1,0 +1,651 @@
+//! The disk store, the embedded default: one SQLite database in WAL mode in the cache directory.
+//!
+//! Why SQLite (docs/design.md has the measurements): reads as fast as one file per entry,
+//! writes faster, a third less disk, a full scan in milliseconds, and crash-safe transactions
+//! shared by many processes without any locking of our own.
+//!
+//! Layout (schema version [`SCHEMA_VERSION`]):
+//! - `keys(id, digest)`: a key points at a value's digest;
+//! - `blob_meta(digest, data_id, size, last_used)`: small rows the LRU order is kept in, apart
+//!   from the large values so that recording a use never rewrites a value;
+//! - `blob_data(id, data)`: the encoded entries;
+//! - `meta(name, value)`: the accounted byte total, the use clock and persistent counters.
+//!
+//! Writes never block a compile: `put` hands the entry to a writer thread, which commits
+//! whatever has queued up in one transaction, records uses (LRU touches) in the same
+//! transaction, and evicts the least recently used values whenever the total passes the limit,
+//! down to [`LOW_WATER_PERCENT`] of it. Until committed, a value is served from memory.
+
+use std::collections::HashMap;
+use std::fs;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior};
+
+use super::{Eviction, Store, StoreError, Usage, KEY_OVERHEAD, VALUE_OVERHEAD};
+use crate::key::{Digest, KeyId};
+use crate::stats::Counters;
+
+/// The database file inside the cache directory.
+pub const DB_FILE: &str = "fncache.db";
+/// Bumped when the schema changes; a cache with another version is refused, not misread.
+pub const SCHEMA_VERSION: i64 = 1;
+/// Eviction brings the accounted bytes down to this share of the limit, so that it runs once
+/// per many writes rather than on every one.
+pub const LOW_WATER_PERCENT: u64 = 90;
+/// How long a process waits for another one's write transaction before giving up.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Reader connections kept open for reuse.
+const MAX_IDLE_READERS: usize = 8;
+
+const GET_SQL: &str = "SELECT k.digest, d.data FROM keys k \
+     JOIN blob_meta m ON m.digest = k.digest \
+     JOIN blob_data d ON d.id = m.data_id WHERE k.id = ?1";
+
+const SCHEMA: &str = "
+    CREATE TABLE meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+    CREATE TABLE keys (id BLOB PRIMARY KEY, digest BLOB NOT NULL) WITHOUT ROWID;
+    CREATE INDEX keys_by_digest ON keys(digest);
+    CREATE TABLE blob_meta (
+        digest BLOB PRIMARY KEY, data_id INTEGER NOT NULL,
+        size INTEGER NOT NULL, last_used INTEGER NOT NULL) WITHOUT ROWID;
+    CREATE INDEX blob_meta_by_use ON blob_meta(last_used);
+    CREATE TABLE blob_data (id INTEGER PRIMARY KEY, data BLOB NOT NULL);
+    INSERT INTO meta VALUES ('bytes', 0), ('clock', 0), ('hits', 0), ('misses', 0),
+        ('inserts', 0), ('evictions', 0), ('bytes_read', 0), ('bytes_written', 0),
+        ('rejected', 0);
+";
+
+type Pending = Arc<Mutex<HashMap<KeyId, (Digest, Arc<[u8]>)>>>;
+
+/// A cache directory on disk. See the module documentation.
+pub struct DiskStore {
+    dir: PathBuf,
+    db_path: PathBuf,
+    max_bytes: u64,
+    read_only: bool,
+    readers: Mutex<Vec<Connection>>,
+    /// Values handed to `put` and not yet committed.
+    pending: Pending,
+    writer: Option<Writer>,
+}
+
+struct Writer {
+    ops: Sender<Op>,
+    thread: JoinHandle<()>,
+}
+
+enum Op {
+    Put { key: KeyId, digest: Digest, entry: Arc<[u8]> },
+    Touch(Digest),
+    Remove(Digest),
+    Record(Counters),
+    Flush(SyncSender<Result<(), StoreError>>),
+    Evict(u64, SyncSender<Result<Eviction, StoreError>>),
+    Clear(SyncSender<Result<(), StoreError>>),
+}
+
+impl std::fmt::Debug for DiskStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DiskStore")
+            .field("dir", &self.dir)
+            .field("max_bytes", &self.max_bytes)
+            .field("read_only", &self.read_only)
+            .finish()
+    }
+}
+
+impl DiskStore {
+    /// Opens (creating if needed, unless `read_only`) the cache in `dir`.
+    pub fn open(dir: &Path, max_bytes: u64, read_only: bool) -> Result<DiskStore, StoreError> {
+        let io = |source| StoreError::Io { path: dir.to_path_buf(), source };
+        if dir.exists() && !dir.is_dir() {
+            return Err(StoreError::Unusable(format!(
+                "cache directory {} is not a directory; point --cache-dir or FNCACHE_DIR elsewhere",
+                dir.display()
+            )));
+        }
+        if !read_only {
+            // Private: other local users must neither read nor plant entries.
+            fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io)?;
+        }
+        let db_path = dir.join(DB_FILE);
+        if read_only && !db_path.exists() {
+            return Err(StoreError::Unusable(format!(
+                "no cache at {} to read (read-only mode creates none)",
+                dir.display()
+            )));
+        }
+        let pending: Pending = Arc::default();
+        let writer = if read_only {
+            None
+        } else {
+            let conn = open_writer(&db_path)?;
+            let (ops, rx) = mpsc::channel();
+            let state = WriterState {
+                conn,
+                db_path: db_path.clone(),
+                max_bytes,
+                pending: pending.clone(),
+                warned: AtomicBool::new(false),
+            };
+            let thread = std::thread::Builder::new()
+                .name("fncache-writer".into())
+                .spawn(move || state.run(rx))
+                .map_err(io)?;
+            Some(Writer { ops, thread })
+        };
+        let store = DiskStore {
+            dir: dir.to_path_buf(),
+            db_path,
+            max_bytes,
+            read_only,
+            readers: Mutex::new(Vec::new()),
+            pending,
+            writer,
+        };
+        // Open one reader now so that a cache that cannot be read fails here, not mid-compile.
+        let reader = store.checkout()?;
+        store.checkin(reader);
+        Ok(store)
+    }
+
+    pub fn directory(&self) -> &Path {
+        &self.dir
+    }
+
+    fn db_error(&self, source: rusqlite::Error) -> StoreError {
+        StoreError::Database { path: self.db_path.clone(), source }
+    }
+
+    fn checkout(&self) -> Result<Connection, StoreError> {
+        if let Some(conn) = self.readers.lock().pop() {
+            return Ok(conn);
+        }
+        let flags = if self.read_only {
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        } else {
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        };
+        let conn = Connection::open_with_flags(&self.db_path, flags).map_err(|e| self.db_error(e))?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(|e| self.db_error(e))?;
+        conn.execute_batch("PRAGMA query_only = 1").map_err(|e| self.db_error(e))?;
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |row| row.get(0))
+            .map_err(|e| self.db_error(e))?;
+        check_schema_version(&self.db_path, version)?;
+        Ok(conn)
+    }
+
+    fn checkin(&self, conn: Connection) {
+        let mut readers = self.readers.lock();
+        if readers.len() < MAX_IDLE_READERS {
+            readers.push(conn);
+        }
+    }
+
+    fn with_reader<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+    ) -> Result<T, StoreError> {
+        let conn = self.checkout()?;
+        let result = f(&conn).map_err(|e| self.db_error(e));
+        self.checkin(conn);
+        result
+    }
+
+    fn send(&self, op: Op) -> Result<(), StoreError> {
+        match &self.writer {
+            Some(writer) => writer.ops.send(op).map_err(|_| StoreError::WriterGone),
+            None => Ok(()), // read-only: writes are dropped by design
+        }
+    }
+
+    fn call<T>(
+        &self,
+        make: impl FnOnce(SyncSender<Result<T, StoreError>>) -> Op,
+        read_only_answer: T,
+    ) -> Result<T, StoreError> {
+        let Some(writer) = &self.writer else { return Ok(read_only_answer) };
+        let (tx, rx) = mpsc::sync_channel(1);
+        writer.ops.send(make(tx)).map_err(|_| StoreError::WriterGone)?;
+        rx.recv().map_err(|_| StoreError::WriterGone)?
+    }
+}
+
+impl Drop for DiskStore {
+    fn drop(&mut self) {
+        if let Some(Writer { ops, thread }) = self.writer.take() {
+            drop(ops); // the writer commits what is queued, then sees the channel closed
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Store for DiskStore {
+    fn get(&self, key: &KeyId) -> Result<Option<(Digest, Arc<[u8]>)>, StoreError> {
+        if let Some((digest, entry)) = self.pending.lock().get(key) {
+            return Ok(Some((*digest, entry.clone())));
+        }
+        let found = self.with_reader(|conn| {
+            conn.prepare_cached(GET_SQL)?
+                .query_row([key.0.as_bytes()], |row| {
+                    let digest = Digest::from_slice(row.get_ref(0)?.as_blob()?);
+                    let entry: Arc<[u8]> = Arc::from(row.get_ref(1)?.as_blob()?);
+                    Ok((digest, entry))
+                })
+                .optional()
+        })?;
+        match found {
+            Some((Some(digest), entry)) => {
+                self.send(Op::Touch(digest))?;
+                Ok(Some((digest, entry)))
+            }
+            // A digest column of the wrong length is a damaged index row: nothing to serve.
+            Some((None, _)) | None => Ok(None),
+        }
+    }
+
+    fn put(&self, key: KeyId, digest: Digest, entry: Arc<[u8]>) -> Result<(), StoreError> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.pending.lock().insert(key, (digest, entry.clone()));
+        self.send(Op::Put { key, digest, entry })
+    }
+
+    fn remove(&self, digest: &Digest) -> Result<(), StoreError> {
+        self.pending.lock().retain(|_, (d, _)| d != digest);
+        self.send(Op::Remove(*digest))
+    }
+
+    fn record(&self, delta: &Counters) {
+        if !delta.is_zero() {
+            let _ = self.send(Op::Record(*delta));
+        }
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        self.call(Op::Flush, ())
+    }
+
+    fn counters(&self) -> Result<Counters, StoreError> {
+        self.with_reader(|conn| {
+            let mut counters = Counters::default();
+            let mut stmt = conn.prepare_cached("SELECT name, value FROM meta")?;
+            let rows = stmt.query_map([], |row| Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?)))?;
+            for row in rows {
+                let (name, value) = row?;
+                counters.set_named(&name, value.max(0) as u64);
+            }
+            Ok(counters)
+        })
+    }
+
+    fn usage(&self) -> Result<Usage, StoreError> {
+        self.with_reader(|conn| {
+            let count = |sql: &str| conn.query_row(sql, [], |row| row.get::<_, i64>(0));
+            Ok(Usage {
+                entries: count("SELECT COUNT(*) FROM blob_meta")? as u64,
+                keys: count("SELECT COUNT(*) FROM keys")? as u64,
+                bytes: count("SELECT value FROM meta WHERE name = 'bytes'")?.max(0) as u64,
+            })
+        })
+    }
+
+    fn max_bytes(&self) -> u64 {
+        self.max_bytes
+    }
+
+    fn evict_to(&self, max_bytes: u64) -> Result<Eviction, StoreError> {
+        self.call(|reply| Op::Evict(max_bytes, reply), Eviction::default())
+    }
+
+    fn clear(&self) -> Result<(), StoreError> {
+        if self.read_only {
+            return Err(StoreError::Unusable("cannot clear a cache opened read-only".into()));
+        }
+        self.pending.lock().clear();
+        self.call(Op::Clear, ())
+    }
+
+    fn for_each_entry(&self, visit: &mut dyn FnMut(Digest, &[u8])) -> Result<(), StoreError> {
+        self.with_reader(|conn| {
+            let mut stmt = conn.prepare(
+                "SELECT m.digest, d.data FROM blob_meta m JOIN blob_data d ON d.id = m.data_id",
+            )?;
+            let mut rows = stmt.query([])?;
+            while let Some(row) = rows.next()? {
+                // A malformed digest column is reported as the all-zero digest, which no
+                // entry's header carries, so verification rejects it.
+                let digest = Digest::from_slice(row.get_ref(0)?.as_blob()?).unwrap_or(Digest([0; 32]));
+                visit(digest, row.get_ref(1)?.as_blob()?);
+            }
+            Ok(())
+        })
+    }
+
+    fn disk_bytes(&self) -> Option<u64> {
+        let mut total = 0;
+        for suffix in ["", "-wal", "-shm"] {
+            let path = self.dir.join(format!("{DB_FILE}{suffix}"));
+            total += fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        }
+        Some(total)
+    }
+
+    fn location(&self) -> String {
+        self.dir.display().to_string()
+    }
+
+    fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+}
+
+fn check_schema_version(db_path: &Path, version: i64) -> Result<(), StoreError> {
+    if version == SCHEMA_VERSION {
+        return Ok(());
+    }
+    Err(StoreError::Unusable(format!(
+        "cache database {} has schema version {version}, this fncache uses {SCHEMA_VERSION}; \
+         use another cache directory, or `fncache clear` it",
+        db_path.display()
+    )))
+}
+
+fn open_writer(db_path: &Path) -> Result<Connection, StoreError> {
+    let err = |source| StoreError::Database { path: db_path.to_path_buf(), source };
+    let mut conn = Connection::open(db_path).map_err(err)?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(err)?;
+    // auto_vacuum only takes effect before the first table exists, so it comes first.
+    conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL").map_err(err)?;
+    let mode: String =
+        conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0)).map_err(err)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::Unusable(format!(
+            "cache database {} cannot use write-ahead logging (journal mode {mode}); \
+             put the cache on a local file system",
+            db_path.display()
+        )));
+    }
+    conn.execute_batch("PRAGMA synchronous = NORMAL").map_err(err)?;
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(err)?;
+    let version: i64 = tx.query_row("PRAGMA user_version", [], |row| row.get(0)).map_err(err)?;
+    if version == 0 {
+        tx.execute_batch(SCHEMA).map_err(err)?;
+        tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}")).map_err(err)?;
+    } else {
+        check_schema_version(db_path, version)?;
+    }
+    tx.commit().map_err(err)?;
+    Ok(conn)
+}
+
+struct WriterState {
+    conn: Connection,
+    db_path: PathBuf,
+    max_bytes: u64,
+    pending: Pending,
+    warned: AtomicBool,
+}
+
+/// Most operations committed in one transaction.
+const MAX_BATCH: usize = 8192;
+
+impl WriterState {
+    fn run(mut self, ops: Receiver<Op>) {
+        while let Ok(first) = ops.recv() {
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match ops.try_recv() {
+                    Ok(op) => batch.push(op),
+                    Err(_) => break,
+                }
+            }
+            self.apply(batch);
+        }
+    }
+
+    fn db_error(&self, source: rusqlite::Error) -> StoreError {
+        StoreError::Database { path: self.db_path.clone(), source }
+    }
+
+    fn apply(&mut self, batch: Vec<Op>) {
+        let mut data = Vec::new();
+        let mut control = Vec::new();
+        for op in batch {
+            match op {
+                Op::Flush(_) | Op::Evict(..) | Op::Clear(_) => control.push(op),
+                _ => data.push(op),
+            }
+        }
+        let committed = if data.is_empty() { Ok(()) } else { self.commit(&data) };
+        if let Err(error) = &committed {
+            if !self.warned.swap(true, Ordering::Relaxed) {
+                log::warn!("cannot write to the cache ({error}); compiling without storing results");
+            }
+        }
+        // Committed or not, these values are no longer waiting: a failed write is a miss later.
+        {
+            let mut pending = self.pending.lock();
+            for op in &data {
+                if let Op::Put { key, digest, .. } = op {
+                    if pending.get(key).is_some_and(|(d, _)| d == digest) {
+                        pending.remove(key);
+                    }
+                }
+            }
+        }
+        for op in control {
+            match op {
+                Op::Flush(reply) => {
+                    let result = match &committed {
+                        Ok(()) => Ok(()),
+                        Err(e) => Err(StoreError::Unusable(e.to_string())),
+                    };
+                    let _ = reply.send(result);
+                }
+                Op::Evict(max_bytes, reply) => {
+                    let _ = reply.send(self.evict(max_bytes));
+                }
+                Op::Clear(reply) => {
+                    let _ = reply.send(self.clear());
+                }
+                _ => unreachable!("data ops were split off above"),
+            }
+        }
+    }
+
+    fn commit(&mut self, ops: &[Op]) -> Result<(), StoreError> {
+        let max_bytes = self.max_bytes;
+        let path = self.db_path.clone();
+        let db_error = |source| StoreError::Database { path: path.clone(), source };
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_error)?;
+        let result = (|| -> rusqlite::Result<bool> {
+            let mut bytes = meta(&tx, "bytes")?;
+            let mut clock = meta(&tx, "clock")?;
+            let mut counters = Counters::default();
+            for op in ops {
+                match op {
+                    Op::Put { key, digest, entry } => {
+                        clock += 1;
+                        bytes += put(&tx, key, digest, entry, clock)?;
+                    }
+                    Op::Touch(digest) => {
+                        clock += 1;
+                        tx.prepare_cached("UPDATE blob_meta SET last_used = ?1 WHERE digest = ?2")?
+                            .execute(params![clock, digest.as_bytes()])?;
+                    }
+                    Op::Remove(digest) => bytes -= remove_value(&tx, digest)?,
+                    Op::Record(delta) => counters.add(delta),
+                    _ => {}
+                }
+            }
+            let mut evicted = false;
+            if bytes > max_bytes as i64 {
+                let eviction = evict_within(&tx, &mut bytes, low_water(max_bytes))?;
+                counters.evictions += eviction.entries;
+                evicted = eviction.entries > 0;
+            }
+            set_meta(&tx, "bytes", bytes)?;
+            set_meta(&tx, "clock", clock)?;
+            add_counters(&tx, &counters)?;
+            Ok(evicted)
+        })();
+        match result {
+            Ok(evicted) => {
+                tx.commit().map_err(db_error)?;
+                if evicted {
+                    self.vacuum();
+                }
+                Ok(())
+            }
+            Err(e) => Err(db_error(e)), // the transaction rolls back on drop
+        }
+    }
+
+    fn evict(&mut self, max_bytes: u64) -> Result<Eviction, StoreError> {
+        let path = self.db_path.clone();
+        let db_error = |source| StoreError::Database { path: path.clone(), source };
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_error)?;
+        let result = (|| -> rusqlite::Result<Eviction> {
+            let mut bytes = meta(&tx, "bytes")?;
+            let eviction = evict_within(&tx, &mut bytes, max_bytes)?;
+            set_meta(&tx, "bytes", bytes)?;
+            add_counters(&tx, &Counters { evictions: eviction.entries, ..Counters::default() })?;
+            Ok(eviction)
+        })();
+        let eviction = result.map_err(db_error)?;
+        tx.commit().map_err(db_error)?;
+        self.vacuum();
+        Ok(eviction)
+    }
+
+    fn clear(&mut self) -> Result<(), StoreError> {
+        self.conn
+            .execute_batch(
+                "BEGIN IMMEDIATE;
+                 DELETE FROM keys; DELETE FROM blob_meta; DELETE FROM blob_data;
+                 UPDATE meta SET value = 0 WHERE name = 'bytes';
+                 COMMIT;",
+            )
+            .map_err(|e| self.db_error(e))?;
+        self.vacuum();
+        Ok(())
+    }
+
+    /// Gives freed pages back to the file system, so that eviction shrinks the file.
+    fn vacuum(&mut self) {
+        if let Err(e) = self.conn.execute_batch("PRAGMA incremental_vacuum; PRAGMA wal_checkpoint(PASSIVE);")
+        {
+            log::debug!("incremental vacuum failed: {e}");
+        }
+    }
+}
+
+fn low_water(max_bytes: u64) -> u64 {
+    max_bytes / 100 * LOW_WATER_PERCENT
+}
+
+fn meta(tx: &Transaction<'_>, name: &str) -> rusqlite::Result<i64> {
+    tx.prepare_cached("SELECT value FROM meta WHERE name = ?1")?.query_row([name], |row| row.get(0))
+}
+
+fn set_meta(tx: &Transaction<'_>, name: &str, value: i64) -> rusqlite::Result<()> {
+    tx.prepare_cached("UPDATE meta SET value = ?1 WHERE name = ?2")?.execute(params![value, name])?;
+    Ok(())
+}
+
+fn add_counters(tx: &Transaction<'_>, counters: &Counters) -> rusqlite::Result<()> {
+    for (name, value) in counters.named() {
+        if value > 0 {
+            tx.prepare_cached("UPDATE meta SET value = value + ?1 WHERE name = ?2")?
+                .execute(params![value as i64, name])?;
+        }
+    }
+    Ok(())
+}
+
+/// Stores one value under one key; returns the accounted bytes added.
+fn put(tx: &Transaction<'_>, key: &KeyId, digest: &Digest, entry: &[u8], clock: i64) -> rusqlite::Result<i64> {
+    let mut added = 0;
+    let known = tx
+        .prepare_cached("UPDATE blob_meta SET last_used = ?1 WHERE digest = ?2")?
+        .execute(params![clock, digest.as_bytes()])?
+        > 0;
+    if !known {
+        tx.prepare_cached("INSERT INTO blob_data (data) VALUES (?1)")?.execute([entry])?;
+        let data_id = tx.last_insert_rowid();
+        tx.prepare_cached(
+            "INSERT INTO blob_meta (digest, data_id, size, last_used) VALUES (?1, ?2, ?3, ?4)",
+        )?
+        .execute(params![digest.as_bytes(), data_id, entry.len() as i64, clock])?;
+        added += entry.len() as i64 + VALUE_OVERHEAD as i64;
+    }
+    let current: Option<Vec<u8>> = tx
+        .prepare_cached("SELECT digest FROM keys WHERE id = ?1")?
+        .query_row([key.0.as_bytes()], |row| row.get(0))
+        .optional()?;
+    match current {
+        None => {
+            tx.prepare_cached("INSERT INTO keys (id, digest) VALUES (?1, ?2)")?
+                .execute(params![key.0.as_bytes(), digest.as_bytes()])?;
+            added += KEY_OVERHEAD as i64;
+        }
+        Some(current) if current != digest.as_bytes() => {
+            tx.prepare_cached("UPDATE keys SET digest = ?2 WHERE id = ?1")?
+                .execute(params![key.0.as_bytes(), digest.as_bytes()])?;
+        }
+        Some(_) => {}
+    }
+    Ok(added)
+}
+
+/// Removes a value and the keys pointing at it; returns the accounted bytes freed.
+fn remove_value(tx: &Transaction<'_>, digest: &Digest) -> rusqlite::Result<i64> {
+    let found: Option<(i64, i64)> = tx
+        .prepare_cached("SELECT data_id, size FROM blob_meta WHERE digest = ?1")?
+        .query_row([digest.as_bytes()], |row| Ok((row.get(0)?, row.get(1)?)))
+        .optional()?;
+    let keys = tx.prepare_cached("DELETE FROM keys WHERE digest = ?1")?.execute([digest.as_bytes()])? as i64;
+    let Some((data_id, size)) = found else { return Ok(keys * KEY_OVERHEAD as i64) };
+    tx.prepare_cached("DELETE FROM blob_data WHERE id = ?1")?.execute([data_id])?;
+    tx.prepare_cached("DELETE FROM blob_meta WHERE digest = ?1")?.execute([digest.as_bytes()])?;
+    Ok(size + VALUE_OVERHEAD as i64 + keys * KEY_OVERHEAD as i64)
+}
+
+/// Evicts least recently used values until `bytes <= target`.
+fn evict_within(tx: &Transaction<'_>, bytes: &mut i64, target: u64) -> rusqlite::Result<Eviction> {
+    let mut eviction = Eviction::default();
+    while *bytes > target as i64 {
+        let victims: Vec<Vec<u8>> = tx
+            .prepare_cached("SELECT digest FROM blob_meta ORDER BY last_used LIMIT 64")?
+            .query_map([], |row| row.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        if victims.is_empty() {
+            break;
+        }
+        for victim in victims {
+            let Some(digest) = Digest::from_slice(&victim) else {
+                tx.prepare_cached("DELETE FROM blob_meta WHERE digest = ?1")?.execute([&victim])?;
+                continue;
+            };
+            let freed = remove_value(tx, &digest)?;
+            *bytes -= freed;
+            eviction.entries += 1;
+            eviction.bytes += freed.max(0) as u64;
+            if *bytes <= target as i64 {
+                break;
+            }
+        }
+    }
+    Ok(eviction)
+}

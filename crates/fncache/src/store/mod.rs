@@ -1,0 +1,105 @@
+//! Where entries live: one trait, one file per backend.
+//!
+//! A store is content-addressed: a [`KeyId`] points at the [`Digest`] of an encoded entry, and
+//! each distinct entry is kept once however many keys point at it (Wasmtime hands the same
+//! compiled function over under several keys). Stores move bytes; they do not decode them.
+//! Verification, counting and the decision to fall back to compiling belong to
+//! [`Cache`](crate::Cache).
+//!
+//! Contract for every backend:
+//! - `get` and `put` are called from many threads at once and must not block each other for
+//!   long; `put` may complete in the background, and `flush` waits for it.
+//! - A value is visible under a key only whole: a crash at any instant leaves either the old
+//!   state or the new one, never a torn entry.
+//! - `bytes` in [`Usage`] is held under the store's limit after every write, by evicting the
+//!   least recently used values first.
+
+pub mod disk;
+pub mod memory;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::key::{Digest, KeyId};
+use crate::stats::Counters;
+
+/// Bytes accounted for each stored value on top of its entry bytes (index rows, page slack).
+pub const VALUE_OVERHEAD: u64 = 128;
+/// Bytes accounted for each key.
+pub const KEY_OVERHEAD: u64 = 96;
+
+/// How full a store is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Distinct values.
+    pub entries: u64,
+    /// Keys pointing at them.
+    pub keys: u64,
+    /// Entry bytes plus the fixed per-row overheads above.
+    pub bytes: u64,
+}
+
+/// What one eviction pass removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Eviction {
+    pub entries: u64,
+    pub bytes: u64,
+}
+
+/// The storage interface every backend implements.
+pub trait Store: Send + Sync + std::fmt::Debug {
+    /// The entry `key` points at, with the digest it is stored under.
+    fn get(&self, key: &KeyId) -> Result<Option<(Digest, Arc<[u8]>)>, StoreError>;
+
+    /// Stores `entry`, whose header digest is `digest`, and points `key` at it.
+    fn put(&self, key: KeyId, digest: Digest, entry: Arc<[u8]>) -> Result<(), StoreError>;
+
+    /// Removes a value (found damaged) and every key pointing at it.
+    fn remove(&self, digest: &Digest) -> Result<(), StoreError>;
+
+    /// Adds `delta` to the store's counters (persistent stores keep them across processes).
+    fn record(&self, delta: &Counters);
+
+    /// Waits until everything handed to `put`, `remove` and `record` is stored.
+    fn flush(&self) -> Result<(), StoreError>;
+
+    /// The store's counters, including its own evictions.
+    fn counters(&self) -> Result<Counters, StoreError>;
+
+    fn usage(&self) -> Result<Usage, StoreError>;
+
+    /// The byte limit `usage().bytes` is held under.
+    fn max_bytes(&self) -> u64;
+
+    /// Evicts least recently used values until `usage().bytes <= max_bytes`.
+    fn evict_to(&self, max_bytes: u64) -> Result<Eviction, StoreError>;
+
+    /// Removes every entry and key; counters are kept.
+    fn clear(&self) -> Result<(), StoreError>;
+
+    /// Calls `visit` with every stored value, for verification.
+    fn for_each_entry(&self, visit: &mut dyn FnMut(Digest, &[u8])) -> Result<(), StoreError>;
+
+    /// Bytes the store takes on disk, if it lives on disk.
+    fn disk_bytes(&self) -> Option<u64> {
+        None
+    }
+
+    /// Where the store lives, for messages.
+    fn location(&self) -> String;
+
+    fn is_read_only(&self) -> bool;
+}
+
+/// Why a store could not do what was asked. The compile goes on without the cache.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("cache database {path}: {source}")]
+    Database { path: PathBuf, source: rusqlite::Error },
+    #[error("{0}")]
+    Unusable(String),
+    #[error("the cache's writer thread has stopped")]
+    WriterGone,
+}
