@@ -71,12 +71,8 @@ enum Command {
     },
     /// Show the cache's statistics
     Stats,
-    /// Evict least recently used entries down to a size
-    Gc {
-        /// Target size [default: the cache's limit]
-        #[arg(long = "max-size", value_name = "SIZE", value_parser = parse_size)]
-        target: Option<u64>,
-    },
+    /// Evict least recently used entries down to --max-size (default: the cache's limit)
+    Gc,
     /// Remove every entry (statistics are kept)
     Clear,
     /// Decode and check every entry; damaged ones are removed
@@ -131,7 +127,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 object["output"] = json!(output.as_ref().map(|p| p.display().to_string()));
                 println!("{object}");
             } else {
-                eprintln!("fncache: compiled {}: {}", input.display(), summary(&report, &compiler));
+                eprintln!(
+                    "fncache: compiled {}: {}",
+                    input.display(),
+                    summary(&report, &compiler)
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -141,8 +141,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let (module, report) = compiler.compile(&wasm)?;
             if global.json {
                 eprintln!("{}", report_json(&report, compiler.cache().is_some()));
-            } else if global.verbose > 0 {
-                eprintln!("fncache: compiled {}: {}", input.display(), summary(&report, &compiler));
+            } else {
+                eprintln!(
+                    "fncache: compiled {}: {}",
+                    input.display(),
+                    summary(&report, &compiler)
+                );
             }
             let guest_name = input.display().to_string();
             let code = wasi::run_command(compiler.engine(), &module, &guest_name, &args, &dirs);
@@ -159,9 +163,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Gc { target } => {
+        Command::Gc => {
             let cache = open_cache(global)?;
-            let target = target.unwrap_or(cache.store().max_bytes());
+            let target = cache.store().max_bytes();
             let eviction = cache.gc(target)?;
             let stats = cache.stats()?;
             if global.json {
@@ -186,9 +190,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let before = cache.stats()?;
             cache.clear()?;
             if global.json {
-                println!("{}", json!({"removed": before.entries, "freed_bytes": before.bytes}));
+                println!(
+                    "{}",
+                    json!({"removed": before.entries, "freed_bytes": before.bytes})
+                );
             } else {
-                println!("removed {} entries ({})", before.entries, ByteSize(before.bytes));
+                println!(
+                    "removed {} entries ({})",
+                    before.entries,
+                    ByteSize(before.bytes)
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -198,9 +209,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if global.json {
                 println!("{}", serde_json::to_string(&report)?);
             } else {
-                println!("checked {} entries; {} damaged and removed", report.checked, report.rejected);
+                println!(
+                    "checked {} entries; {} damaged and removed",
+                    report.checked, report.rejected
+                );
             }
-            Ok(if report.rejected == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            Ok(if report.rejected == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
     }
 }
@@ -264,7 +282,10 @@ fn summary(report: &CompileReport, compiler: &Compiler) -> String {
             report.hit_rate() * 100.0
         ),
     };
-    format!("{} functions, {cache}, {:.3} s", report.functions, report.seconds)
+    format!(
+        "{} functions, {cache}, {:.3} s",
+        report.functions, report.seconds
+    )
 }
 
 fn report_json(report: &CompileReport, cached: bool) -> serde_json::Value {
@@ -282,17 +303,38 @@ fn report_json(report: &CompileReport, cached: bool) -> serde_json::Value {
 fn print_stats(stats: &fncache::Stats) {
     let c = &stats.counters;
     let lookups = c.hits + c.misses;
-    let rate = if lookups == 0 { 0.0 } else { c.hits as f64 * 100.0 / lookups as f64 };
-    println!("cache directory  {}{}", stats.location, if stats.read_only { " (read-only)" } else { "" });
-    println!("entries          {} values under {} keys", stats.entries, stats.keys);
+    let rate = if lookups == 0 {
+        0.0
+    } else {
+        c.hits as f64 * 100.0 / lookups as f64
+    };
+    println!(
+        "cache directory  {}{}",
+        stats.location,
+        if stats.read_only { " (read-only)" } else { "" }
+    );
+    println!(
+        "entries          {} values under {} keys",
+        stats.entries, stats.keys
+    );
     println!(
         "size             {} of {} limit{}",
         ByteSize(stats.bytes),
         ByteSize(stats.max_bytes),
-        stats.disk_bytes.map(|d| format!(" ({} on disk)", ByteSize(d))).unwrap_or_default()
+        stats
+            .disk_bytes
+            .map(|d| format!(" ({} on disk)", ByteSize(d)))
+            .unwrap_or_default()
     );
-    println!("lookups          {lookups}: {} hits, {} misses ({rate:.1}% hit)", c.hits, c.misses);
-    println!("inserts          {} ({} written)", c.inserts, ByteSize(c.bytes_written));
+    println!(
+        "lookups          {lookups}: {} hits, {} misses ({rate:.1}% hit)",
+        c.hits, c.misses
+    );
+    println!(
+        "inserts          {} ({} written)",
+        c.inserts,
+        ByteSize(c.bytes_written)
+    );
     println!("read on hits     {}", ByteSize(c.bytes_read));
     println!("evictions        {}", c.evictions);
     println!("damaged entries  {} (discarded and recompiled)", c.rejected);

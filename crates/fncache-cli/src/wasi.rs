@@ -27,6 +27,7 @@ pub fn run_command(
         let (host, guest) = dir.split_once("::").unwrap_or((dir.as_str(), dir.as_str()));
         builder
             .preopened_dir(host, guest, FsPerms::ReadWrite)
+            .map_err(anyhow::Error::from)
             .with_context(|| format!("cannot open --dir {host}"))?;
     }
     let mut linker: Linker<WasiP1Ctx> = Linker::new(engine);
@@ -34,6 +35,7 @@ pub fn run_command(
     let mut store = Store::new(engine, builder.build_p1());
     let instance = linker
         .instantiate(&mut store, module)
+        .map_err(anyhow::Error::from)
         .with_context(|| format!("cannot instantiate {name}"))?;
     let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
     match start.call(&mut store, ()) {

@@ -58,7 +58,9 @@ impl Compiler {
             // The namespace came from a probe engine; the real one must agree, or entries
             // would be filed under settings they were not compiled with.
             if engine_fingerprint(&engine) != *functions.namespace() {
-                bail!("internal error: the engine's fingerprint changed when the cache was enabled");
+                bail!(
+                    "internal error: the engine's fingerprint changed when the cache was enabled"
+                );
             }
         }
         Ok(Compiler { engine, functions })
@@ -108,7 +110,10 @@ impl Compiler {
     }
 
     fn counters(&self) -> FunctionCounters {
-        self.functions.as_ref().map(|f| f.counters()).unwrap_or_default()
+        self.functions
+            .as_ref()
+            .map(|f| f.counters())
+            .unwrap_or_default()
     }
 }
 

@@ -82,7 +82,10 @@ impl CacheStore for FunctionStore {
 /// right order and checks it.
 pub fn enable(config: &mut Config, cache: &Cache) -> anyhow::Result<Arc<FunctionStore>> {
     let probe = Engine::new(config)?;
-    let store = Arc::new(FunctionStore::new(cache.clone(), engine_fingerprint(&probe)));
+    let store = Arc::new(FunctionStore::new(
+        cache.clone(),
+        engine_fingerprint(&probe),
+    ));
     config.enable_incremental_compilation(store.clone())?;
     Ok(store)
 }

@@ -110,7 +110,9 @@ impl Cache {
         match entry::decode(&stored, Some(&digest)) {
             Ok(value) => {
                 session.hits.fetch_add(1, Ordering::Relaxed);
-                session.bytes_read.fetch_add(stored.len() as u64, Ordering::Relaxed);
+                session
+                    .bytes_read
+                    .fetch_add(stored.len() as u64, Ordering::Relaxed);
                 Some(value)
             }
             Err(error) => {
@@ -136,8 +138,14 @@ impl Cache {
         let (encoded, digest) = entry::encode(value, self.inner.compression);
         let session = &self.inner.session;
         session.inserts.fetch_add(1, Ordering::Relaxed);
-        session.bytes_written.fetch_add(encoded.len() as u64, Ordering::Relaxed);
-        if let Err(error) = self.inner.store.put(KeyId::new(namespace, key), digest, encoded.into()) {
+        session
+            .bytes_written
+            .fetch_add(encoded.len() as u64, Ordering::Relaxed);
+        if let Err(error) = self
+            .inner
+            .store
+            .put(KeyId::new(namespace, key), digest, encoded.into())
+        {
             self.warn_once(&error);
         }
     }
@@ -202,7 +210,10 @@ impl Cache {
         for digest in &damaged {
             self.inner.store.remove(digest)?;
         }
-        self.inner.store.record(&Counters { rejected: report.rejected, ..Counters::default() });
+        self.inner.store.record(&Counters {
+            rejected: report.rejected,
+            ..Counters::default()
+        });
         self.inner.store.flush()?;
         Ok(report)
     }

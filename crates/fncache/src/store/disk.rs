@@ -27,7 +27,9 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior};
+use rusqlite::{
+    params, Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior,
+};
 
 use super::{Eviction, Store, StoreError, Usage, KEY_OVERHEAD, VALUE_OVERHEAD};
 use crate::key::{Digest, KeyId};
@@ -83,7 +85,11 @@ struct Writer {
 }
 
 enum Op {
-    Put { key: KeyId, digest: Digest, entry: Arc<[u8]> },
+    Put {
+        key: KeyId,
+        digest: Digest,
+        entry: Arc<[u8]>,
+    },
     Touch(Digest),
     Remove(Digest),
     Record(Counters),
@@ -105,7 +111,10 @@ impl std::fmt::Debug for DiskStore {
 impl DiskStore {
     /// Opens (creating if needed, unless `read_only`) the cache in `dir`.
     pub fn open(dir: &Path, max_bytes: u64, read_only: bool) -> Result<DiskStore, StoreError> {
-        let io = |source| StoreError::Io { path: dir.to_path_buf(), source };
+        let io = |source| StoreError::Io {
+            path: dir.to_path_buf(),
+            source,
+        };
         if dir.exists() && !dir.is_dir() {
             return Err(StoreError::Unusable(format!(
                 "cache directory {} is not a directory; point --cache-dir or FNCACHE_DIR elsewhere",
@@ -114,7 +123,11 @@ impl DiskStore {
         }
         if !read_only {
             // Private: other local users must neither read nor plant entries.
-            fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io)?;
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(io)?;
         }
         let db_path = dir.join(DB_FILE);
         if read_only && !db_path.exists() {
@@ -162,7 +175,10 @@ impl DiskStore {
     }
 
     fn db_error(&self, source: rusqlite::Error) -> StoreError {
-        StoreError::Database { path: self.db_path.clone(), source }
+        StoreError::Database {
+            path: self.db_path.clone(),
+            source,
+        }
     }
 
     fn checkout(&self) -> Result<Connection, StoreError> {
@@ -174,9 +190,12 @@ impl DiskStore {
         } else {
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX
         };
-        let conn = Connection::open_with_flags(&self.db_path, flags).map_err(|e| self.db_error(e))?;
-        conn.busy_timeout(BUSY_TIMEOUT).map_err(|e| self.db_error(e))?;
-        conn.execute_batch("PRAGMA query_only = 1").map_err(|e| self.db_error(e))?;
+        let conn =
+            Connection::open_with_flags(&self.db_path, flags).map_err(|e| self.db_error(e))?;
+        conn.busy_timeout(BUSY_TIMEOUT)
+            .map_err(|e| self.db_error(e))?;
+        conn.execute_batch("PRAGMA query_only = 1")
+            .map_err(|e| self.db_error(e))?;
         let version: i64 = conn
             .query_row("PRAGMA user_version", [], |row| row.get(0))
             .map_err(|e| self.db_error(e))?;
@@ -213,9 +232,14 @@ impl DiskStore {
         make: impl FnOnce(SyncSender<Result<T, StoreError>>) -> Op,
         read_only_answer: T,
     ) -> Result<T, StoreError> {
-        let Some(writer) = &self.writer else { return Ok(read_only_answer) };
+        let Some(writer) = &self.writer else {
+            return Ok(read_only_answer);
+        };
         let (tx, rx) = mpsc::sync_channel(1);
-        writer.ops.send(make(tx)).map_err(|_| StoreError::WriterGone)?;
+        writer
+            .ops
+            .send(make(tx))
+            .map_err(|_| StoreError::WriterGone)?;
         rx.recv().map_err(|_| StoreError::WriterGone)?
     }
 }
@@ -280,7 +304,9 @@ impl Store for DiskStore {
         self.with_reader(|conn| {
             let mut counters = Counters::default();
             let mut stmt = conn.prepare_cached("SELECT name, value FROM meta")?;
-            let rows = stmt.query_map([], |row| Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?)))?;
+            let rows = stmt.query_map([], |row| {
+                Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?))
+            })?;
             for row in rows {
                 let (name, value) = row?;
                 counters.set_named(&name, value.max(0) as u64);
@@ -310,7 +336,9 @@ impl Store for DiskStore {
 
     fn clear(&self) -> Result<(), StoreError> {
         if self.read_only {
-            return Err(StoreError::Unusable("cannot clear a cache opened read-only".into()));
+            return Err(StoreError::Unusable(
+                "cannot clear a cache opened read-only".into(),
+            ));
         }
         self.pending.lock().clear();
         self.call(Op::Clear, ())
@@ -325,7 +353,8 @@ impl Store for DiskStore {
             while let Some(row) = rows.next()? {
                 // A malformed digest column is reported as the all-zero digest, which no
                 // entry's header carries, so verification rejects it.
-                let digest = Digest::from_slice(row.get_ref(0)?.as_blob()?).unwrap_or(Digest([0; 32]));
+                let digest =
+                    Digest::from_slice(row.get_ref(0)?.as_blob()?).unwrap_or(Digest([0; 32]));
                 visit(digest, row.get_ref(1)?.as_blob()?);
             }
             Ok(())
@@ -362,13 +391,18 @@ fn check_schema_version(db_path: &Path, version: i64) -> Result<(), StoreError> 
 }
 
 fn open_writer(db_path: &Path) -> Result<Connection, StoreError> {
-    let err = |source| StoreError::Database { path: db_path.to_path_buf(), source };
+    let err = |source| StoreError::Database {
+        path: db_path.to_path_buf(),
+        source,
+    };
     let mut conn = Connection::open(db_path).map_err(err)?;
     conn.busy_timeout(BUSY_TIMEOUT).map_err(err)?;
     // auto_vacuum only takes effect before the first table exists, so it comes first.
-    conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL").map_err(err)?;
-    let mode: String =
-        conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0)).map_err(err)?;
+    conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL")
+        .map_err(err)?;
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
+        .map_err(err)?;
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(StoreError::Unusable(format!(
             "cache database {} cannot use write-ahead logging (journal mode {mode}); \
@@ -376,12 +410,18 @@ fn open_writer(db_path: &Path) -> Result<Connection, StoreError> {
             db_path.display()
         )));
     }
-    conn.execute_batch("PRAGMA synchronous = NORMAL").map_err(err)?;
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(err)?;
-    let version: i64 = tx.query_row("PRAGMA user_version", [], |row| row.get(0)).map_err(err)?;
+    conn.execute_batch("PRAGMA synchronous = NORMAL")
+        .map_err(err)?;
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(err)?;
+    let version: i64 = tx
+        .query_row("PRAGMA user_version", [], |row| row.get(0))
+        .map_err(err)?;
     if version == 0 {
         tx.execute_batch(SCHEMA).map_err(err)?;
-        tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}")).map_err(err)?;
+        tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))
+            .map_err(err)?;
     } else {
         check_schema_version(db_path, version)?;
     }
@@ -415,7 +455,10 @@ impl WriterState {
     }
 
     fn db_error(&self, source: rusqlite::Error) -> StoreError {
-        StoreError::Database { path: self.db_path.clone(), source }
+        StoreError::Database {
+            path: self.db_path.clone(),
+            source,
+        }
     }
 
     fn apply(&mut self, batch: Vec<Op>) {
@@ -427,10 +470,16 @@ impl WriterState {
                 _ => data.push(op),
             }
         }
-        let committed = if data.is_empty() { Ok(()) } else { self.commit(&data) };
+        let committed = if data.is_empty() {
+            Ok(())
+        } else {
+            self.commit(&data)
+        };
         if let Err(error) = &committed {
             if !self.warned.swap(true, Ordering::Relaxed) {
-                log::warn!("cannot write to the cache ({error}); compiling without storing results");
+                log::warn!(
+                    "cannot write to the cache ({error}); compiling without storing results"
+                );
             }
         }
         // Committed or not, these values are no longer waiting: a failed write is a miss later.
@@ -467,8 +516,14 @@ impl WriterState {
     fn commit(&mut self, ops: &[Op]) -> Result<(), StoreError> {
         let max_bytes = self.max_bytes;
         let path = self.db_path.clone();
-        let db_error = |source| StoreError::Database { path: path.clone(), source };
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_error)?;
+        let db_error = |source| StoreError::Database {
+            path: path.clone(),
+            source,
+        };
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db_error)?;
         let result = (|| -> rusqlite::Result<bool> {
             let mut bytes = meta(&tx, "bytes")?;
             let mut clock = meta(&tx, "clock")?;
@@ -514,13 +569,25 @@ impl WriterState {
 
     fn evict(&mut self, max_bytes: u64) -> Result<Eviction, StoreError> {
         let path = self.db_path.clone();
-        let db_error = |source| StoreError::Database { path: path.clone(), source };
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_error)?;
+        let db_error = |source| StoreError::Database {
+            path: path.clone(),
+            source,
+        };
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db_error)?;
         let result = (|| -> rusqlite::Result<Eviction> {
             let mut bytes = meta(&tx, "bytes")?;
             let eviction = evict_within(&tx, &mut bytes, max_bytes)?;
             set_meta(&tx, "bytes", bytes)?;
-            add_counters(&tx, &Counters { evictions: eviction.entries, ..Counters::default() })?;
+            add_counters(
+                &tx,
+                &Counters {
+                    evictions: eviction.entries,
+                    ..Counters::default()
+                },
+            )?;
             Ok(eviction)
         })();
         let eviction = result.map_err(db_error)?;
@@ -544,7 +611,9 @@ impl WriterState {
 
     /// Gives freed pages back to the file system, so that eviction shrinks the file.
     fn vacuum(&mut self) {
-        if let Err(e) = self.conn.execute_batch("PRAGMA incremental_vacuum; PRAGMA wal_checkpoint(PASSIVE);")
+        if let Err(e) = self
+            .conn
+            .execute_batch("PRAGMA incremental_vacuum; PRAGMA wal_checkpoint(PASSIVE);")
         {
             log::debug!("incremental vacuum failed: {e}");
         }
@@ -556,11 +625,13 @@ fn low_water(max_bytes: u64) -> u64 {
 }
 
 fn meta(tx: &Transaction<'_>, name: &str) -> rusqlite::Result<i64> {
-    tx.prepare_cached("SELECT value FROM meta WHERE name = ?1")?.query_row([name], |row| row.get(0))
+    tx.prepare_cached("SELECT value FROM meta WHERE name = ?1")?
+        .query_row([name], |row| row.get(0))
 }
 
 fn set_meta(tx: &Transaction<'_>, name: &str, value: i64) -> rusqlite::Result<()> {
-    tx.prepare_cached("UPDATE meta SET value = ?1 WHERE name = ?2")?.execute(params![value, name])?;
+    tx.prepare_cached("UPDATE meta SET value = ?1 WHERE name = ?2")?
+        .execute(params![value, name])?;
     Ok(())
 }
 
@@ -575,19 +646,31 @@ fn add_counters(tx: &Transaction<'_>, counters: &Counters) -> rusqlite::Result<(
 }
 
 /// Stores one value under one key; returns the accounted bytes added.
-fn put(tx: &Transaction<'_>, key: &KeyId, digest: &Digest, entry: &[u8], clock: i64) -> rusqlite::Result<i64> {
+fn put(
+    tx: &Transaction<'_>,
+    key: &KeyId,
+    digest: &Digest,
+    entry: &[u8],
+    clock: i64,
+) -> rusqlite::Result<i64> {
     let mut added = 0;
     let known = tx
         .prepare_cached("UPDATE blob_meta SET last_used = ?1 WHERE digest = ?2")?
         .execute(params![clock, digest.as_bytes()])?
         > 0;
     if !known {
-        tx.prepare_cached("INSERT INTO blob_data (data) VALUES (?1)")?.execute([entry])?;
+        tx.prepare_cached("INSERT INTO blob_data (data) VALUES (?1)")?
+            .execute([entry])?;
         let data_id = tx.last_insert_rowid();
         tx.prepare_cached(
             "INSERT INTO blob_meta (digest, data_id, size, last_used) VALUES (?1, ?2, ?3, ?4)",
         )?
-        .execute(params![digest.as_bytes(), data_id, entry.len() as i64, clock])?;
+        .execute(params![
+            digest.as_bytes(),
+            data_id,
+            entry.len() as i64,
+            clock
+        ])?;
         added += entry.len() as i64 + VALUE_OVERHEAD as i64;
     }
     let current: Option<Vec<u8>> = tx
@@ -615,10 +698,16 @@ fn remove_value(tx: &Transaction<'_>, digest: &Digest) -> rusqlite::Result<i64> 
         .prepare_cached("SELECT data_id, size FROM blob_meta WHERE digest = ?1")?
         .query_row([digest.as_bytes()], |row| Ok((row.get(0)?, row.get(1)?)))
         .optional()?;
-    let keys = tx.prepare_cached("DELETE FROM keys WHERE digest = ?1")?.execute([digest.as_bytes()])? as i64;
-    let Some((data_id, size)) = found else { return Ok(keys * KEY_OVERHEAD as i64) };
-    tx.prepare_cached("DELETE FROM blob_data WHERE id = ?1")?.execute([data_id])?;
-    tx.prepare_cached("DELETE FROM blob_meta WHERE digest = ?1")?.execute([digest.as_bytes()])?;
+    let keys = tx
+        .prepare_cached("DELETE FROM keys WHERE digest = ?1")?
+        .execute([digest.as_bytes()])? as i64;
+    let Some((data_id, size)) = found else {
+        return Ok(keys * KEY_OVERHEAD as i64);
+    };
+    tx.prepare_cached("DELETE FROM blob_data WHERE id = ?1")?
+        .execute([data_id])?;
+    tx.prepare_cached("DELETE FROM blob_meta WHERE digest = ?1")?
+        .execute([digest.as_bytes()])?;
     Ok(size + VALUE_OVERHEAD as i64 + keys * KEY_OVERHEAD as i64)
 }
 
@@ -635,7 +724,8 @@ fn evict_within(tx: &Transaction<'_>, bytes: &mut i64, target: u64) -> rusqlite:
         }
         for victim in victims {
             let Some(digest) = Digest::from_slice(&victim) else {
-                tx.prepare_cached("DELETE FROM blob_meta WHERE digest = ?1")?.execute([&victim])?;
+                tx.prepare_cached("DELETE FROM blob_meta WHERE digest = ?1")?
+                    .execute([&victim])?;
                 continue;
             };
             let freed = remove_value(tx, &digest)?;

@@ -38,7 +38,10 @@ struct Value {
 
 impl MemoryStore {
     pub fn new(max_bytes: u64) -> MemoryStore {
-        MemoryStore { max_bytes, inner: Mutex::new(Inner::default()) }
+        MemoryStore {
+            max_bytes,
+            inner: Mutex::new(Inner::default()),
+        }
     }
 }
 
@@ -70,7 +73,9 @@ impl Inner {
     fn evict_to(&mut self, max_bytes: u64) -> Eviction {
         let mut eviction = Eviction::default();
         while self.bytes > max_bytes {
-            let Some((_, &digest)) = self.by_use.first_key_value() else { break };
+            let Some((_, &digest)) = self.by_use.first_key_value() else {
+                break;
+            };
             eviction.bytes += self.remove_value(&digest).unwrap_or(0);
             eviction.entries += 1;
         }
@@ -82,7 +87,9 @@ impl Inner {
 impl Store for MemoryStore {
     fn get(&self, key: &KeyId) -> Result<Option<(Digest, Arc<[u8]>)>, StoreError> {
         let mut inner = self.inner.lock();
-        let Some(digest) = inner.keys.get(key).copied() else { return Ok(None) };
+        let Some(digest) = inner.keys.get(key).copied() else {
+            return Ok(None);
+        };
         inner.touch(&digest);
         Ok(inner.values.get(&digest).map(|v| (digest, v.entry.clone())))
     }
@@ -107,7 +114,14 @@ impl Store for MemoryStore {
                 value.keys.push(key);
             }
         } else {
-            inner.values.insert(digest, Value { entry, last_used: 0, keys: vec![key] });
+            inner.values.insert(
+                digest,
+                Value {
+                    entry,
+                    last_used: 0,
+                    keys: vec![key],
+                },
+            );
             inner.bytes += size;
         }
         inner.touch(&digest);
@@ -152,7 +166,10 @@ impl Store for MemoryStore {
     fn clear(&self) -> Result<(), StoreError> {
         let mut inner = self.inner.lock();
         let counters = inner.counters;
-        *inner = Inner { counters, ..Inner::default() };
+        *inner = Inner {
+            counters,
+            ..Inner::default()
+        };
         Ok(())
     }
 
@@ -193,7 +210,10 @@ mod tests {
         let (c, _) = put(&store, "c", 1000);
         assert!(store.get(&a).unwrap().is_some()); // a is now younger than b
         let (d, _) = put(&store, "d", 1000);
-        assert!(store.get(&b).unwrap().is_none(), "b was least recently used");
+        assert!(
+            store.get(&b).unwrap().is_none(),
+            "b was least recently used"
+        );
         for key in [a, c, d] {
             assert!(store.get(&key).unwrap().is_some());
         }
@@ -207,7 +227,9 @@ mod tests {
         let entry: Arc<[u8]> = vec![7u8; 500].into();
         let digest = Digest::of(&entry);
         for i in 0..10u8 {
-            store.put(KeyId(Digest::of(&[i])), digest, entry.clone()).unwrap();
+            store
+                .put(KeyId(Digest::of(&[i])), digest, entry.clone())
+                .unwrap();
         }
         let usage = store.usage().unwrap();
         assert_eq!((usage.entries, usage.keys), (1, 10));

@@ -95,9 +95,15 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cache database {path}: {source}")]
-    Database { path: PathBuf, source: rusqlite::Error },
+    Database {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
     #[error("{0}")]
     Unusable(String),
     #[error("the cache's writer thread has stopped")]

@@ -1,0 +1,257 @@
+//! The `fncache` binary end to end: separate processes, a real cache directory, real wasm.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{check_second_process_hits, generated_module, n, warnings, Env};
+use serde_json::Value;
+
+const HELLO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/hello.wat");
+
+#[test]
+fn a_second_process_reuses_the_first_ones_functions() {
+    let env = Env::new();
+    let module = env.file("gen.wat", generated_module(300, 1));
+    check_second_process_hits(&env, &module, 0.9);
+    let (report, _) = env.compile(&module, &env.dir.path().join("x.cwasm"), &[]);
+    assert_eq!(n(&report, "functions"), 301);
+}
+
+/// Rewrites the bytes of the most recently used entry, as a disk error or a meddling process
+/// would. After a warm compile that entry is one whose key the next compile asks for again
+/// (some keys change from compile to compile; see corpus.rs).
+fn damage_most_recently_used_entry(cache_dir: &Path, edit: fn(&mut Vec<u8>)) {
+    let conn = rusqlite::Connection::open(cache_dir.join("fncache.db")).unwrap();
+    let (id, mut data): (i64, Vec<u8>) = conn
+        .query_row(
+            "SELECT d.id, d.data FROM blob_meta m JOIN blob_data d ON d.id = m.data_id \
+             ORDER BY m.last_used DESC LIMIT 1",
+            [],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )
+        .unwrap();
+    edit(&mut data);
+    conn.execute(
+        "UPDATE blob_data SET data = ?1 WHERE id = ?2",
+        rusqlite::params![data, id],
+    )
+    .unwrap();
+}
+
+#[test]
+fn damaged_entries_are_detected_recompiled_warned_and_counted() {
+    let cases: [(&str, fn(&mut Vec<u8>)); 3] = [
+        ("a flipped byte", |data| data[70] ^= 0x04),
+        ("a truncated entry", |data| data.truncate(data.len() - 3)),
+        ("a zero-length entry", |data| data.clear()),
+    ];
+    for (what, edit) in cases {
+        let env = Env::new();
+        // Distinct functions (no call chain sharing), so the damaged value is under one key.
+        let module = env.file("gen.wat", generated_module(40, 2));
+        let reference = env.dir.path().join("reference.cwasm");
+        env.compile(&module, &reference, &["--no-cache"]);
+        env.compile(&module, &env.dir.path().join("cold.cwasm"), &[]);
+        env.compile(&module, &env.dir.path().join("warm.cwasm"), &[]);
+        damage_most_recently_used_entry(&env.cache_dir(), edit);
+        let rejected_before = n(&env.stats(), "rejected");
+        let out = env.dir.path().join("after.cwasm");
+        let (report, stderr) = env.compile(&module, &out, &[]);
+        assert!(n(&report, "misses") >= 1, "{what}: {report}");
+        assert_eq!(
+            warnings(&stderr),
+            1,
+            "{what}: expected one warning: {stderr}"
+        );
+        assert!(stderr.contains("damaged"), "{what}: {stderr}");
+        assert_eq!(n(&env.stats(), "rejected"), rejected_before + 1, "{what}");
+        assert!(
+            std::fs::read(&out).unwrap() == std::fs::read(&reference).unwrap(),
+            "{what}: code differs"
+        );
+        let verify = env.fncache(&["verify", "--json"]);
+        assert!(verify.status.success(), "{what}: cache left damaged");
+    }
+}
+
+#[test]
+fn two_processes_compiling_different_modules_into_one_cache() {
+    let env = Env::new();
+    let modules: Vec<PathBuf> = (0..2)
+        .map(|i| env.file(&format!("m{i}.wat"), generated_module(250, 100 + i)))
+        .collect();
+    let children: Vec<_> = modules
+        .iter()
+        .map(|m| {
+            Command::new(env!("CARGO_BIN_EXE_fncache"))
+                .arg("--cache-dir")
+                .arg(env.cache_dir())
+                .args(["compile", m.to_str().unwrap()])
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for child in children {
+        let output = child.wait_with_output().unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert_eq!(warnings(&String::from_utf8_lossy(&output.stderr)), 0);
+    }
+    let verify = env.fncache(&["verify", "--json"]);
+    assert!(verify.status.success());
+    let report: Value = serde_json::from_slice(&verify.stdout).unwrap();
+    assert!(n(&report, "checked") > 400, "{report}");
+    assert_eq!(n(&report, "rejected"), 0);
+    // And both modules now hit.
+    for m in &modules {
+        let (report, _) = env.compile(m, &env.dir.path().join("again.cwasm"), &[]);
+        assert!(
+            n(&report, "hits") * 10 >= n(&report, "lookups") * 9,
+            "{report}"
+        );
+    }
+}
+
+#[test]
+fn an_unusable_cache_directory_compiles_without_the_cache_with_one_warning() {
+    let env = Env::new();
+    let blocker = env.file("not-a-dir", "a file where the cache directory should be");
+    let module = env.file("gen.wat", generated_module(20, 3));
+    for cache_dir in [blocker.clone(), blocker.join("below")] {
+        let output = Command::new(env!("CARGO_BIN_EXE_fncache"))
+            .arg("--cache-dir")
+            .arg(&cache_dir)
+            .args(["compile", "--json", module.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{stderr}");
+        assert_eq!(warnings(&stderr), 1, "{stderr}");
+        let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+        assert_eq!(report["cache"], Value::Bool(false));
+    }
+}
+
+#[test]
+fn read_only_mode_uses_hits_and_writes_nothing() {
+    let env = Env::new();
+    let first = env.file("a.wat", generated_module(30, 4));
+    let second = env.file("b.wat", generated_module(30, 5000));
+    env.compile(&first, &env.dir.path().join("a.cwasm"), &[]);
+    let before = env.stats();
+    let (hit, stderr) = env.compile(&first, &env.dir.path().join("a2.cwasm"), &["--read-only"]);
+    assert!(n(&hit, "hits") > 0);
+    assert_eq!(warnings(&stderr), 0, "{stderr}");
+    env.compile(&second, &env.dir.path().join("b.cwasm"), &["--read-only"]);
+    let after = env.stats();
+    assert_eq!(n(&after, "entries"), n(&before, "entries"));
+    assert_eq!(n(&after, "keys"), n(&before, "keys"));
+}
+
+#[test]
+fn the_size_limit_holds_across_processes() {
+    let env = Env::new();
+    let max = 60_000u64;
+    for salt in 0..4 {
+        let module = env.file("m.wat", generated_module(60, 7000 + salt));
+        env.compile(
+            &module,
+            &env.dir.path().join("m.cwasm"),
+            &["--max-size", "60000"],
+        );
+        let stats = env.stats();
+        assert!(n(&stats, "bytes") <= max, "{stats}");
+    }
+    assert!(n(&env.stats(), "evictions") > 0);
+    let gc = env.fncache(&["gc", "--max-size", "10KiB", "--json"]);
+    assert!(gc.status.success());
+    assert!(n(&env.stats(), "bytes") <= 10 * 1024);
+}
+
+#[test]
+fn run_prints_output_and_passes_the_exit_code_on() {
+    let env = Env::new();
+    let output = env.fncache(&["run", HELLO, "one", "--two"]);
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        "Hello from fncache!\none\n--two\n"
+    );
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "the example exits with its argument count"
+    );
+    let output = env.fncache(&["run", HELLO]);
+    assert_eq!(output.status.code(), Some(0));
+    // The second run compiled from the cache.
+    assert!(n(&env.stats(), "hits") > 0);
+}
+
+#[test]
+fn run_gives_the_guest_a_directory() {
+    let env = Env::new();
+    // A guest that creates a file in its preopened directory: path_open + fd_write.
+    let guest = env.file(
+        "touch.wat",
+        r#"(module
+          (import "wasi_snapshot_preview1" "path_open"
+            (func $path_open (param i32 i32 i32 i32 i32 i64 i64 i32 i32) (result i32)))
+          (import "wasi_snapshot_preview1" "fd_write"
+            (func $fd_write (param i32 i32 i32 i32) (result i32)))
+          (import "wasi_snapshot_preview1" "proc_exit" (func $proc_exit (param i32)))
+          (memory (export "memory") 1)
+          (data (i32.const 100) "made-by-guest")
+          (data (i32.const 200) "hi")
+          (func (export "_start")
+            (local $err i32)
+            ;; fd 3 is the first preopen; O_CREAT = 1; rights: fd_write (1 << 6)
+            (local.set $err (call $path_open (i32.const 3) (i32.const 0) (i32.const 100) (i32.const 13)
+              (i32.const 1) (i64.const 64) (i64.const 0) (i32.const 0) (i32.const 0)))
+            (if (local.get $err) (then (call $proc_exit (i32.add (i32.const 10) (local.get $err)))))
+            (i32.store (i32.const 8) (i32.const 200))
+            (i32.store (i32.const 12) (i32.const 2))
+            (drop (call $fd_write (i32.load (i32.const 0)) (i32.const 8) (i32.const 1) (i32.const 16)))))"#,
+    );
+    let shared = env.dir.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    let dir_arg = format!("{}::/data", shared.display());
+    let output = env.fncache(&["run", "--dir", &dir_arg, guest.to_str().unwrap()]);
+    assert!(
+        output.status.success(),
+        "{:?} {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(shared.join("made-by-guest")).unwrap(),
+        "hi"
+    );
+}
+
+#[test]
+fn bad_input_gets_a_one_line_error_and_a_nonzero_exit() {
+    let env = Env::new();
+    let garbage = env.file("garbage.wasm", b"\0asm\x01\0\0\0\x99\x99");
+    let library = env.file("lib.wat", "(module (func (export \"f\")))");
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["compile", "/nonexistent/module.wasm"], "cannot read"),
+        (vec!["compile", garbage.to_str().unwrap()], "wasm"),
+        (vec!["run", library.to_str().unwrap()], "not a WASI command"),
+        (vec!["--max-size", "12QB", "stats"], "not a size"),
+    ];
+    for (args, expected) in cases {
+        let output = env.fncache(&args);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{args:?} succeeded");
+        assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+        let errors = stderr.lines().filter(|l| l.contains("error")).count();
+        assert_eq!(errors, 1, "{args:?}: {stderr}");
+    }
+}

@@ -1,0 +1,323 @@
+//! The disk store on a real directory: limits, LRU order, sharing, damage, read-only.
+
+use std::sync::Arc;
+
+use fncache::store::{KEY_OVERHEAD, VALUE_OVERHEAD};
+use fncache::{Cache, CacheConfig, Compression, DiskStore, Namespace};
+
+fn namespace() -> Namespace {
+    Namespace::from_parts([("test", b"disk".as_slice())])
+}
+
+/// A value of `len` bytes that does not compress, distinct per `seed`.
+fn value(seed: u64, len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 32);
+    let mut counter = 0u64;
+    while out.len() < len {
+        out.extend_from_slice(
+            blake3::hash(&[seed.to_le_bytes(), counter.to_le_bytes()].concat()).as_bytes(),
+        );
+        counter += 1;
+    }
+    out.truncate(len);
+    out
+}
+
+fn open(dir: &std::path::Path, max_bytes: u64) -> Cache {
+    Cache::open(
+        &CacheConfig::new()
+            .directory(dir)
+            .max_bytes(max_bytes)
+            .compression(Compression::None),
+    )
+    .unwrap()
+}
+
+#[test]
+fn values_survive_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let cache = open(dir.path(), 1 << 30);
+        cache.insert(&namespace(), b"key", &value(1, 5000));
+        cache.flush().unwrap();
+    }
+    let cache = open(dir.path(), 1 << 30);
+    assert_eq!(cache.get(&namespace(), b"key"), Some(value(1, 5000)));
+    assert_eq!(cache.get(&namespace(), b"other"), None);
+    let stats = cache.stats().unwrap();
+    assert_eq!(
+        (
+            stats.counters.hits,
+            stats.counters.misses,
+            stats.counters.inserts,
+            stats.entries
+        ),
+        (1, 1, 1, 1)
+    );
+}
+
+#[test]
+fn namespaces_do_not_see_each_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = open(dir.path(), 1 << 30);
+    let old = Namespace::from_parts([("wasmtime", b"47".as_slice())]);
+    let new = Namespace::from_parts([("wasmtime", b"48".as_slice())]);
+    cache.insert(&old, b"key", b"old code");
+    cache.insert(&new, b"key", b"new code");
+    cache.flush().unwrap();
+    assert_eq!(cache.get(&old, b"key").as_deref(), Some(&b"old code"[..]));
+    assert_eq!(cache.get(&new, b"key").as_deref(), Some(&b"new code"[..]));
+}
+
+#[test]
+fn size_limit_holds_under_repeated_inserts() {
+    let dir = tempfile::tempdir().unwrap();
+    let max = 200_000u64;
+    let cache = open(dir.path(), max);
+    for i in 0..400u64 {
+        cache.insert(
+            &namespace(),
+            &i.to_le_bytes(),
+            &value(i, 500 + (i as usize * 37) % 4000),
+        );
+        if i % 25 == 0 {
+            cache.flush().unwrap();
+            assert!(
+                cache.stats().unwrap().bytes <= max,
+                "over the limit after {i} inserts"
+            );
+        }
+    }
+    cache.flush().unwrap();
+    let stats = cache.stats().unwrap();
+    assert!(stats.bytes <= max, "{} > {max}", stats.bytes);
+    assert!(
+        stats.bytes >= max / 2,
+        "evicted far too much: {}",
+        stats.bytes
+    );
+    assert!(stats.counters.evictions > 0);
+    // The file shrinks with the cache: within a stated overhead of the accounted bytes.
+    let disk = stats.disk_bytes.unwrap();
+    assert!(
+        disk < max * 3 + (1 << 20),
+        "disk {disk} for accounted {}",
+        stats.bytes
+    );
+    // The newest entries are the ones kept.
+    assert!(cache.get(&namespace(), &399u64.to_le_bytes()).is_some());
+    assert!(cache.get(&namespace(), &0u64.to_le_bytes()).is_none());
+}
+
+#[test]
+fn least_recently_used_goes_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let len = 10_000usize;
+    let per_entry = (len + fncache::entry::HEADER_LEN) as u64 + VALUE_OVERHEAD + KEY_OVERHEAD;
+    // Room for four; eviction brings it down to 90%, i.e. three.
+    let cache = open(dir.path(), 4 * per_entry + 10);
+    for name in [b"a", b"b", b"c", b"d"] {
+        cache.insert(&namespace(), name, &value(name[0] as u64, len));
+        cache.flush().unwrap();
+    }
+    // Use `a`: now `b` is the least recently used.
+    assert!(cache.get(&namespace(), b"a").is_some());
+    cache.flush().unwrap();
+    cache.insert(&namespace(), b"e", &value(b'e' as u64, len));
+    cache.flush().unwrap();
+    assert!(
+        cache.get(&namespace(), b"b").is_none(),
+        "b should have been evicted first"
+    );
+    assert!(
+        cache.get(&namespace(), b"a").is_some(),
+        "a was used recently and must stay"
+    );
+    assert!(cache.get(&namespace(), b"e").is_some());
+}
+
+#[test]
+fn one_value_under_many_keys_is_stored_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = open(dir.path(), 1 << 30);
+    for i in 0..20u8 {
+        cache.insert(&namespace(), &[i], &value(7, 3000));
+    }
+    cache.flush().unwrap();
+    let stats = cache.stats().unwrap();
+    assert_eq!((stats.entries, stats.keys), (1, 20));
+    assert!(stats.bytes < 2 * 3000 + 20 * KEY_OVERHEAD + VALUE_OVERHEAD + 100);
+}
+
+/// Damage done through SQLite itself, as a disk error or a meddling process would: `edit`
+/// rewrites every stored entry's bytes.
+fn damage(dir: &std::path::Path, edit: impl Fn(&mut Vec<u8>)) {
+    let conn = rusqlite::Connection::open(dir.join("fncache.db")).unwrap();
+    let rows: Vec<(i64, Vec<u8>)> = conn
+        .prepare("SELECT id, data FROM blob_data")
+        .unwrap()
+        .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    for (id, mut data) in rows {
+        edit(&mut data);
+        conn.execute(
+            "UPDATE blob_data SET data = ?1 WHERE id = ?2",
+            rusqlite::params![data, id],
+        )
+        .unwrap();
+    }
+}
+
+#[test]
+fn damaged_entries_are_rejected_removed_and_counted() {
+    let cases: [(&str, fn(&mut Vec<u8>)); 3] = [
+        ("flipped byte", |data| data[100] ^= 1),
+        ("truncated", |data| {
+            data.pop();
+        }),
+        ("zero length", |data| data.clear()),
+    ];
+    for (what, edit) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = open(dir.path(), 1 << 30);
+        cache.insert(&namespace(), b"key", &value(3, 4000));
+        cache.flush().unwrap();
+        damage(dir.path(), edit);
+        assert_eq!(
+            cache.get(&namespace(), b"key"),
+            None,
+            "{what}: damaged entry served"
+        );
+        cache.flush().unwrap();
+        let stats = cache.stats().unwrap();
+        assert_eq!(stats.counters.rejected, 1, "{what}");
+        assert_eq!(stats.entries, 0, "{what}: damaged entry not removed");
+        // A fresh insert repairs it.
+        cache.insert(&namespace(), b"key", &value(3, 4000));
+        cache.flush().unwrap();
+        assert_eq!(
+            cache.get(&namespace(), b"key"),
+            Some(value(3, 4000)),
+            "{what}"
+        );
+    }
+}
+
+#[test]
+fn an_entry_moved_under_another_key_is_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = open(dir.path(), 1 << 30);
+    cache.insert(&namespace(), b"one", &value(1, 2000));
+    cache.insert(&namespace(), b"two", &value(2, 2000));
+    cache.flush().unwrap();
+    // Swap the two values' data behind the index's back.
+    let conn = rusqlite::Connection::open(dir.path().join("fncache.db")).unwrap();
+    conn.execute_batch(
+        "UPDATE blob_data SET id = -id; UPDATE blob_data SET id = (SELECT max(-id) + min(-id) FROM blob_data) + id;",
+    )
+    .unwrap();
+    assert_eq!(cache.get(&namespace(), b"one"), None);
+    assert_eq!(cache.get(&namespace(), b"two"), None);
+    assert_eq!(cache.session_counters().rejected, 2);
+}
+
+#[test]
+fn verify_finds_every_damaged_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = open(dir.path(), 1 << 30);
+    for i in 0..10u64 {
+        cache.insert(&namespace(), &i.to_le_bytes(), &value(i, 1000));
+    }
+    cache.flush().unwrap();
+    let conn = rusqlite::Connection::open(dir.path().join("fncache.db")).unwrap();
+    conn.execute_batch("UPDATE blob_data SET data = substr(data, 1, 80) WHERE id % 3 = 0")
+        .unwrap();
+    let report = cache.verify().unwrap();
+    assert_eq!((report.checked, report.rejected), (10, 3));
+    assert_eq!(
+        cache.verify().unwrap(),
+        fncache::cache::Verification {
+            checked: 7,
+            rejected: 0
+        }
+    );
+}
+
+#[test]
+fn read_only_serves_hits_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let cache = open(dir.path(), 1 << 30);
+        cache.insert(&namespace(), b"key", &value(1, 1000));
+        cache.flush().unwrap();
+    }
+    let config = CacheConfig::new().directory(dir.path()).read_only(true);
+    let cache = Cache::open(&config).unwrap();
+    assert_eq!(cache.get(&namespace(), b"key"), Some(value(1, 1000)));
+    cache.insert(&namespace(), b"new", &value(2, 1000));
+    cache.flush().unwrap();
+    drop(cache);
+    let cache = open(dir.path(), 1 << 30);
+    assert_eq!(cache.get(&namespace(), b"new"), None);
+    assert!(cache.clear().is_ok());
+}
+
+#[test]
+fn a_cache_directory_that_is_a_file_is_a_clear_error() {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    let error = Cache::open(&CacheConfig::new().directory(file.path())).unwrap_err();
+    assert!(error.to_string().contains("is not a directory"), "{error}");
+    let below_a_file = file.path().join("cache");
+    assert!(Cache::open(&CacheConfig::new().directory(below_a_file)).is_err());
+}
+
+#[test]
+fn clear_removes_entries_and_keeps_counters() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = open(dir.path(), 1 << 30);
+    cache.insert(&namespace(), b"key", &value(1, 1000));
+    assert!(cache.get(&namespace(), b"key").is_some());
+    cache.clear().unwrap();
+    let stats = cache.stats().unwrap();
+    assert_eq!((stats.entries, stats.keys, stats.bytes), (0, 0, 0));
+    assert_eq!(stats.counters.hits, 1);
+    assert_eq!(cache.get(&namespace(), b"key"), None);
+}
+
+#[test]
+fn many_threads_share_one_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = open(dir.path(), 1 << 30);
+    std::thread::scope(|scope| {
+        for t in 0..4u64 {
+            let cache = cache.clone();
+            scope.spawn(move || {
+                for i in 0..200u64 {
+                    let key = (i % 50).to_le_bytes();
+                    if cache.get(&namespace(), &key).is_none() {
+                        cache.insert(&namespace(), &key, &value(i % 50, 700 + t as usize));
+                    }
+                }
+            });
+        }
+    });
+    cache.flush().unwrap();
+    assert_eq!(cache.stats().unwrap().keys, 50);
+    assert_eq!(cache.verify().unwrap().rejected, 0);
+}
+
+#[test]
+fn two_handles_on_one_directory_see_each_others_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = open(dir.path(), 1 << 30);
+    let second = Cache::with_store(
+        Arc::new(DiskStore::open(dir.path(), 1 << 30, false).unwrap()),
+        &CacheConfig::new(),
+    );
+    first.insert(&namespace(), b"key", &value(9, 1000));
+    first.flush().unwrap();
+    assert_eq!(second.get(&namespace(), b"key"), Some(value(9, 1000)));
+    assert!(second.store().usage().unwrap().entries == 1);
+}
