@@ -7,7 +7,10 @@
 //! Layout (schema version [`SCHEMA_VERSION`]):
 //! - `keys(id, digest)`: a key points at a value's digest;
 //! - `blob_meta(digest, data_id, size, last_used)`: small rows the LRU order is kept in, apart
-//!   from the large values so that recording a use never rewrites a value;
+//!   from the large values so that recording a use never rewrites a value. `last_used` is a
+//!   logical clock shared by all processes (exact LRU at the granularity of a write batch) and
+//!   is deliberately not indexed: a hit's touch is then one small-row update, while eviction,
+//!   which runs once per tenth of the limit written, sorts the rows once;
 //! - `blob_data(id, data)`: the encoded entries;
 //! - `meta(name, value)`: the accounted byte total, the use clock and persistent counters.
 //!
@@ -16,7 +19,7 @@
 //! transaction, and evicts the least recently used values whenever the total passes the limit,
 //! down to [`LOW_WATER_PERCENT`] of it. Until committed, a value is served from memory.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
@@ -24,7 +27,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use rusqlite::{
@@ -44,6 +47,8 @@ pub const SCHEMA_VERSION: i64 = 1;
 pub const LOW_WATER_PERCENT: u64 = 90;
 /// How long a process waits for another one's write transaction before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often one process records another use of a value it keeps using.
+pub const TOUCH_PERIOD: Duration = Duration::from_secs(60);
 /// Reader connections kept open for reuse.
 const MAX_IDLE_READERS: usize = 8;
 
@@ -58,7 +63,6 @@ const SCHEMA: &str = "
     CREATE TABLE blob_meta (
         digest BLOB PRIMARY KEY, data_id INTEGER NOT NULL,
         size INTEGER NOT NULL, last_used INTEGER NOT NULL) WITHOUT ROWID;
-    CREATE INDEX blob_meta_by_use ON blob_meta(last_used);
     CREATE TABLE blob_data (id INTEGER PRIMARY KEY, data BLOB NOT NULL);
     INSERT INTO meta VALUES ('bytes', 0), ('clock', 0), ('hits', 0), ('misses', 0),
         ('inserts', 0), ('evictions', 0), ('bytes_read', 0), ('bytes_written', 0),
@@ -76,6 +80,9 @@ pub struct DiskStore {
     readers: Mutex<Vec<Connection>>,
     /// Values handed to `put` and not yet committed.
     pending: Pending,
+    /// Values this handle recorded a use of in the current [`TOUCH_PERIOD`]: a value used again
+    /// and again by one process is recorded once a period, not once a hit.
+    touched: Mutex<(Instant, HashSet<Digest>)>,
     writer: Option<Writer>,
 }
 
@@ -162,6 +169,7 @@ impl DiskStore {
             read_only,
             readers: Mutex::new(Vec::new()),
             pending,
+            touched: Mutex::new((Instant::now(), HashSet::new())),
             writer,
         };
         // Open one reader now so that a cache that cannot be read fails here, not mid-compile.
@@ -220,6 +228,14 @@ impl DiskStore {
         result
     }
 
+    fn first_use_this_period(&self, digest: Digest) -> bool {
+        let mut touched = self.touched.lock();
+        if touched.0.elapsed() > TOUCH_PERIOD {
+            *touched = (Instant::now(), HashSet::new());
+        }
+        touched.1.insert(digest)
+    }
+
     fn send(&self, op: Op) -> Result<(), StoreError> {
         match &self.writer {
             Some(writer) => writer.ops.send(op).map_err(|_| StoreError::WriterGone),
@@ -269,7 +285,9 @@ impl Store for DiskStore {
         })?;
         match found {
             Some((Some(digest), entry)) => {
-                self.send(Op::Touch(digest))?;
+                if !self.read_only && self.first_use_this_period(digest) {
+                    self.send(Op::Touch(digest))?;
+                }
                 Ok(Some((digest, entry)))
             }
             // A digest column of the wrong length is a damaged index row: nothing to serve.
@@ -714,28 +732,36 @@ fn remove_value(tx: &Transaction<'_>, digest: &Digest) -> rusqlite::Result<i64> 
 /// Evicts least recently used values until `bytes <= target`.
 fn evict_within(tx: &Transaction<'_>, bytes: &mut i64, target: u64) -> rusqlite::Result<Eviction> {
     let mut eviction = Eviction::default();
-    while *bytes > target as i64 {
-        let victims: Vec<Vec<u8>> = tx
-            .prepare_cached("SELECT digest FROM blob_meta ORDER BY last_used LIMIT 64")?
-            .query_map([], |row| row.get(0))?
-            .collect::<rusqlite::Result<_>>()?;
-        if victims.is_empty() {
+    if *bytes <= target as i64 {
+        return Ok(eviction);
+    }
+    // One sorted pass over the small rows picks every victim; removal follows.
+    let mut victims = Vec::new();
+    {
+        let mut stmt =
+            tx.prepare_cached("SELECT digest, size FROM blob_meta ORDER BY last_used")?;
+        let mut rows = stmt.query([])?;
+        let mut to_free = *bytes - target as i64;
+        while to_free > 0 {
+            let Some(row) = rows.next()? else { break };
+            let digest: Vec<u8> = row.get(0)?;
+            to_free -= row.get::<_, i64>(1)? + VALUE_OVERHEAD as i64;
+            victims.push(digest);
+        }
+    }
+    for victim in victims {
+        if *bytes <= target as i64 {
             break;
         }
-        for victim in victims {
-            let Some(digest) = Digest::from_slice(&victim) else {
-                tx.prepare_cached("DELETE FROM blob_meta WHERE digest = ?1")?
-                    .execute([&victim])?;
-                continue;
-            };
-            let freed = remove_value(tx, &digest)?;
-            *bytes -= freed;
-            eviction.entries += 1;
-            eviction.bytes += freed.max(0) as u64;
-            if *bytes <= target as i64 {
-                break;
-            }
-        }
+        let Some(digest) = Digest::from_slice(&victim) else {
+            tx.prepare_cached("DELETE FROM blob_meta WHERE digest = ?1")?
+                .execute([&victim])?;
+            continue;
+        };
+        let freed = remove_value(tx, &digest)?;
+        *bytes -= freed;
+        eviction.entries += 1;
+        eviction.bytes += freed.max(0) as u64;
     }
     Ok(eviction)
 }
