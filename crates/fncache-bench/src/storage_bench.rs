@@ -178,7 +178,11 @@ fn open(engine: &str, dir: &Path) -> Result<Box<dyn Engine>> {
 }
 
 fn du(path: &Path) -> u64 {
-    let out = Command::new("du").arg("-sb").arg(path).output().unwrap();
+    let out = Command::new("du")
+        .args(["-s", "-B1"])
+        .arg(path)
+        .output()
+        .unwrap();
     String::from_utf8_lossy(&out.stdout)
         .split_whitespace()
         .next()

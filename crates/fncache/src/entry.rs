@@ -58,7 +58,7 @@ pub fn encode(payload: &[u8], compression: Compression) -> (Vec<u8>, Digest) {
     let digest = Digest::of(payload);
     let compressed = match compression {
         Compression::None => None,
-        Compression::Zstd(level) => zstd::bulk::compress(payload, level)
+        Compression::Zstd(level) => compress(payload, level)
             .ok()
             // Incompressible values are stored as they are: no decompression on the read path.
             .filter(|body| body.len() < payload.len()),
@@ -77,6 +77,35 @@ pub fn encode(payload: &[u8], compression: Compression) -> (Vec<u8>, Digest) {
     entry.extend_from_slice(digest.as_bytes());
     entry.extend_from_slice(body);
     (entry, digest)
+}
+
+// zstd contexts are kept per thread: creating one per entry cost more than compressing
+// (ZSTD_createCCtx was 2.5% of a whole sql.js compile).
+thread_local! {
+    static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { std::cell::RefCell::new(None) };
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+fn compress(payload: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
+    COMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.as_ref().is_none_or(|(l, _)| *l != level) {
+            *slot = Some((level, zstd::bulk::Compressor::new(level)?));
+        }
+        slot.as_mut().expect("just set").1.compress(payload)
+    })
+}
+
+fn decompress(body: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
+    DECOMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            *slot = Some(zstd::bulk::Decompressor::new()?);
+        }
+        slot.as_mut().expect("just set").decompress(body, capacity)
+    })
 }
 
 /// The digest an entry's header claims, without checking the body.
@@ -116,7 +145,7 @@ pub fn decode(entry: &[u8], expected: Option<&Digest>) -> Result<Vec<u8>, EntryE
     }
     let payload = match codec {
         CODEC_NONE => body.to_vec(),
-        CODEC_ZSTD => zstd::bulk::decompress(body, payload_len as usize)
+        CODEC_ZSTD => decompress(body, payload_len as usize)
             .map_err(|e| EntryError::Decompress(e.to_string()))?,
         other => return Err(EntryError::UnknownCodec(other)),
     };

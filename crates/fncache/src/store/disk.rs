@@ -24,7 +24,7 @@ use std::fs;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
+use std::sync::mpsc::{self, SyncSender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -87,7 +87,7 @@ pub struct DiskStore {
 }
 
 struct Writer {
-    ops: Sender<Op>,
+    queue: Arc<Queue>,
     thread: JoinHandle<()>,
 }
 
@@ -148,7 +148,8 @@ impl DiskStore {
             None
         } else {
             let conn = open_writer(&db_path)?;
-            let (ops, rx) = mpsc::channel();
+            let queue = Arc::new(Queue::default());
+            let writer_queue = queue.clone();
             let state = WriterState {
                 conn,
                 db_path: db_path.clone(),
@@ -158,9 +159,9 @@ impl DiskStore {
             };
             let thread = std::thread::Builder::new()
                 .name("fncache-writer".into())
-                .spawn(move || state.run(rx))
+                .spawn(move || state.run(&writer_queue))
                 .map_err(io)?;
-            Some(Writer { ops, thread })
+            Some(Writer { queue, thread })
         };
         let store = DiskStore {
             dir: dir.to_path_buf(),
@@ -238,7 +239,7 @@ impl DiskStore {
 
     fn send(&self, op: Op) -> Result<(), StoreError> {
         match &self.writer {
-            Some(writer) => writer.ops.send(op).map_err(|_| StoreError::WriterGone),
+            Some(writer) => writer.queue.push(op),
             None => Ok(()), // read-only: writes are dropped by design
         }
     }
@@ -252,18 +253,15 @@ impl DiskStore {
             return Ok(read_only_answer);
         };
         let (tx, rx) = mpsc::sync_channel(1);
-        writer
-            .ops
-            .send(make(tx))
-            .map_err(|_| StoreError::WriterGone)?;
+        writer.queue.push(make(tx))?;
         rx.recv().map_err(|_| StoreError::WriterGone)?
     }
 }
 
 impl Drop for DiskStore {
     fn drop(&mut self) {
-        if let Some(Writer { ops, thread }) = self.writer.take() {
-            drop(ops); // the writer commits what is queued, then sees the channel closed
+        if let Some(Writer { queue, thread }) = self.writer.take() {
+            queue.close(); // the writer commits what is queued, then stops
             let _ = thread.join();
         }
     }
@@ -455,19 +453,70 @@ struct WriterState {
     warned: AtomicBool,
 }
 
-/// Most operations committed in one transaction.
-const MAX_BATCH: usize = 8192;
+/// How long the writer lets operations gather before it commits them (group commit), unless
+/// someone waits for it (`flush`, `evict_to`, `clear`).
+const GROUP_COMMIT: Duration = Duration::from_millis(20);
+
+/// Operations waiting for the writer. Pushing wakes the writer only when the queue was empty
+/// or someone waits for an answer: a compile's thousands of puts and touches cost a lock and a
+/// vector push each, not a thread wake-up and a transaction each.
+#[derive(Default)]
+struct Queue {
+    ops: Mutex<Vec<Op>>,
+    ready: parking_lot::Condvar,
+    closed: AtomicBool,
+}
+
+impl Queue {
+    fn push(&self, op: Op) -> Result<(), StoreError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(StoreError::WriterGone);
+        }
+        let mut ops = self.ops.lock();
+        let wake = ops.is_empty() || op.is_awaited();
+        ops.push(op);
+        drop(ops);
+        if wake {
+            self.ready.notify_one();
+        }
+        Ok(())
+    }
+
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        let _guard = self.ops.lock();
+        self.ready.notify_one();
+    }
+
+    /// The next batch, after letting it gather; `None` once closed and drained.
+    fn next_batch(&self) -> Option<Vec<Op>> {
+        let mut ops = self.ops.lock();
+        while ops.is_empty() {
+            if self.closed.load(Ordering::Acquire) {
+                return None;
+            }
+            self.ready.wait(&mut ops);
+        }
+        let deadline = Instant::now() + GROUP_COMMIT;
+        while !self.closed.load(Ordering::Acquire) && !ops.iter().any(Op::is_awaited) {
+            if self.ready.wait_until(&mut ops, deadline).timed_out() {
+                break;
+            }
+        }
+        Some(std::mem::take(&mut *ops))
+    }
+}
+
+impl Op {
+    /// Whether a caller is blocked waiting for this operation's answer.
+    fn is_awaited(&self) -> bool {
+        matches!(self, Op::Flush(_) | Op::Evict(..) | Op::Clear(_))
+    }
+}
 
 impl WriterState {
-    fn run(mut self, ops: Receiver<Op>) {
-        while let Ok(first) = ops.recv() {
-            let mut batch = vec![first];
-            while batch.len() < MAX_BATCH {
-                match ops.try_recv() {
-                    Ok(op) => batch.push(op),
-                    Err(_) => break,
-                }
-            }
+    fn run(mut self, queue: &Queue) {
+        while let Some(batch) = queue.next_batch() {
             self.apply(batch);
         }
     }
