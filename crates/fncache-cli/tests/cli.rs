@@ -138,6 +138,65 @@ fn an_unusable_cache_directory_compiles_without_the_cache_with_one_warning() {
     }
 }
 
+/// A cache directory the user may read but not write, and one the user may not even enter:
+/// real permission checks, so the compile runs as `nobody` (tests run as root in CI, where
+/// permission bits would not stop anything). Where we are not root, chmod does the same.
+#[test]
+fn a_directory_without_write_permission_compiles_without_the_cache_with_one_warning() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new();
+    let root = unsafe { libc_geteuid() } == 0;
+    if root && !Path::new("/usr/bin/setpriv").exists() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI needs setpriv (util-linux) for this test"
+        );
+        eprintln!("skipped: running as root without setpriv");
+        return;
+    }
+    std::fs::set_permissions(env.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let module = env.file("gen.wat", generated_module(20, 11));
+    std::fs::set_permissions(&module, std::fs::Permissions::from_mode(0o644)).unwrap();
+    // A populated cache, then locked: read-only for others (0755) or closed to them (0700).
+    env.compile(&module, &env.dir.path().join("a.cwasm"), &[]);
+    for mode in [0o755, 0o700] {
+        let cache = env.cache_dir();
+        std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(mode)).unwrap();
+        if !root {
+            std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(mode & 0o555))
+                .unwrap();
+        }
+        let mut command = if root {
+            let mut c = Command::new("/usr/bin/setpriv");
+            c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"]);
+            c.arg(env!("CARGO_BIN_EXE_fncache"));
+            c
+        } else {
+            Command::new(env!("CARGO_BIN_EXE_fncache"))
+        };
+        let output = command
+            .arg("--cache-dir")
+            .arg(&cache)
+            .args(["compile", "--json", module.to_str().unwrap()])
+            .env("HOME", env.dir.path())
+            .output()
+            .unwrap();
+        std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "mode {mode:o}: {stderr}");
+        assert_eq!(warnings(&stderr), 1, "mode {mode:o}: {stderr}");
+        let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+        assert_eq!(report["functions"], 21);
+    }
+    // The cache is intact for its owner.
+    assert!(env.fncache(&["verify"]).status.success());
+}
+
+extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
 #[test]
 fn read_only_mode_uses_hits_and_writes_nothing() {
     let env = Env::new();
