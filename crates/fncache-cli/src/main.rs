@@ -13,7 +13,7 @@ use anyhow::{bail, Context, Result};
 use bytesize::ByteSize;
 use clap::{Args, Parser, Subcommand};
 use fncache::{Cache, CacheConfig};
-use fncache_wasmtime::{CompileReport, Compiler};
+use fncache_wasmtime::{CompileReport, Compiler, Level};
 use serde_json::json;
 
 /// Compile and run WebAssembly with a persistent, function-level compilation cache.
@@ -37,6 +37,9 @@ struct Global {
     /// Compile without the cache
     #[arg(long, global = true)]
     no_cache: bool,
+    /// Cache functions only, not whole modules
+    #[arg(long, global = true)]
+    no_module_level: bool,
     /// Use cached entries but write nothing to the cache
     #[arg(long, global = true)]
     read_only: bool,
@@ -259,7 +262,7 @@ fn compiler(global: &Global) -> Result<Compiler> {
             }
         }
     };
-    Compiler::new(wasmtime::Config::new(), cache)
+    Ok(Compiler::new(wasmtime::Config::new(), cache)?.module_level(!global.no_module_level))
 }
 
 /// Waits for the cache's writes, so that they outlive the process.
@@ -272,9 +275,10 @@ fn finish(compiler: &Compiler) {
 }
 
 fn summary(report: &CompileReport, compiler: &Compiler) -> String {
-    let cache = match compiler.cache() {
-        None => "no cache".to_string(),
-        Some(_) => format!(
+    let cache = match (compiler.cache(), report.level) {
+        (None, _) => "no cache".to_string(),
+        (Some(_), Level::Module) => "whole module from the cache".to_string(),
+        (Some(_), _) => format!(
             "{} lookups, {} hits, {} misses ({:.1}% hit)",
             report.lookups(),
             report.hits,
@@ -290,6 +294,7 @@ fn summary(report: &CompileReport, compiler: &Compiler) -> String {
 
 fn report_json(report: &CompileReport, cached: bool) -> serde_json::Value {
     json!({
+        "level": report.level.as_str(),
         "functions": report.functions,
         "lookups": report.lookups(),
         "hits": report.hits,

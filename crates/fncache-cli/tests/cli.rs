@@ -53,12 +53,13 @@ fn damaged_entries_are_detected_recompiled_warned_and_counted() {
         let module = env.file("gen.wat", generated_module(40, 2));
         let reference = env.dir.path().join("reference.cwasm");
         env.compile(&module, &reference, &["--no-cache"]);
-        env.compile(&module, &env.dir.path().join("cold.cwasm"), &[]);
-        env.compile(&module, &env.dir.path().join("warm.cwasm"), &[]);
+        let functions_only = ["--no-module-level"];
+        env.compile(&module, &env.dir.path().join("cold.cwasm"), &functions_only);
+        env.compile(&module, &env.dir.path().join("warm.cwasm"), &functions_only);
         damage_most_recently_used_entry(&env.cache_dir(), edit);
         let rejected_before = n(&env.stats(), "rejected");
         let out = env.dir.path().join("after.cwasm");
-        let (report, stderr) = env.compile(&module, &out, &[]);
+        let (report, stderr) = env.compile(&module, &out, &functions_only);
         assert!(n(&report, "misses") >= 1, "{what}: {report}");
         assert_eq!(
             warnings(&stderr),
@@ -74,6 +75,45 @@ fn damaged_entries_are_detected_recompiled_warned_and_counted() {
         let verify = env.fncache(&["verify", "--json"]);
         assert!(verify.status.success(), "{what}: cache left damaged");
     }
+}
+
+#[test]
+fn an_unchanged_module_is_served_whole_and_a_damaged_one_is_rebuilt() {
+    let env = Env::new();
+    let module = env.file("gen.wat", generated_module(200, 21));
+    let reference = env.dir.path().join("reference.cwasm");
+    let (none, _) = env.compile(&module, &reference, &["--no-cache"]);
+    assert_eq!(none["level"], "none");
+    let (cold, _) = env.compile(&module, &env.dir.path().join("cold.cwasm"), &[]);
+    assert_eq!(cold["level"], "function");
+    let (warm, stderr) = env.compile(&module, &env.dir.path().join("warm.cwasm"), &[]);
+    assert_eq!(warm["level"], "module", "{warm}");
+    assert_eq!((n(&warm, "functions"), n(&warm, "lookups")), (201, 0));
+    assert_eq!(warnings(&stderr), 0, "{stderr}");
+    let reference = std::fs::read(&reference).unwrap();
+    for name in ["cold.cwasm", "warm.cwasm"] {
+        assert!(
+            std::fs::read(env.dir.path().join(name)).unwrap() == reference,
+            "{name} differs"
+        );
+    }
+    // A flipped bit in the module entry (the largest one): detected, rebuilt from functions.
+    let conn = rusqlite::Connection::open(env.cache_dir().join("fncache.db")).unwrap();
+    conn.execute_batch(
+        "UPDATE blob_data SET data = CAST(substr(data, 1, 1000) || x'00' || substr(data, 1002) AS BLOB) \
+         WHERE id = (SELECT id FROM blob_data ORDER BY length(data) DESC LIMIT 1)",
+    )
+    .unwrap();
+    let out = env.dir.path().join("repaired.cwasm");
+    let (repaired, stderr) = env.compile(&module, &out, &[]);
+    assert_eq!(repaired["level"], "function", "{repaired}");
+    assert_eq!(warnings(&stderr), 1, "{stderr}");
+    assert!(std::fs::read(&out).unwrap() == reference);
+    let (again, _) = env.compile(&module, &out, &[]);
+    assert_eq!(
+        again["level"], "module",
+        "the repaired module entry serves again"
+    );
 }
 
 #[test]
@@ -205,7 +245,7 @@ fn read_only_mode_uses_hits_and_writes_nothing() {
     env.compile(&first, &env.dir.path().join("a.cwasm"), &[]);
     let before = env.stats();
     let (hit, stderr) = env.compile(&first, &env.dir.path().join("a2.cwasm"), &["--read-only"]);
-    assert!(n(&hit, "hits") > 0);
+    assert_eq!(hit["level"], "module");
     assert_eq!(warnings(&stderr), 0, "{stderr}");
     env.compile(&second, &env.dir.path().join("b.cwasm"), &["--read-only"]);
     let after = env.stats();

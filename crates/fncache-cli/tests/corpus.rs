@@ -32,5 +32,13 @@ fn a_second_process_reuses_sql_js() {
         );
         return;
     }
-    check_second_process_hits(&Env::new(), &module, 0.85);
+    let env = Env::new();
+    check_second_process_hits(&env, &module, 0.85);
+    // With both levels (the default), a third process gets the whole module: same code.
+    let out = env.dir.path().join("whole.cwasm");
+    env.compile(&module, &out, &[]);
+    let (whole, _) = env.compile(&module, &out, &[]);
+    assert_eq!(whole["level"], "module", "{whole}");
+    let reference = std::fs::read(env.dir.path().join("reference.cwasm")).unwrap();
+    assert!(std::fs::read(&out).unwrap() == reference);
 }

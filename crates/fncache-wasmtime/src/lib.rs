@@ -19,6 +19,6 @@ pub mod compiler;
 pub mod fingerprint;
 pub mod function_store;
 
-pub use compiler::{CompileReport, Compiler};
+pub use compiler::{CompileReport, Compiler, Level};
 pub use fingerprint::engine_fingerprint;
 pub use function_store::{enable, FunctionStore};

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use fncache::{Cache, CacheConfig, MemoryStore};
-use fncache_wasmtime::{engine_fingerprint, Compiler};
+use fncache_wasmtime::{engine_fingerprint, Compiler, Level};
 use wasmtime::{Config, Engine, OptLevel};
 
 const MODULE: &str = r#"(module
@@ -59,7 +59,9 @@ fn cached_compiles_give_the_same_code_as_uncached_ones() {
     assert_eq!((report.functions, report.lookups()), (3, 0));
 
     let cache = memory_cache();
-    let compiler = Compiler::new(Config::new(), Some(cache.clone())).unwrap();
+    let compiler = Compiler::new(Config::new(), Some(cache.clone()))
+        .unwrap()
+        .module_level(false);
     let (cold, cold_report) = compiler.precompile(MODULE.as_bytes()).unwrap();
     let (warm, warm_report) = compiler.precompile(MODULE.as_bytes()).unwrap();
     assert!(cold_report.misses > 0);
@@ -72,6 +74,13 @@ fn cached_compiles_give_the_same_code_as_uncached_ones() {
     );
     assert_eq!(cold, reference);
     assert_eq!(warm, reference);
+
+    // With the module level, the third compile is served whole, and is the same code.
+    let compiler = Compiler::new(Config::new(), Some(cache.clone())).unwrap();
+    compiler.precompile(MODULE.as_bytes()).unwrap();
+    let (whole, report) = compiler.precompile(MODULE.as_bytes()).unwrap();
+    assert_eq!((report.level, report.lookups()), (Level::Module, 0));
+    assert_eq!(whole, reference);
 
     // And the cached module runs.
     let (module, _) = compiler.compile(MODULE.as_bytes()).unwrap();
@@ -86,10 +95,14 @@ fn cached_compiles_give_the_same_code_as_uncached_ones() {
 #[test]
 fn engines_with_different_settings_share_a_cache_without_mixing() {
     let cache = memory_cache();
-    let fast = Compiler::new(Config::new(), Some(cache.clone())).unwrap();
+    let fast = Compiler::new(Config::new(), Some(cache.clone()))
+        .unwrap()
+        .module_level(false);
     let mut config = Config::new();
     config.cranelift_opt_level(OptLevel::None);
-    let plain = Compiler::new(config.clone(), Some(cache.clone())).unwrap();
+    let plain = Compiler::new(config.clone(), Some(cache.clone()))
+        .unwrap()
+        .module_level(false);
     fast.precompile(MODULE.as_bytes()).unwrap();
     let (code, report) = plain.precompile(MODULE.as_bytes()).unwrap();
     assert_eq!(

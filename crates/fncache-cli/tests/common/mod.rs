@@ -118,13 +118,24 @@ pub fn warnings(stderr: &str) -> usize {
     stderr.lines().filter(|l| l.contains("warning")).count()
 }
 
-/// Compiles `module` cold, then warm in a new process; checks hits and identical code.
+/// Compiles `module` cold, then warm in a new process, function level only; checks hits and
+/// identical code.
 pub fn check_second_process_hits(env: &Env, module: &Path, min_hit_rate: f64) {
     let reference = env.dir.path().join("reference.cwasm");
     let (uncached, _) = env.compile(module, &reference, &["--no-cache"]);
     assert_eq!(n(&uncached, "lookups"), 0);
-    let (cold, _) = env.compile(module, &env.dir.path().join("cold.cwasm"), &[]);
-    let (warm, stderr) = env.compile(module, &env.dir.path().join("warm.cwasm"), &[]);
+    // The function level alone: the module level would serve the second compile whole.
+    let (cold, _) = env.compile(
+        module,
+        &env.dir.path().join("cold.cwasm"),
+        &["--no-module-level"],
+    );
+    let (warm, stderr) = env.compile(
+        module,
+        &env.dir.path().join("warm.cwasm"),
+        &["--no-module-level"],
+    );
+    assert_eq!(warm["level"], "function");
     assert!(n(&cold, "misses") > 0);
     let rate = n(&warm, "hits") as f64 / n(&warm, "lookups") as f64;
     assert!(
