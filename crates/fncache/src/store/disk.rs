@@ -580,9 +580,12 @@ impl WriterState {
         }
     }
 
-    fn commit(&mut self, ops: &[Op]) -> Result<(), StoreError> {
-        let max_bytes = self.max_bytes;
-        let path = self.db_path.clone();
+    /// Runs `body` in one `BEGIN IMMEDIATE` transaction: committed whole, or rolled back.
+    fn in_transaction<T>(
+        &mut self,
+        body: impl FnOnce(&Transaction<'_>) -> rusqlite::Result<T>,
+    ) -> Result<T, StoreError> {
+        let path = &self.db_path;
         let db_error = |source| StoreError::Database {
             path: path.clone(),
             source,
@@ -591,74 +594,64 @@ impl WriterState {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(db_error)?;
-        let result = (|| -> rusqlite::Result<bool> {
-            let mut bytes = meta(&tx, "bytes")?;
-            let mut clock = meta(&tx, "clock")?;
+        let value = body(&tx).map_err(db_error)?; // dropping `tx` rolls back
+        tx.commit().map_err(db_error)?;
+        Ok(value)
+    }
+
+    fn commit(&mut self, ops: &[Op]) -> Result<(), StoreError> {
+        let max_bytes = self.max_bytes;
+        let evicted = self.in_transaction(|tx| {
+            let mut bytes = meta(tx, "bytes")?;
+            let mut clock = meta(tx, "clock")?;
             let mut counters = Counters::default();
             for op in ops {
                 match op {
                     Op::Put { key, digest, entry } => {
                         clock += 1;
-                        bytes += put(&tx, key, digest, entry, clock)?;
+                        bytes += put(tx, key, digest, entry, clock)?;
                     }
                     Op::Touch(digest) => {
                         clock += 1;
                         tx.prepare_cached("UPDATE blob_meta SET last_used = ?1 WHERE digest = ?2")?
                             .execute(params![clock, digest.as_bytes()])?;
                     }
-                    Op::Remove(digest) => bytes -= remove_value(&tx, digest)?,
+                    Op::Remove(digest) => bytes -= remove_value(tx, digest)?,
                     Op::Record(delta) => counters.add(delta),
                     _ => {}
                 }
             }
             let mut evicted = false;
             if bytes > max_bytes as i64 {
-                let eviction = evict_within(&tx, &mut bytes, low_water(max_bytes))?;
+                let eviction = evict_within(tx, &mut bytes, low_water(max_bytes))?;
                 counters.evictions += eviction.entries;
                 evicted = eviction.entries > 0;
             }
-            set_meta(&tx, "bytes", bytes)?;
-            set_meta(&tx, "clock", clock)?;
-            add_counters(&tx, &counters)?;
+            set_meta(tx, "bytes", bytes)?;
+            set_meta(tx, "clock", clock)?;
+            add_counters(tx, &counters)?;
             Ok(evicted)
-        })();
-        match result {
-            Ok(evicted) => {
-                tx.commit().map_err(db_error)?;
-                if evicted {
-                    self.vacuum();
-                }
-                Ok(())
-            }
-            Err(e) => Err(db_error(e)), // the transaction rolls back on drop
+        })?;
+        if evicted {
+            self.vacuum();
         }
+        Ok(())
     }
 
     fn evict(&mut self, max_bytes: u64) -> Result<Eviction, StoreError> {
-        let path = self.db_path.clone();
-        let db_error = |source| StoreError::Database {
-            path: path.clone(),
-            source,
-        };
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(db_error)?;
-        let result = (|| -> rusqlite::Result<Eviction> {
-            let mut bytes = meta(&tx, "bytes")?;
-            let eviction = evict_within(&tx, &mut bytes, max_bytes)?;
-            set_meta(&tx, "bytes", bytes)?;
+        let eviction = self.in_transaction(|tx| {
+            let mut bytes = meta(tx, "bytes")?;
+            let eviction = evict_within(tx, &mut bytes, max_bytes)?;
+            set_meta(tx, "bytes", bytes)?;
             add_counters(
-                &tx,
+                tx,
                 &Counters {
                     evictions: eviction.entries,
                     ..Counters::default()
                 },
             )?;
             Ok(eviction)
-        })();
-        let eviction = result.map_err(db_error)?;
-        tx.commit().map_err(db_error)?;
+        })?;
         self.vacuum();
         Ok(eviction)
     }
