@@ -321,3 +321,18 @@ fn two_handles_on_one_directory_see_each_others_writes() {
     assert_eq!(second.get(&namespace(), b"key"), Some(value(9, 1000)));
     assert!(second.store().usage().unwrap().entries == 1);
 }
+
+#[test]
+fn the_cache_is_private_to_its_user() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let cache_dir = dir.path().join("cache");
+    let cache = open(&cache_dir, 1 << 30);
+    cache.insert(&namespace(), b"key", &value(1, 100));
+    cache.flush().unwrap();
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&cache_dir), 0o700);
+    for name in ["fncache.db", "fncache.db-wal", "fncache.db-shm"] {
+        assert_eq!(mode(&cache_dir.join(name)), 0o600, "{name}");
+    }
+}

@@ -118,6 +118,7 @@ impl std::fmt::Debug for DiskStore {
 impl DiskStore {
     /// Opens (creating if needed, unless `read_only`) the cache in `dir`.
     pub fn open(dir: &Path, max_bytes: u64, read_only: bool) -> Result<DiskStore, StoreError> {
+        configure_sqlite();
         let io = |source| StoreError::Io {
             path: dir.to_path_buf(),
             source,
@@ -395,6 +396,22 @@ impl Store for DiskStore {
     }
 }
 
+/// Turns off SQLite's memory statistics before its first use in this process: they take one
+/// process-wide mutex on every allocation, which serialises the compile threads' lookups.
+fn configure_sqlite() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: sqlite3_config is only valid before SQLite initialises; afterwards it returns
+        // SQLITE_MISUSE and changes nothing, which is harmless here.
+        let _ = unsafe {
+            rusqlite::ffi::sqlite3_config(
+                rusqlite::ffi::SQLITE_CONFIG_MEMSTATUS,
+                0 as std::os::raw::c_int,
+            )
+        };
+    });
+}
+
 fn check_schema_version(db_path: &Path, version: i64) -> Result<(), StoreError> {
     if version == SCHEMA_VERSION {
         return Ok(());
@@ -412,6 +429,10 @@ fn open_writer(db_path: &Path) -> Result<Connection, StoreError> {
         source,
     };
     let mut conn = Connection::open(db_path).map_err(err)?;
+    // Private like its directory; SQLite gives the -wal and -shm files the same mode. Before the
+    // journal mode is set, so that those are created after this.
+    use std::os::unix::fs::PermissionsExt;
+    let _ = fs::set_permissions(db_path, fs::Permissions::from_mode(0o600));
     conn.busy_timeout(BUSY_TIMEOUT).map_err(err)?;
     // auto_vacuum only takes effect before the first table exists, so it comes first.
     conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL")
