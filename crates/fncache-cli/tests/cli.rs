@@ -116,6 +116,58 @@ fn an_unchanged_module_is_served_whole_and_a_damaged_one_is_rebuilt() {
     );
 }
 
+/// Compiles killed with SIGKILL at random instants leave a cache that opens, verifies whole and
+/// serves the right code. A short run here; issue 4's harness runs a thousand.
+#[test]
+fn compiles_killed_at_random_instants_leave_no_damaged_entry() {
+    let env = Env::new();
+    let modules: Vec<PathBuf> = (0..3)
+        .map(|i| env.file(&format!("k{i}.wat"), generated_module(400, 300 + i)))
+        .collect();
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut killed = 0;
+    for trial in 0..24 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let module = &modules[trial % modules.len()];
+        let mut child = Command::new(env!("CARGO_BIN_EXE_fncache"))
+            .arg("--cache-dir")
+            .arg(env.cache_dir())
+            .args(["compile", module.to_str().unwrap()])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(seed % 150));
+        let _ = child.kill(); // SIGKILL; may land after it finished, which is fine too
+        let status = child.wait().unwrap();
+        if std::os::unix::process::ExitStatusExt::signal(&status) == Some(9) {
+            killed += 1;
+        }
+    }
+    eprintln!("{killed} of 24 compiles killed before they ended");
+    assert!(
+        killed >= 4,
+        "only {killed} of 24 compiles were killed before they ended"
+    );
+    let verify = env.fncache(&["verify", "--json"]);
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
+    let report: Value = serde_json::from_slice(&verify.stdout).unwrap();
+    assert_eq!(n(&report, "rejected"), 0, "{report}");
+    for module in &modules {
+        let reference = env.dir.path().join("reference.cwasm");
+        env.compile(module, &reference, &["--no-cache"]);
+        let out = env.dir.path().join("after-kills.cwasm");
+        let (_, stderr) = env.compile(module, &out, &[]);
+        assert_eq!(warnings(&stderr), 0, "{stderr}");
+        assert!(std::fs::read(out).unwrap() == std::fs::read(reference).unwrap());
+    }
+}
+
 #[test]
 fn two_processes_compiling_different_modules_into_one_cache() {
     let env = Env::new();

@@ -250,3 +250,44 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever bytes a disk or a peer hands over, decoding never panics, and never
+        /// returns a payload other than the one whose digest was asked for.
+        #[test]
+        fn random_bytes_never_decode_to_a_wrong_payload(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+            let expected = Digest::of(b"the payload that was stored");
+            prop_assert!(decode(&bytes, Some(&expected)).is_err());
+            if let Ok(payload) = decode(&bytes, None) {
+                prop_assert_eq!(Some(Digest::of(&payload)), header_digest(&bytes));
+            }
+        }
+
+        /// A real entry with random damage is rejected or decodes to exactly the original.
+        #[test]
+        fn damaged_entries_are_rejected_or_harmless(
+            payload in proptest::collection::vec(any::<u8>(), 0..2000),
+            level in prop_oneof![Just(None), (1..=5i32).prop_map(Some)],
+            edits in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..4),
+            cut in proptest::option::of(any::<usize>()),
+        ) {
+            let compression = level.map_or(Compression::None, Compression::Zstd);
+            let (mut entry, digest) = encode(&payload, compression);
+            for (at, value) in edits {
+                let at = at % entry.len();
+                entry[at] = value;
+            }
+            if let Some(cut) = cut {
+                entry.truncate(cut % (entry.len() + 1));
+            }
+            if let Ok(decoded) = decode(&entry, Some(&digest)) {
+                prop_assert_eq!(decoded, payload);
+            }
+        }
+    }
+}
