@@ -333,15 +333,29 @@ fn run_prints_output_and_passes_the_exit_code_on() {
         String::from_utf8_lossy(&output.stdout),
         "Hello from fncache!\none\n--two\n"
     );
-    assert_eq!(
-        output.status.code(),
-        Some(2),
-        "the example exits with its argument count"
-    );
-    let output = env.fncache(&["run", HELLO]);
     assert_eq!(output.status.code(), Some(0));
     // The second run compiled from the cache.
+    let output = env.fncache(&["run", HELLO]);
+    assert_eq!(output.status.code(), Some(0));
     assert!(n(&env.stats(), "hits") > 0);
+    // Exit codes pass through; a trap exits 134, as `wasmtime run` does.
+    let exits = env.file(
+        "exit.wat",
+        r#"(module (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+             (memory (export "memory") 1)
+             (func (export "_start") (call $exit (i32.const 7))))"#,
+    );
+    assert_eq!(
+        env.fncache(&["run", exits.to_str().unwrap()]).status.code(),
+        Some(7)
+    );
+    let traps = env.file(
+        "trap.wat",
+        r#"(module (memory (export "memory") 1) (func (export "_start") unreachable))"#,
+    );
+    let output = env.fncache(&["run", traps.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(134));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("unreachable"));
 }
 
 #[test]
