@@ -5,7 +5,10 @@
 //!   of Cranelift computing keys and serializing values);
 //! - ICC, in-memory HashMap, warm: the ceiling for any function-level store;
 //! - fncache, empty disk cache (a new directory each run; the flush timed apart);
-//! - fncache, warm disk cache, new handle each run (the disk path without process start-up).
+//! - fncache, warm disk cache, new handle each run, function level only (the disk path without
+//!   process start-up);
+//! - Wasmtime's own module cache (`Config::cache`, a new directory for the miss) against
+//!   fncache's module level, both ending in a loaded `Module`.
 //!
 //!     cargo run --release -p fncache-bench --bin compile-bench -- MODULE.wasm [RUNS]
 
@@ -73,17 +76,31 @@ fn main() -> Result<()> {
     let warm_dir = scratch.path().join("warm");
     {
         let cache = Cache::open(&CacheConfig::new().directory(&warm_dir))?;
-        Compiler::new(Config::new(), Some(cache.clone()))?.precompile(&wasm)?;
+        Compiler::new(Config::new(), Some(cache.clone()))?.precompile(&wasm)?; // both levels
         cache.flush()?;
     }
+
+    let wasmtime_cache = |dir: &std::path::Path| -> Result<Engine> {
+        let mut cache_config = wasmtime::CacheConfig::new();
+        cache_config.with_directory(dir);
+        let mut c = Config::new();
+        c.cache(Some(wasmtime::Cache::new(cache_config)?));
+        Ok(Engine::new(&c)?)
+    };
+    let wasmtime_warm = wasmtime_cache(&scratch.path().join("wasmtime-warm"))?;
+    drop(wasmtime::Module::new(&wasmtime_warm, &wasm)?);
 
     let mut rows: Vec<(&str, Vec<f64>)> = vec![
         ("cold (no cache)", vec![]),
         ("ICC, discarding store", vec![]),
         ("ICC, in-memory warm (ceiling)", vec![]),
-        ("fncache, empty: open + compile", vec![]),
+        ("fncache, empty: open (new database, engine)", vec![]),
+        ("fncache, empty: compile", vec![]),
         ("fncache, empty: flush after", vec![]),
-        ("fncache, warm: open + compile", vec![]),
+        ("fncache, warm, function level: open + compile", vec![]),
+        ("Wasmtime module cache, miss", vec![]),
+        ("Wasmtime module cache, hit", vec![]),
+        ("fncache module level, hit: open + load", vec![]),
     ];
     let mut warm_hits = vec![];
     for run in 0..runs {
@@ -97,18 +114,38 @@ fn main() -> Result<()> {
             .1
             .push(time(|| Ok(drop(memory.precompile_module(&wasm)?)))?);
         let dir = scratch.path().join(format!("empty{run}"));
-        let mut cache = None;
+        let mut opened = None;
         rows[3].1.push(time(|| {
             let c = Cache::open(&CacheConfig::new().directory(&dir))?;
-            Compiler::new(Config::new(), Some(c.clone()))?.precompile(&wasm)?;
-            cache = Some(c);
+            opened = Some((c.clone(), Compiler::new(Config::new(), Some(c))?));
             Ok(())
         })?);
-        rows[4].1.push(time(|| Ok(cache.take().unwrap().flush()?))?);
-        rows[5].1.push(time(|| {
+        let (cache, compiler) = opened.take().unwrap();
+        rows[4]
+            .1
+            .push(time(|| Ok(drop(compiler.precompile(&wasm)?)))?);
+        rows[5].1.push(time(|| Ok(cache.flush()?))?);
+        rows[6].1.push(time(|| {
             let c = Cache::open(&CacheConfig::new().directory(&warm_dir).read_only(false))?;
-            let (_, report) = Compiler::new(Config::new(), Some(c))?.precompile(&wasm)?;
+            let compiler = Compiler::new(Config::new(), Some(c))?.module_level(false);
+            let (_, report) = compiler.precompile(&wasm)?;
             warm_hits.push(report.hit_rate());
+            Ok(())
+        })?);
+        let miss = wasmtime_cache(&scratch.path().join(format!("wasmtime-miss{run}")))?;
+        rows[7]
+            .1
+            .push(time(|| Ok(drop(wasmtime::Module::new(&miss, &wasm)?)))?);
+        rows[8].1.push(time(|| {
+            Ok(drop(wasmtime::Module::new(&wasmtime_warm, &wasm)?))
+        })?);
+        rows[9].1.push(time(|| {
+            let c = Cache::open(&CacheConfig::new().directory(&warm_dir))?;
+            let (_, report) = Compiler::new(Config::new(), Some(c))?.compile(&wasm)?;
+            anyhow::ensure!(
+                report.level == fncache_wasmtime::Level::Module,
+                "module level missed"
+            );
             Ok(())
         })?);
     }
@@ -116,7 +153,7 @@ fn main() -> Result<()> {
     println!("{path}: medians of {runs} runs");
     for (name, samples) in rows {
         let m = median(samples);
-        println!("{name:34} {:8.1} ms  {:5.2}x cold", m * 1000.0, m / cold);
+        println!("{name:48} {:8.1} ms  {:6.3}x cold", m * 1000.0, m / cold);
     }
     println!("warm hit rate: {:.1}%", median(warm_hits) * 100.0);
     Ok(())
