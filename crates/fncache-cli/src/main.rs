@@ -189,7 +189,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Clear => {
-            let cache = open_cache(global)?;
+            let cache = match open_cache(global) {
+                Err(error) => return clear_unusable(global, error),
+                Ok(cache) => cache,
+            };
             let before = cache.stats()?;
             cache.clear()?;
             if global.json {
@@ -226,6 +229,28 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
+/// `clear` on a cache whose database is damaged or foreign: remove the database files (and
+/// nothing else), so that the next compile starts a fresh one.
+fn clear_unusable(global: &Global, error: anyhow::Error) -> Result<ExitCode> {
+    let incompatible = error
+        .downcast_ref::<fncache::StoreError>()
+        .is_some_and(|e| e.is_incompatible());
+    let dir = cache_config(global).resolved_directory();
+    let (true, Some(dir)) = (incompatible, dir) else {
+        return Err(error);
+    };
+    fncache::store::disk::remove_database(&dir)?;
+    if global.json {
+        println!("{}", json!({"removed_database": true}));
+    } else {
+        println!(
+            "removed the unusable cache database in {} ({error})",
+            dir.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn read_input(path: &Path) -> Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
 }
@@ -257,7 +282,15 @@ fn compiler(global: &Global) -> Result<Compiler> {
         match Cache::open(&cache_config(global)) {
             Ok(cache) => Some(cache),
             Err(error) => {
-                log::warn!("cannot use the compilation cache ({error}); compiling without it");
+                let hint = match &error {
+                    fncache::StoreError::Database { .. } if error.is_incompatible() => {
+                        "; `fncache clear` starts it afresh"
+                    }
+                    _ => "",
+                };
+                log::warn!(
+                    "cannot use the compilation cache ({error}{hint}); compiling without it"
+                );
                 None
             }
         }

@@ -290,6 +290,41 @@ extern "C" {
 }
 
 #[test]
+fn a_database_that_is_not_one_is_reported_and_cleared() {
+    let env = Env::new();
+    std::fs::create_dir_all(env.cache_dir()).unwrap();
+    let noise: Vec<u8> = (0..20_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(env.cache_dir().join("fncache.db"), noise).unwrap();
+    let keep = env.cache_dir().join("not-ours.txt");
+    std::fs::write(&keep, "a file fncache did not write").unwrap();
+    let module = env.file("gen.wat", generated_module(20, 31));
+    let (report, stderr) = env.compile(&module, &env.dir.path().join("a.cwasm"), &[]);
+    assert_eq!(report["cache"], false);
+    assert_eq!(warnings(&stderr), 1, "{stderr}");
+    assert!(
+        stderr.contains("fncache clear"),
+        "the warning says how to recover: {stderr}"
+    );
+    let stats = env.fncache(&["stats"]);
+    assert_eq!(stats.status.code(), Some(1));
+    let clear = env.fncache(&["clear"]);
+    assert!(
+        clear.status.success(),
+        "{}",
+        String::from_utf8_lossy(&clear.stderr)
+    );
+    assert!(keep.exists(), "clear removes only the database");
+    let (report, stderr) = env.compile(&module, &env.dir.path().join("a.cwasm"), &[]);
+    assert_eq!(
+        (report["cache"].clone(), warnings(&stderr)),
+        (Value::Bool(true), 0),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn read_only_mode_uses_hits_and_writes_nothing() {
     let env = Env::new();
     let first = env.file("a.wat", generated_module(30, 4));

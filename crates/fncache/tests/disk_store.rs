@@ -336,3 +336,18 @@ fn the_cache_is_private_to_its_user() {
         assert_eq!(mode(&cache_dir.join(name)), 0o600, "{name}");
     }
 }
+
+#[test]
+fn a_database_of_another_schema_is_refused_not_misread() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(open(dir.path(), 1 << 30));
+    let conn = rusqlite::Connection::open(dir.path().join("fncache.db")).unwrap();
+    conn.execute_batch("PRAGMA user_version = 99").unwrap();
+    drop(conn);
+    let error = Cache::open(&CacheConfig::new().directory(dir.path())).unwrap_err();
+    assert!(error.is_incompatible(), "{error}");
+    assert!(error.to_string().contains("schema version 99"), "{error}");
+    assert!(fncache::store::disk::remove_database(dir.path()).unwrap());
+    let cache = open(dir.path(), 1 << 30);
+    assert_eq!(cache.stats().unwrap().entries, 0);
+}

@@ -416,11 +416,25 @@ fn check_schema_version(db_path: &Path, version: i64) -> Result<(), StoreError> 
     if version == SCHEMA_VERSION {
         return Ok(());
     }
-    Err(StoreError::Unusable(format!(
-        "cache database {} has schema version {version}, this fncache uses {SCHEMA_VERSION}; \
-         use another cache directory, or `fncache clear` it",
-        db_path.display()
-    )))
+    Err(StoreError::Incompatible {
+        path: db_path.to_path_buf(),
+        reason: format!("schema version {version}, this fncache uses {SCHEMA_VERSION}"),
+    })
+}
+
+/// Removes the cache database in `dir` (and its WAL files), and nothing else: for a database
+/// that is damaged or of another schema. Returns whether there was one.
+pub fn remove_database(dir: &Path) -> Result<bool, StoreError> {
+    let mut found = false;
+    for suffix in ["", "-wal", "-shm"] {
+        let path = dir.join(format!("{DB_FILE}{suffix}"));
+        match fs::remove_file(&path) {
+            Ok(()) => found = true,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(StoreError::Io { path, source }),
+        }
+    }
+    Ok(found)
 }
 
 fn open_writer(db_path: &Path) -> Result<Connection, StoreError> {

@@ -91,6 +91,21 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn is_read_only(&self) -> bool;
 }
 
+impl StoreError {
+    /// Whether the store's files are unreadable as a cache (damaged or foreign), as opposed to
+    /// unreachable (permissions, a missing directory).
+    pub fn is_incompatible(&self) -> bool {
+        match self {
+            StoreError::Incompatible { .. } => true,
+            StoreError::Database { source, .. } => matches!(
+                source.sqlite_error_code(),
+                Some(rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt)
+            ),
+            _ => false,
+        }
+    }
+}
+
 /// Why a store could not do what was asked. The compile goes on without the cache.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -106,6 +121,10 @@ pub enum StoreError {
     },
     #[error("{0}")]
     Unusable(String),
+    /// The database is of another schema or not a database at all; `fncache clear` (or
+    /// [`disk::remove_database`]) starts it afresh.
+    #[error("cache database {path} cannot be used ({reason}); `fncache clear` starts it afresh")]
+    Incompatible { path: PathBuf, reason: String },
     #[error("the cache's writer thread has stopped")]
     WriterGone,
 }
