@@ -76,7 +76,7 @@ enum Command {
     Stats,
     /// Evict least recently used entries down to --max-size (default: the cache's limit)
     Gc,
-    /// Remove every entry (statistics are kept)
+    /// Remove every entry (statistics are kept); a damaged or foreign database is removed whole
     Clear,
     /// Decode and check every entry; damaged ones are removed
     Verify,
