@@ -280,6 +280,39 @@ fn a_directory_without_write_permission_compiles_without_the_cache_with_one_warn
         let report: Value = serde_json::from_slice(&output.stdout).unwrap();
         assert_eq!(report["functions"], 21);
     }
+    // Readable but not writable (a cache baked for another user): used read-only, one warning.
+    // (Counted first: opening it as its owner makes the database private again.)
+    let before = env.stats();
+    for name in ["fncache.db", "fncache.db-wal", "fncache.db-shm"] {
+        let path = env.cache_dir().join(name);
+        if path.exists() {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+    }
+    std::fs::set_permissions(env.cache_dir(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    if root {
+        let output = Command::new("/usr/bin/setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(env!("CARGO_BIN_EXE_fncache"))
+            .arg("--cache-dir")
+            .arg(env.cache_dir())
+            .args(["compile", "--json", module.to_str().unwrap()])
+            .env("HOME", env.dir.path())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{stderr}");
+        assert_eq!(warnings(&stderr), 1, "{stderr}");
+        assert!(stderr.contains("not writable"), "{stderr}");
+        let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+        assert_eq!(
+            report["level"], "module",
+            "served from the read-only cache: {report}"
+        );
+    }
+    if root {
+        assert_eq!(n(&env.stats(), "entries"), n(&before, "entries"));
+    }
     // The cache is intact for its owner.
     assert!(env.fncache(&["verify"]).status.success());
 }

@@ -63,14 +63,26 @@ pub struct Verification {
 }
 
 impl Cache {
-    /// Opens the disk cache `config` describes.
+    /// Opens the disk cache `config` describes. A cache this process may read but not write
+    /// (a read-only mount, a cache baked into an image for another user) is opened read-only,
+    /// with one warning.
     pub fn open(config: &CacheConfig) -> Result<Cache, StoreError> {
         let dir = config.resolved_directory().ok_or_else(|| {
             StoreError::Unusable(
                 "no cache directory: set FNCACHE_DIR, XDG_CACHE_HOME or HOME, or pass one".into(),
             )
         })?;
-        let store = DiskStore::open(&dir, config.max_bytes, config.read_only)?;
+        let store = match DiskStore::open(&dir, config.max_bytes, config.read_only) {
+            Err(error) if !config.read_only && error.is_not_writable() => {
+                let store = DiskStore::open(&dir, config.max_bytes, true).map_err(|_| error)?;
+                log::warn!(
+                    "the cache in {} is not writable; using its entries without storing new ones",
+                    dir.display()
+                );
+                store
+            }
+            result => result?,
+        };
         Ok(Cache::with_store(Arc::new(store), config))
     }
 

@@ -195,20 +195,37 @@ impl DiskStore {
         if let Some(conn) = self.readers.lock().pop() {
             return Ok(conn);
         }
-        let flags = if self.read_only {
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        match self.open_reader(false) {
+            // A WAL database in a directory we cannot write has no shared-memory index to join:
+            // read it as an immutable file. Safe even if its owner writes meanwhile, because a
+            // torn read fails entry verification and counts as a miss.
+            Err(StoreError::Database { .. }) if self.read_only => self.open_reader(true),
+            result => result,
+        }
+    }
+
+    fn open_reader(&self, immutable: bool) -> Result<Connection, StoreError> {
+        let db_error = |e| self.db_error(e);
+        let conn = if immutable {
+            let flags = OpenFlags::SQLITE_OPEN_READ_ONLY
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX
+                | OpenFlags::SQLITE_OPEN_URI;
+            Connection::open_with_flags(immutable_uri(&self.db_path), flags).map_err(db_error)?
         } else {
-            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX
+            let access = if self.read_only {
+                OpenFlags::SQLITE_OPEN_READ_ONLY
+            } else {
+                OpenFlags::SQLITE_OPEN_READ_WRITE
+            };
+            Connection::open_with_flags(&self.db_path, access | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+                .map_err(db_error)?
         };
-        let conn =
-            Connection::open_with_flags(&self.db_path, flags).map_err(|e| self.db_error(e))?;
-        conn.busy_timeout(BUSY_TIMEOUT)
-            .map_err(|e| self.db_error(e))?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(db_error)?;
         conn.execute_batch("PRAGMA query_only = 1")
-            .map_err(|e| self.db_error(e))?;
+            .map_err(db_error)?;
         let version: i64 = conn
             .query_row("PRAGMA user_version", [], |row| row.get(0))
-            .map_err(|e| self.db_error(e))?;
+            .map_err(db_error)?;
         check_schema_version(&self.db_path, version)?;
         Ok(conn)
     }
@@ -410,6 +427,21 @@ fn configure_sqlite() {
             )
         };
     });
+}
+
+/// `file:` URI of `path` with `immutable=1`, every byte but unreserved ones percent-encoded.
+fn immutable_uri(path: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let mut uri = String::from("file:");
+    for &byte in path.as_os_str().as_bytes() {
+        if byte.is_ascii_alphanumeric() || b"/-._~".contains(&byte) {
+            uri.push(byte as char);
+        } else {
+            uri.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    uri.push_str("?mode=ro&immutable=1");
+    uri
 }
 
 fn check_schema_version(db_path: &Path, version: i64) -> Result<(), StoreError> {

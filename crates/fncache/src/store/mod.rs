@@ -92,6 +92,25 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 }
 
 impl StoreError {
+    /// Whether the store could be read but not written (permissions, a read-only file system).
+    pub fn is_not_writable(&self) -> bool {
+        match self {
+            StoreError::Io { source, .. } => matches!(
+                source.kind(),
+                std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem
+            ),
+            StoreError::Database { source, .. } => matches!(
+                source.sqlite_error_code(),
+                Some(
+                    rusqlite::ErrorCode::ReadOnly
+                        | rusqlite::ErrorCode::CannotOpen
+                        | rusqlite::ErrorCode::PermissionDenied
+                )
+            ),
+            _ => false,
+        }
+    }
+
     /// Whether the store's files are unreadable as a cache (damaged or foreign), as opposed to
     /// unreachable (permissions, a missing directory).
     pub fn is_incompatible(&self) -> bool {
