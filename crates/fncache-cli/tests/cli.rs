@@ -249,6 +249,24 @@ fn a_directory_without_write_permission_compiles_without_the_cache_with_one_warn
     std::fs::set_permissions(env.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let module = env.file("gen.wat", generated_module(20, 11));
     std::fs::set_permissions(&module, std::fs::Permissions::from_mode(0o644)).unwrap();
+    // `compile --json` of `module` as `nobody` when we are root, else as ourselves.
+    let compile_as_another_user = |cache: &Path| {
+        let mut command = if root {
+            let mut c = Command::new("/usr/bin/setpriv");
+            c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"]);
+            c.arg(env!("CARGO_BIN_EXE_fncache"));
+            c
+        } else {
+            Command::new(env!("CARGO_BIN_EXE_fncache"))
+        };
+        command
+            .arg("--cache-dir")
+            .arg(cache)
+            .args(["compile", "--json", module.to_str().unwrap()])
+            .env("HOME", env.dir.path())
+            .output()
+            .unwrap()
+    };
     // A populated cache, then locked: read-only for others (0755) or closed to them (0700).
     env.compile(&module, &env.dir.path().join("a.cwasm"), &[]);
     for mode in [0o755, 0o700] {
@@ -258,21 +276,7 @@ fn a_directory_without_write_permission_compiles_without_the_cache_with_one_warn
             std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(mode & 0o555))
                 .unwrap();
         }
-        let mut command = if root {
-            let mut c = Command::new("/usr/bin/setpriv");
-            c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"]);
-            c.arg(env!("CARGO_BIN_EXE_fncache"));
-            c
-        } else {
-            Command::new(env!("CARGO_BIN_EXE_fncache"))
-        };
-        let output = command
-            .arg("--cache-dir")
-            .arg(&cache)
-            .args(["compile", "--json", module.to_str().unwrap()])
-            .env("HOME", env.dir.path())
-            .output()
-            .unwrap();
+        let output = compile_as_another_user(&cache);
         std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o700)).unwrap();
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(output.status.success(), "mode {mode:o}: {stderr}");
@@ -291,15 +295,7 @@ fn a_directory_without_write_permission_compiles_without_the_cache_with_one_warn
     }
     std::fs::set_permissions(env.cache_dir(), std::fs::Permissions::from_mode(0o755)).unwrap();
     if root {
-        let output = Command::new("/usr/bin/setpriv")
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
-            .arg(env!("CARGO_BIN_EXE_fncache"))
-            .arg("--cache-dir")
-            .arg(env.cache_dir())
-            .args(["compile", "--json", module.to_str().unwrap()])
-            .env("HOME", env.dir.path())
-            .output()
-            .unwrap();
+        let output = compile_as_another_user(&env.cache_dir());
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(output.status.success(), "{stderr}");
         assert_eq!(warnings(&stderr), 1, "{stderr}");
