@@ -69,7 +69,10 @@ impl Engine for Sqlite {
         Ok(())
     }
     fn get(&self, key: &[u8; 32]) -> Result<Option<Vec<u8>>> {
-        Ok(self.0.get(&KeyId(Digest(*key)))?.map(|(_, v)| v.to_vec()))
+        Ok(self.0.get(&KeyId(Digest(*key)))?.map(|(_, v)| {
+            let (h, b) = v.parts();
+            [h, b].concat()
+        }))
     }
     fn flush(&self) -> Result<()> {
         Ok(self.0.flush()?)

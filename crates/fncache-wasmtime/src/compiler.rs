@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use fncache::Cache;
+use fncache::{Cache, Value};
 use wasmtime::{Config, Engine, Module};
 
 use crate::fingerprint::engine_fingerprint;
@@ -120,39 +120,88 @@ impl Compiler {
 
     /// Compiles a module (binary or text format).
     pub fn compile(&self, wasm: &[u8]) -> anyhow::Result<(Module, CompileReport)> {
-        let (precompiled, mut report) = self.precompile(wasm)?;
+        let binary = wat::parse_bytes(wasm).context("not a WebAssembly module")?;
         let start = Instant::now();
-        // SAFETY: `precompiled` is this engine's own output, or a cache entry whose BLAKE3
-        // checksum was verified on read and which was filed under this engine's fingerprint.
+        let key = self.module_key(&binary);
+        if let Some((cached, mut report)) = self.lookup_module(&binary, key.as_deref())? {
+            match self.load(&cached) {
+                Ok(module) => {
+                    report.seconds = start.elapsed().as_secs_f64();
+                    return Ok((module, report));
+                }
+                // Verified bytes under this engine's fingerprint that Wasmtime still refuses:
+                // compile, and the fresh result replaces them.
+                Err(error) => log::warn!("a cached module did not load ({error:#}); compiling it"),
+            }
+        }
+        let (precompiled, mut report) = self.compile_functions(&binary, key.as_deref())?;
+        // SAFETY: `precompiled` is this engine's own output.
         let module = unsafe { Module::deserialize(&self.engine, &precompiled)? };
-        report.seconds += start.elapsed().as_secs_f64();
+        report.seconds = start.elapsed().as_secs_f64();
         Ok((module, report))
     }
 
     /// Compiles a module to Wasmtime's precompiled format (what `Module::deserialize` loads).
     pub fn precompile(&self, wasm: &[u8]) -> anyhow::Result<(Vec<u8>, CompileReport)> {
         let binary = wat::parse_bytes(wasm).context("not a WebAssembly module")?;
-        let functions = count_functions(&binary)?;
         let start = Instant::now();
-        let module_key = self.module_key(&binary);
-        if let (Some(store), Some(key)) = (&self.functions, &module_key) {
-            if let Some(precompiled) = store.cache().get(store.namespace(), key) {
-                let seconds = start.elapsed().as_secs_f64();
-                let report = CompileReport {
-                    level: Level::Module,
-                    functions,
-                    seconds,
-                    ..Default::default()
-                };
-                return Ok((precompiled, report));
-            }
+        let key = self.module_key(&binary);
+        if let Some((cached, mut report)) = self.lookup_module(&binary, key.as_deref())? {
+            let precompiled = cached.into_vec();
+            report.seconds = start.elapsed().as_secs_f64();
+            return Ok((precompiled, report));
         }
+        let (precompiled, mut report) = self.compile_functions(&binary, key.as_deref())?;
+        report.seconds = start.elapsed().as_secs_f64();
+        Ok((precompiled, report))
+    }
+
+    /// The whole module from the cache, if it is there.
+    fn lookup_module(
+        &self,
+        binary: &[u8],
+        key: Option<&[u8]>,
+    ) -> anyhow::Result<Option<(Value, CompileReport)>> {
+        let (Some(store), Some(key)) = (&self.functions, key) else {
+            return Ok(None);
+        };
+        let Some(cached) = store.cache().get_value(store.namespace(), key) else {
+            return Ok(None);
+        };
+        let report = CompileReport {
+            level: Level::Module,
+            functions: count_functions(binary)?,
+            ..Default::default()
+        };
+        Ok(Some((cached, report)))
+    }
+
+    /// Loads a cached module: straight from its file when it has one (mapped, no copy).
+    fn load(&self, cached: &Value) -> anyhow::Result<Module> {
+        // SAFETY: the bytes were verified against their BLAKE3 digest on read, and were filed
+        // under this engine's fingerprint by an engine with the same settings. The file is
+        // the one that was verified (still open), and value files are never rewritten.
+        let module = unsafe {
+            match cached.file() {
+                Some(file) => Module::deserialize_open_file(&self.engine, file.try_clone()?)?,
+                None => Module::deserialize(&self.engine, &**cached)?,
+            }
+        };
+        Ok(module)
+    }
+
+    /// Compiles with the function level and stores the finished module for next time.
+    fn compile_functions(
+        &self,
+        binary: &[u8],
+        key: Option<&[u8]>,
+    ) -> anyhow::Result<(Vec<u8>, CompileReport)> {
+        let functions = count_functions(binary)?;
         let before = self.counters();
-        let precompiled = self.engine.precompile_module(&binary)?;
-        if let (Some(store), Some(key)) = (&self.functions, &module_key) {
+        let precompiled = self.engine.precompile_module(binary)?;
+        if let (Some(store), Some(key)) = (&self.functions, key) {
             store.cache().insert(store.namespace(), key, &precompiled);
         }
-        let seconds = start.elapsed().as_secs_f64();
         let after = self.counters();
         let lookups = after.lookups - before.lookups;
         let hits = after.hits - before.hits;
@@ -166,7 +215,7 @@ impl Compiler {
             hits,
             misses: lookups - hits,
             inserts: after.inserts - before.inserts,
-            seconds,
+            seconds: 0.0,
         };
         Ok((precompiled, report))
     }

@@ -4,6 +4,8 @@
 //! life of the cache); a damaged entry is discarded, counted and reported as a miss so that the
 //! caller compiles again and stores a good one.
 
+use std::borrow::Cow;
+use std::fs::File;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -11,7 +13,7 @@ use crate::config::{CacheConfig, Compression};
 use crate::entry;
 use crate::key::{Digest, KeyId, Namespace};
 use crate::stats::{Counters, Stats};
-use crate::store::{disk::DiskStore, Eviction, Store, StoreError};
+use crate::store::{disk::DiskStore, Eviction, MappedFile, Store, StoreError, StoredEntry};
 
 /// A handle to a cache; cheap to clone and shared by all compile threads.
 #[derive(Clone, Debug)]
@@ -51,6 +53,42 @@ impl SessionCounters {
             bytes_read: load(&self.bytes_read),
             bytes_written: load(&self.bytes_written),
             rejected: load(&self.rejected),
+        }
+    }
+}
+
+/// A verified value.
+#[derive(Debug)]
+pub enum Value {
+    Owned(Vec<u8>),
+    /// The whole content of a file, mapped; the file is open for whoever can use it directly.
+    Mapped(Arc<MappedFile>),
+}
+
+impl Value {
+    /// The file whose whole content is this value, if it came from one.
+    pub fn file(&self) -> Option<&File> {
+        match self {
+            Value::Owned(_) => None,
+            Value::Mapped(mapped) => Some(mapped.file()),
+        }
+    }
+
+    pub fn into_vec(self) -> Vec<u8> {
+        match self {
+            Value::Owned(bytes) => bytes,
+            Value::Mapped(mapped) => mapped.bytes().to_vec(),
+        }
+    }
+}
+
+impl std::ops::Deref for Value {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Value::Owned(bytes) => bytes,
+            Value::Mapped(mapped) => mapped.bytes(),
         }
     }
 }
@@ -106,6 +144,12 @@ impl Cache {
 
     /// The verified value stored under `key` in `namespace`, if any.
     pub fn get(&self, namespace: &Namespace, key: &[u8]) -> Option<Vec<u8>> {
+        self.get_value(namespace, key).map(Value::into_vec)
+    }
+
+    /// Like [`Cache::get`], without copying a large value: one kept uncompressed in a file of
+    /// its own comes back mapped, verified where it lies, with the open file.
+    pub fn get_value(&self, namespace: &Namespace, key: &[u8]) -> Option<Value> {
         let session = &self.inner.session;
         let key = KeyId::new(namespace, key);
         let found = match self.inner.store.get(&key) {
@@ -119,7 +163,14 @@ impl Cache {
             session.misses.fetch_add(1, Ordering::Relaxed);
             return None;
         };
-        match entry::decode(&stored, Some(&digest)) {
+        let (header, body) = stored.parts();
+        let decoded = entry::decode_parts(header, body, Some(&digest)).map(|payload| {
+            match (payload, &stored) {
+                (Cow::Borrowed(_), StoredEntry::Split { body, .. }) => Value::Mapped(body.clone()),
+                (payload, _) => Value::Owned(payload.into_owned()),
+            }
+        });
+        match decoded {
             Ok(value) => {
                 session.hits.fetch_add(1, Ordering::Relaxed);
                 session

@@ -17,6 +17,8 @@
 //! under (an entry renamed or pointed at by the wrong key). Cranelift's own value carries no
 //! checksum, so this is the only thing standing between a flipped bit and executed code.
 
+use std::borrow::Cow;
+
 use crate::config::Compression;
 use crate::key::Digest;
 
@@ -118,17 +120,31 @@ pub fn decode(entry: &[u8], expected: Option<&Digest>) -> Result<Vec<u8>, EntryE
     if entry.len() < HEADER_LEN {
         return Err(EntryError::TooShort(entry.len()));
     }
-    if entry[0..4] != MAGIC {
+    let (header, body) = entry.split_at(HEADER_LEN);
+    decode_parts(header, body, expected).map(Cow::into_owned)
+}
+
+/// Decodes and verifies an entry kept in two pieces (the disk store keeps the body of a large
+/// entry in its own file). An uncompressed payload is returned borrowed from `body`, so that
+/// a large value is verified where it lies and never copied.
+pub fn decode_parts<'a>(
+    header: &[u8],
+    body: &'a [u8],
+    expected: Option<&Digest>,
+) -> Result<Cow<'a, [u8]>, EntryError> {
+    if header.len() != HEADER_LEN {
+        return Err(EntryError::TooShort(header.len()));
+    }
+    if header[0..4] != MAGIC {
         return Err(EntryError::BadMagic);
     }
-    if entry[4] != FORMAT_VERSION {
-        return Err(EntryError::UnsupportedVersion(entry[4]));
+    if header[4] != FORMAT_VERSION {
+        return Err(EntryError::UnsupportedVersion(header[4]));
     }
-    let codec = entry[5];
-    let payload_len = u64::from_le_bytes(entry[8..16].try_into().unwrap());
-    let body_len = u64::from_le_bytes(entry[16..24].try_into().unwrap());
-    let digest = header_digest(entry).expect("header length checked");
-    let body = &entry[HEADER_LEN..];
+    let codec = header[5];
+    let payload_len = u64::from_le_bytes(header[8..16].try_into().unwrap());
+    let body_len = u64::from_le_bytes(header[16..24].try_into().unwrap());
+    let digest = header_digest(header).expect("header length checked");
     if body.len() as u64 != body_len {
         return Err(EntryError::LengthMismatch {
             expected: body_len,
@@ -144,9 +160,11 @@ pub fn decode(entry: &[u8], expected: Option<&Digest>) -> Result<Vec<u8>, EntryE
         }
     }
     let payload = match codec {
-        CODEC_NONE => body.to_vec(),
-        CODEC_ZSTD => decompress(body, payload_len as usize)
-            .map_err(|e| EntryError::Decompress(e.to_string()))?,
+        CODEC_NONE => Cow::Borrowed(body),
+        CODEC_ZSTD => Cow::Owned(
+            decompress(body, payload_len as usize)
+                .map_err(|e| EntryError::Decompress(e.to_string()))?,
+        ),
         other => return Err(EntryError::UnknownCodec(other)),
     };
     if payload.len() as u64 != payload_len {

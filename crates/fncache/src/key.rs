@@ -13,6 +13,9 @@
 
 use std::fmt;
 
+/// Inputs at least this long are hashed on all cores.
+const PARALLEL_HASH_THRESHOLD: usize = 1 << 20;
+
 /// A 32-byte BLAKE3 digest.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Digest(pub [u8; 32]);
@@ -20,6 +23,13 @@ pub struct Digest(pub [u8; 32]);
 impl Digest {
     /// The digest of `bytes`.
     pub fn of(bytes: &[u8]) -> Digest {
+        // Whole modules are megabytes and are hashed on the load path: spread them over the
+        // cores (BLAKE3's tree shape gives the same digest either way).
+        if bytes.len() >= PARALLEL_HASH_THRESHOLD {
+            let mut hasher = blake3::Hasher::new();
+            hasher.update_rayon(bytes);
+            return Digest(*hasher.finalize().as_bytes());
+        }
         Digest(*blake3::hash(bytes).as_bytes())
     }
 
@@ -35,6 +45,16 @@ impl Digest {
     /// Lower-case hex, as used in file names and logs.
     pub fn to_hex(&self) -> String {
         blake3::Hash::from_bytes(self.0).to_hex().to_string()
+    }
+
+    /// Parses [`Digest::to_hex`]'s output (64 lower-case hex digits only).
+    pub fn from_hex(hex: &str) -> Option<Digest> {
+        if hex.len() != 64 || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            return None;
+        }
+        blake3::Hash::from_hex(hex)
+            .ok()
+            .map(|h| Digest(*h.as_bytes()))
     }
 }
 

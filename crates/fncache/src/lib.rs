@@ -20,7 +20,7 @@ pub mod key;
 pub mod stats;
 pub mod store;
 
-pub use cache::Cache;
+pub use cache::{Cache, Value};
 pub use config::{CacheConfig, Compression};
 pub use key::{Digest, KeyId, Namespace};
 pub use stats::{Counters, Stats};

@@ -351,3 +351,125 @@ fn a_database_of_another_schema_is_refused_not_misread() {
     let cache = open(dir.path(), 1 << 30);
     assert_eq!(cache.stats().unwrap().entries, 0);
 }
+
+/// The files that hold large values' bodies.
+fn value_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    match std::fs::read_dir(dir.join("values")) {
+        Ok(entries) => entries.map(|e| e.unwrap().path()).collect(),
+        Err(_) => vec![],
+    }
+}
+
+const LARGE: usize = fncache::store::value_files::FILE_THRESHOLD + 1000;
+
+#[test]
+fn large_values_live_in_files_and_come_back_mapped() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let cache = open(dir.path(), 1 << 30);
+        cache.insert(&namespace(), b"big", &value(7, LARGE));
+        cache.insert(&namespace(), b"small", &value(8, 100));
+        cache.flush().unwrap();
+    }
+    let files = value_files(dir.path());
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert_eq!(std::fs::metadata(&files[0]).unwrap().len(), LARGE as u64);
+    let cache = open(dir.path(), 1 << 30);
+    let big = cache.get_value(&namespace(), b"big").unwrap();
+    assert!(
+        big.file().is_some(),
+        "a large value should come back mapped"
+    );
+    assert_eq!(&*big, value(7, LARGE).as_slice());
+    let small = cache.get_value(&namespace(), b"small").unwrap();
+    assert!(small.file().is_none());
+    assert_eq!(cache.verify().unwrap().rejected, 0);
+}
+
+#[test]
+fn a_damaged_value_file_is_rejected_and_stored_again() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let cache = open(dir.path(), 1 << 30);
+        cache.insert(&namespace(), b"big", &value(7, LARGE));
+        cache.flush().unwrap();
+    }
+    let file = value_files(dir.path()).remove(0);
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[LARGE / 2] ^= 1;
+    std::fs::write(&file, &bytes).unwrap();
+    {
+        let cache = open(dir.path(), 1 << 30);
+        assert_eq!(cache.get(&namespace(), b"big"), None);
+        assert_eq!(cache.session_counters().rejected, 1);
+        cache.flush().unwrap();
+        assert!(
+            value_files(dir.path()).is_empty(),
+            "the damaged file is removed"
+        );
+        cache.insert(&namespace(), b"big", &value(7, LARGE));
+        cache.flush().unwrap();
+    }
+    let cache = open(dir.path(), 1 << 30);
+    assert_eq!(cache.get(&namespace(), b"big"), Some(value(7, LARGE)));
+}
+
+#[test]
+fn a_truncated_value_file_is_rejected_by_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = open(dir.path(), 1 << 30);
+    cache.insert(&namespace(), b"big", &value(7, LARGE));
+    cache.flush().unwrap();
+    let file = value_files(dir.path()).remove(0);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_len(1000)
+        .unwrap();
+    let report = cache.verify().unwrap();
+    assert_eq!((report.checked, report.rejected), (1, 1));
+    assert_eq!(cache.stats().unwrap().entries, 0);
+}
+
+#[test]
+fn a_missing_value_file_is_a_miss_and_the_next_insert_restores_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = open(dir.path(), 1 << 30);
+    cache.insert(&namespace(), b"big", &value(7, LARGE));
+    cache.flush().unwrap();
+    std::fs::remove_file(value_files(dir.path()).remove(0)).unwrap();
+    assert_eq!(cache.get(&namespace(), b"big"), None);
+    cache.insert(&namespace(), b"big", &value(7, LARGE));
+    cache.flush().unwrap();
+    assert_eq!(cache.get(&namespace(), b"big"), Some(value(7, LARGE)));
+}
+
+#[test]
+fn eviction_clear_and_gc_remove_value_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let limit = 3 * LARGE as u64;
+    let cache = open(dir.path(), limit);
+    for seed in 0..6u64 {
+        cache.insert(&namespace(), &seed.to_le_bytes(), &value(seed, LARGE));
+        cache.flush().unwrap();
+    }
+    let stats = cache.stats().unwrap();
+    assert!(stats.bytes <= limit);
+    assert_eq!(value_files(dir.path()).len() as u64, stats.entries);
+    assert!(stats.disk_bytes.unwrap() >= stats.entries * LARGE as u64);
+    // An orphan (a writer killed between its file and its row) is swept by gc; a file that
+    // is not ours is left alone.
+    let orphan = dir.path().join("values").join("ab".repeat(32));
+    std::fs::write(&orphan, b"orphan").unwrap();
+    std::fs::write(dir.path().join("values").join("README"), b"not ours").unwrap();
+    cache.gc(limit).unwrap();
+    assert!(!orphan.exists());
+    assert!(dir.path().join("values").join("README").exists());
+    cache.clear().unwrap();
+    assert_eq!(
+        value_files(dir.path()).len(),
+        1,
+        "only the file that is not ours is left"
+    );
+}

@@ -11,7 +11,9 @@
 //!   logical clock shared by all processes (exact LRU at the granularity of a write batch) and
 //!   is deliberately not indexed: a hit's touch is then one small-row update, while eviction,
 //!   which runs once per tenth of the limit written, sorts the rows once;
-//! - `blob_data(id, data)`: the encoded entries;
+//! - `blob_data(id, data)`: the encoded entries, or only the header of one whose body is in a
+//!   file of its own (`in_file`, for entries of at least [`FILE_THRESHOLD`] bytes: whole
+//!   modules, which load fastest mapped; see [`value_files`](super::value_files));
 //! - `meta(name, value)`: the accounted byte total, the use clock and persistent counters.
 //!
 //! Writes never block a compile: `put` hands the entry to a writer thread, which commits
@@ -34,14 +36,16 @@ use rusqlite::{
     params, Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior,
 };
 
-use super::{Eviction, Store, StoreError, Usage, KEY_OVERHEAD, VALUE_OVERHEAD};
+use super::value_files::{self, MappedFile, FILE_THRESHOLD};
+use super::{Eviction, Store, StoreError, StoredEntry, Usage, KEY_OVERHEAD, VALUE_OVERHEAD};
+use crate::entry::HEADER_LEN;
 use crate::key::{Digest, KeyId};
 use crate::stats::Counters;
 
 /// The database file inside the cache directory.
 pub const DB_FILE: &str = "fncache.db";
 /// Bumped when the schema changes; a cache with another version is refused, not misread.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 /// Eviction brings the accounted bytes down to this share of the limit, so that it runs once
 /// per many writes rather than on every one.
 pub const LOW_WATER_PERCENT: u64 = 90;
@@ -52,7 +56,7 @@ pub const TOUCH_PERIOD: Duration = Duration::from_secs(60);
 /// Reader connections kept open for reuse.
 const MAX_IDLE_READERS: usize = 8;
 
-const GET_SQL: &str = "SELECT k.digest, d.data FROM keys k \
+const GET_SQL: &str = "SELECT k.digest, d.data, m.in_file FROM keys k \
      JOIN blob_meta m ON m.digest = k.digest \
      JOIN blob_data d ON d.id = m.data_id WHERE k.id = ?1";
 
@@ -62,7 +66,8 @@ const SCHEMA: &str = "
     CREATE INDEX keys_by_digest ON keys(digest);
     CREATE TABLE blob_meta (
         digest BLOB PRIMARY KEY, data_id INTEGER NOT NULL,
-        size INTEGER NOT NULL, last_used INTEGER NOT NULL) WITHOUT ROWID;
+        size INTEGER NOT NULL, last_used INTEGER NOT NULL, in_file INTEGER NOT NULL)
+        WITHOUT ROWID;
     CREATE TABLE blob_data (id INTEGER PRIMARY KEY, data BLOB NOT NULL);
     INSERT INTO meta VALUES ('bytes', 0), ('clock', 0), ('hits', 0), ('misses', 0),
         ('inserts', 0), ('evictions', 0), ('bytes_read', 0), ('bytes_written', 0),
@@ -153,6 +158,7 @@ impl DiskStore {
             let writer_queue = queue.clone();
             let state = WriterState {
                 conn,
+                dir: dir.to_path_buf(),
                 db_path: db_path.clone(),
                 max_bytes,
                 pending: pending.clone(),
@@ -286,29 +292,42 @@ impl Drop for DiskStore {
 }
 
 impl Store for DiskStore {
-    fn get(&self, key: &KeyId) -> Result<Option<(Digest, Arc<[u8]>)>, StoreError> {
+    fn get(&self, key: &KeyId) -> Result<Option<(Digest, StoredEntry)>, StoreError> {
         if let Some((digest, entry)) = self.pending.lock().get(key) {
-            return Ok(Some((*digest, entry.clone())));
+            return Ok(Some((*digest, StoredEntry::Whole(entry.clone()))));
         }
         let found = self.with_reader(|conn| {
             conn.prepare_cached(GET_SQL)?
                 .query_row([key.0.as_bytes()], |row| {
                     let digest = Digest::from_slice(row.get_ref(0)?.as_blob()?);
-                    let entry: Arc<[u8]> = Arc::from(row.get_ref(1)?.as_blob()?);
-                    Ok((digest, entry))
+                    let stored: Arc<[u8]> = Arc::from(row.get_ref(1)?.as_blob()?);
+                    Ok((digest, stored, row.get::<_, bool>(2)?))
                 })
                 .optional()
         })?;
-        match found {
-            Some((Some(digest), entry)) => {
-                if !self.read_only && self.first_use_this_period(digest) {
-                    self.send(Op::Touch(digest))?;
-                }
-                Ok(Some((digest, entry)))
+        // A digest column of the wrong length is a damaged index row: nothing to serve.
+        let Some((Some(digest), stored, in_file)) = found else {
+            return Ok(None);
+        };
+        let entry = if in_file {
+            let path = value_files::path(&self.dir, &digest);
+            match MappedFile::open(&path) {
+                Ok(body) => StoredEntry::Split {
+                    header: stored,
+                    body: Arc::new(body),
+                },
+                // Evicted by another process since the row was read, or removed by hand: a
+                // miss, and the next put of this value writes the file again.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(source) => return Err(StoreError::Io { path, source }),
             }
-            // A digest column of the wrong length is a damaged index row: nothing to serve.
-            Some((None, _)) | None => Ok(None),
+        } else {
+            StoredEntry::Whole(stored)
+        };
+        if !self.read_only && self.first_use_this_period(digest) {
+            self.send(Op::Touch(digest))?;
         }
+        Ok(Some((digest, entry)))
     }
 
     fn put(&self, key: KeyId, digest: Digest, entry: Arc<[u8]>) -> Result<(), StoreError> {
@@ -381,7 +400,8 @@ impl Store for DiskStore {
     fn for_each_entry(&self, visit: &mut dyn FnMut(Digest, &[u8])) -> Result<(), StoreError> {
         self.with_reader(|conn| {
             let mut stmt = conn.prepare(
-                "SELECT m.digest, d.data FROM blob_meta m JOIN blob_data d ON d.id = m.data_id",
+                "SELECT m.digest, d.data, m.in_file FROM blob_meta m \
+                 JOIN blob_data d ON d.id = m.data_id",
             )?;
             let mut rows = stmt.query([])?;
             while let Some(row) = rows.next()? {
@@ -389,7 +409,18 @@ impl Store for DiskStore {
                 // entry's header carries, so verification rejects it.
                 let digest =
                     Digest::from_slice(row.get_ref(0)?.as_blob()?).unwrap_or(Digest([0; 32]));
-                visit(digest, row.get_ref(1)?.as_blob()?);
+                let stored = row.get_ref(1)?.as_blob()?;
+                if row.get::<_, bool>(2)? {
+                    // Header and body joined again; a missing or unreadable file leaves the
+                    // header alone, which verification rejects as truncated.
+                    let mut whole = stored.to_vec();
+                    if let Ok(body) = MappedFile::open(&value_files::path(&self.dir, &digest)) {
+                        whole.extend_from_slice(body.bytes());
+                    }
+                    visit(digest, &whole);
+                } else {
+                    visit(digest, stored);
+                }
             }
             Ok(())
         })
@@ -401,7 +432,7 @@ impl Store for DiskStore {
             let path = self.dir.join(format!("{DB_FILE}{suffix}"));
             total += fs::metadata(path).map(|m| m.len()).unwrap_or(0);
         }
-        Some(total)
+        Some(total + value_files::total_bytes(&self.dir))
     }
 
     fn location(&self) -> String {
@@ -514,6 +545,7 @@ fn open_writer(db_path: &Path) -> Result<Connection, StoreError> {
 
 struct WriterState {
     conn: Connection,
+    dir: PathBuf,
     db_path: PathBuf,
     max_bytes: u64,
     pending: Pending,
@@ -668,6 +700,8 @@ impl WriterState {
 
     fn commit(&mut self, ops: &[Op]) -> Result<(), StoreError> {
         let max_bytes = self.max_bytes;
+        let dir = self.dir.clone();
+        let mut unlink = Vec::new();
         let evicted = self.in_transaction(|tx| {
             let mut bytes = meta(tx, "bytes")?;
             let mut clock = meta(tx, "clock")?;
@@ -676,21 +710,21 @@ impl WriterState {
                 match op {
                     Op::Put { key, digest, entry } => {
                         clock += 1;
-                        bytes += put(tx, key, digest, entry, clock)?;
+                        bytes += put(tx, &dir, key, digest, entry, clock)?;
                     }
                     Op::Touch(digest) => {
                         clock += 1;
                         tx.prepare_cached("UPDATE blob_meta SET last_used = ?1 WHERE digest = ?2")?
                             .execute(params![clock, digest.as_bytes()])?;
                     }
-                    Op::Remove(digest) => bytes -= remove_value(tx, digest)?,
+                    Op::Remove(digest) => bytes -= remove_value(tx, digest, &mut unlink)?,
                     Op::Record(delta) => counters.add(delta),
                     _ => {}
                 }
             }
             let mut evicted = false;
             if bytes > max_bytes as i64 {
-                let eviction = evict_within(tx, &mut bytes, low_water(max_bytes))?;
+                let eviction = evict_within(tx, &mut bytes, low_water(max_bytes), &mut unlink)?;
                 counters.evictions += eviction.entries;
                 evicted = eviction.entries > 0;
             }
@@ -699,16 +733,26 @@ impl WriterState {
             add_counters(tx, &counters)?;
             Ok(evicted)
         })?;
+        self.unlink(&unlink);
         if evicted {
             self.vacuum();
         }
         Ok(())
     }
 
+    /// Removes the files of values whose rows are gone: after the commit, so that a rolled
+    /// back removal never leaves a row without its file.
+    fn unlink(&self, digests: &[Digest]) {
+        for digest in digests {
+            value_files::remove(&self.dir, digest);
+        }
+    }
+
     fn evict(&mut self, max_bytes: u64) -> Result<Eviction, StoreError> {
+        let mut unlink = Vec::new();
         let eviction = self.in_transaction(|tx| {
             let mut bytes = meta(tx, "bytes")?;
-            let eviction = evict_within(tx, &mut bytes, max_bytes)?;
+            let eviction = evict_within(tx, &mut bytes, max_bytes, &mut unlink)?;
             set_meta(tx, "bytes", bytes)?;
             add_counters(
                 tx,
@@ -719,8 +763,32 @@ impl WriterState {
             )?;
             Ok(eviction)
         })?;
+        self.unlink(&unlink);
+        self.sweep_value_files();
         self.vacuum();
         Ok(eviction)
+    }
+
+    /// Removes value files that no row refers to: left by a process killed between its commit
+    /// and its unlink, or by a put whose transaction rolled back.
+    fn sweep_value_files(&self) {
+        let in_files: HashSet<Digest> = match self
+            .conn
+            .prepare("SELECT digest FROM blob_meta WHERE in_file")
+            .and_then(|mut stmt| {
+                stmt.query_map([], |row| row.get::<_, Vec<u8>>(0))?
+                    .map(|r| r.map(|d| Digest::from_slice(&d)))
+                    .collect::<rusqlite::Result<Vec<_>>>()
+            }) {
+            Ok(digests) => digests.into_iter().flatten().collect(),
+            Err(e) => {
+                log::debug!("cannot list value files: {e}");
+                return;
+            }
+        };
+        if let Err(e) = value_files::sweep(&self.dir, &|d| in_files.contains(d)) {
+            log::debug!("cannot sweep value files: {e}");
+        }
     }
 
     fn clear(&mut self) -> Result<(), StoreError> {
@@ -732,6 +800,10 @@ impl WriterState {
                  COMMIT;",
             )
             .map_err(|e| self.db_error(e))?;
+        value_files::remove_all(&self.dir).map_err(|source| StoreError::Io {
+            path: self.dir.join(value_files::VALUES_DIR),
+            source,
+        })?;
         self.vacuum();
         Ok(())
     }
@@ -775,28 +847,42 @@ fn add_counters(tx: &Transaction<'_>, counters: &Counters) -> rusqlite::Result<(
 /// Stores one value under one key; returns the accounted bytes added.
 fn put(
     tx: &Transaction<'_>,
+    dir: &Path,
     key: &KeyId,
     digest: &Digest,
     entry: &[u8],
     clock: i64,
 ) -> rusqlite::Result<i64> {
     let mut added = 0;
+    let in_file = entry.len() >= FILE_THRESHOLD;
+    if in_file {
+        // Before the row, so that a committed row always has its file (a file without a row
+        // is an orphan that `gc` sweeps); rewritten if it went missing since.
+        value_files::write(dir, digest, &entry[HEADER_LEN..]).map_err(|e| {
+            rusqlite::Error::ToSqlConversionFailure(
+                format!("cannot write the value file: {e}").into(),
+            )
+        })?;
+    }
     let known = tx
         .prepare_cached("UPDATE blob_meta SET last_used = ?1 WHERE digest = ?2")?
         .execute(params![clock, digest.as_bytes()])?
         > 0;
     if !known {
+        let stored = if in_file { &entry[..HEADER_LEN] } else { entry };
         tx.prepare_cached("INSERT INTO blob_data (data) VALUES (?1)")?
-            .execute([entry])?;
+            .execute([stored])?;
         let data_id = tx.last_insert_rowid();
         tx.prepare_cached(
-            "INSERT INTO blob_meta (digest, data_id, size, last_used) VALUES (?1, ?2, ?3, ?4)",
+            "INSERT INTO blob_meta (digest, data_id, size, last_used, in_file) \
+             VALUES (?1, ?2, ?3, ?4, ?5)",
         )?
         .execute(params![
             digest.as_bytes(),
             data_id,
             entry.len() as i64,
-            clock
+            clock,
+            in_file
         ])?;
         added += entry.len() as i64 + VALUE_OVERHEAD as i64;
     }
@@ -819,18 +905,28 @@ fn put(
     Ok(added)
 }
 
-/// Removes a value and the keys pointing at it; returns the accounted bytes freed.
-fn remove_value(tx: &Transaction<'_>, digest: &Digest) -> rusqlite::Result<i64> {
-    let found: Option<(i64, i64)> = tx
-        .prepare_cached("SELECT data_id, size FROM blob_meta WHERE digest = ?1")?
-        .query_row([digest.as_bytes()], |row| Ok((row.get(0)?, row.get(1)?)))
+/// Removes a value and the keys pointing at it; returns the accounted bytes freed. A value kept
+/// in a file is added to `unlink`, for removal once the transaction has committed.
+fn remove_value(
+    tx: &Transaction<'_>,
+    digest: &Digest,
+    unlink: &mut Vec<Digest>,
+) -> rusqlite::Result<i64> {
+    let found: Option<(i64, i64, bool)> = tx
+        .prepare_cached("SELECT data_id, size, in_file FROM blob_meta WHERE digest = ?1")?
+        .query_row([digest.as_bytes()], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+        })
         .optional()?;
     let keys = tx
         .prepare_cached("DELETE FROM keys WHERE digest = ?1")?
         .execute([digest.as_bytes()])? as i64;
-    let Some((data_id, size)) = found else {
+    let Some((data_id, size, in_file)) = found else {
         return Ok(keys * KEY_OVERHEAD as i64);
     };
+    if in_file {
+        unlink.push(*digest);
+    }
     tx.prepare_cached("DELETE FROM blob_data WHERE id = ?1")?
         .execute([data_id])?;
     tx.prepare_cached("DELETE FROM blob_meta WHERE digest = ?1")?
@@ -839,7 +935,12 @@ fn remove_value(tx: &Transaction<'_>, digest: &Digest) -> rusqlite::Result<i64> 
 }
 
 /// Evicts least recently used values until `bytes <= target`.
-fn evict_within(tx: &Transaction<'_>, bytes: &mut i64, target: u64) -> rusqlite::Result<Eviction> {
+fn evict_within(
+    tx: &Transaction<'_>,
+    bytes: &mut i64,
+    target: u64,
+    unlink: &mut Vec<Digest>,
+) -> rusqlite::Result<Eviction> {
     let mut eviction = Eviction::default();
     if *bytes <= target as i64 {
         return Ok(eviction);
@@ -867,7 +968,7 @@ fn evict_within(tx: &Transaction<'_>, bytes: &mut i64, target: u64) -> rusqlite:
                 .execute([&victim])?;
             continue;
         };
-        let freed = remove_value(tx, &digest)?;
+        let freed = remove_value(tx, &digest, unlink)?;
         *bytes -= freed;
         eviction.entries += 1;
         eviction.bytes += freed.max(0) as u64;

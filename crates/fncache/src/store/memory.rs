@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use super::{Eviction, Store, StoreError, Usage, KEY_OVERHEAD, VALUE_OVERHEAD};
+use super::{Eviction, Store, StoreError, StoredEntry, Usage, KEY_OVERHEAD, VALUE_OVERHEAD};
 use crate::key::{Digest, KeyId};
 use crate::stats::Counters;
 
@@ -85,13 +85,16 @@ impl Inner {
 }
 
 impl Store for MemoryStore {
-    fn get(&self, key: &KeyId) -> Result<Option<(Digest, Arc<[u8]>)>, StoreError> {
+    fn get(&self, key: &KeyId) -> Result<Option<(Digest, StoredEntry)>, StoreError> {
         let mut inner = self.inner.lock();
         let Some(digest) = inner.keys.get(key).copied() else {
             return Ok(None);
         };
         inner.touch(&digest);
-        Ok(inner.values.get(&digest).map(|v| (digest, v.entry.clone())))
+        Ok(inner
+            .values
+            .get(&digest)
+            .map(|v| (digest, StoredEntry::Whole(v.entry.clone()))))
     }
 
     fn put(&self, key: KeyId, digest: Digest, entry: Arc<[u8]>) -> Result<(), StoreError> {

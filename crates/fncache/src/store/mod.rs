@@ -16,12 +16,49 @@
 
 pub mod disk;
 pub mod memory;
+pub mod value_files;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use crate::entry::HEADER_LEN;
 use crate::key::{Digest, KeyId};
 use crate::stats::Counters;
+pub use value_files::MappedFile;
+
+/// An encoded entry as a store hands it back.
+#[derive(Clone, Debug)]
+pub enum StoredEntry {
+    /// The whole entry, header first.
+    Whole(Arc<[u8]>),
+    /// The header, and the body mapped from a file of its own (large values on disk).
+    Split {
+        header: Arc<[u8]>,
+        body: Arc<MappedFile>,
+    },
+}
+
+impl StoredEntry {
+    /// The header and the body, however they are kept. An entry too short to have a header
+    /// yields it whole as the header, for the decoder to reject.
+    pub fn parts(&self) -> (&[u8], &[u8]) {
+        match self {
+            StoredEntry::Whole(entry) if entry.len() >= HEADER_LEN => entry.split_at(HEADER_LEN),
+            StoredEntry::Whole(entry) => (entry, &[]),
+            StoredEntry::Split { header, body } => (header, body.bytes()),
+        }
+    }
+
+    /// Bytes stored, header included.
+    pub fn len(&self) -> usize {
+        let (header, body) = self.parts();
+        header.len() + body.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
 
 /// Bytes accounted for each stored value on top of its entry bytes (index rows, page slack).
 pub const VALUE_OVERHEAD: u64 = 128;
@@ -49,7 +86,7 @@ pub struct Eviction {
 /// The storage interface every backend implements.
 pub trait Store: Send + Sync + std::fmt::Debug {
     /// The entry `key` points at, with the digest it is stored under.
-    fn get(&self, key: &KeyId) -> Result<Option<(Digest, Arc<[u8]>)>, StoreError>;
+    fn get(&self, key: &KeyId) -> Result<Option<(Digest, StoredEntry)>, StoreError>;
 
     /// Stores `entry`, whose header digest is `digest`, and points `key` at it.
     fn put(&self, key: KeyId, digest: Digest, entry: Arc<[u8]>) -> Result<(), StoreError>;
