@@ -80,6 +80,20 @@ enum Command {
     Clear,
     /// Decode and check every entry; damaged ones are removed
     Verify,
+    /// Measure fncache against Wasmtime's own caches on real modules, every sample in a fresh
+    /// process (docs/performance.md)
+    Bench {
+        /// Modules to measure, or a corpus directory (see scripts/fetch-corpus): the newest
+        /// release of each package, with its previous release as an edit scenario
+        #[arg(required = true)]
+        inputs: Vec<PathBuf>,
+        /// Samples per configuration; medians are reported
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+        runs: u32,
+    },
+    /// One benchmark sample (JSON in, JSON out); run by `bench` in a fresh process
+    #[command(hide = true)]
+    BenchProbe { probe: String },
 }
 
 fn parse_size(text: &str) -> Result<u64, String> {
@@ -119,11 +133,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Compile { input, output } => {
             let wasm = read_input(&input)?;
             let compiler = compiler(global)?;
-            let (compiled, report) = compiler.precompile(&wasm)?;
-            if let Some(output) = &output {
-                std::fs::write(output, &compiled)
-                    .with_context(|| format!("cannot write {}", output.display()))?;
-            }
+            let report = match &output {
+                Some(output) => {
+                    let (compiled, report) = compiler.precompile(&wasm)?;
+                    std::fs::write(output, &compiled)
+                        .with_context(|| format!("cannot write {}", output.display()))?;
+                    report
+                }
+                // Loaded as a user's process would load it (a cached module straight from its
+                // file), so that `seconds` is what a warm start costs.
+                None => compiler.compile(&wasm)?.1,
+            };
             finish(&compiler);
             if global.json {
                 let mut object = report_json(&report, compiler.cache().is_some());
@@ -155,6 +175,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let code = wasi::run_command(compiler.engine(), &module, &guest_name, &args, &dirs);
             finish(&compiler);
             code
+        }
+        Command::Bench { inputs, runs } => bench(&inputs, runs as usize, global.json),
+        Command::BenchProbe { probe } => {
+            let probe: fncache_bench::probe::Probe =
+                serde_json::from_str(&probe).context("not a benchmark probe")?;
+            println!("{}", serde_json::to_string(&probe.run()?)?);
+            Ok(ExitCode::SUCCESS)
         }
         Command::Stats => {
             let cache = open_cache(global)?;
@@ -231,6 +258,62 @@ fn run(cli: Cli) -> Result<ExitCode> {
 
 /// `clear` on a cache whose database is damaged or foreign: remove the database files (and
 /// nothing else), so that the next compile starts a fresh one.
+fn bench(inputs: &[PathBuf], runs: usize, json: bool) -> Result<ExitCode> {
+    use fncache_bench::suite::{self, Options, Progress, Subject};
+    let mut subjects = Vec::new();
+    for input in inputs {
+        if input.is_dir() {
+            subjects.extend(suite::discover(input)?);
+        } else {
+            let name = input.file_name().unwrap_or_default().to_string_lossy();
+            subjects.push(Subject {
+                name: name.trim_end_matches(".wasm").to_string(),
+                path: input.clone(),
+                previous: None,
+            });
+        }
+    }
+    if subjects.is_empty() {
+        bail!("no modules to measure; fetch the corpus with scripts/fetch-corpus");
+    }
+    let scratch = tempfile::Builder::new()
+        .prefix("fncache-bench-")
+        .tempdir()
+        .context("cannot create a scratch directory")?;
+    let options = Options {
+        probe_command: vec![
+            std::env::current_exe()?.into_os_string(),
+            "bench-probe".into(),
+        ],
+        runs,
+        scratch: scratch.path().to_path_buf(),
+    };
+    let mut total = 0;
+    for subject in &subjects {
+        total += suite::probe_count(subject, runs)?;
+    }
+    let mut progress = Progress::new(total);
+    let mut reports = Vec::new();
+    for subject in &subjects {
+        reports.push(suite::measure(subject, &options, &mut progress)?);
+    }
+    progress.finish();
+    if json {
+        let unix_time = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        println!(
+            "{}",
+            json!({"unix_time": unix_time, "cores": cores, "runs": runs, "modules": reports})
+        );
+    } else {
+        print!("{}", suite::render(&reports));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn clear_unusable(global: &Global, error: anyhow::Error) -> Result<ExitCode> {
     let incompatible = error
         .downcast_ref::<fncache::StoreError>()

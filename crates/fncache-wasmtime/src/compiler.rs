@@ -52,6 +52,10 @@ pub struct CompileReport {
     pub misses: u64,
     /// Entries handed to the cache.
     pub inserts: u64,
+    /// Bytes of compiled code served by function-level hits.
+    pub hit_bytes: u64,
+    /// Bytes of compiled code compiled afresh (function-level misses).
+    pub inserted_bytes: u64,
     /// Wall time of the compile alone, in seconds.
     pub seconds: f64,
 }
@@ -59,6 +63,17 @@ pub struct CompileReport {
 impl CompileReport {
     pub fn lookups(&self) -> u64 {
         self.hits + self.misses
+    }
+
+    /// The share of compiled code bytes that came from the cache (hits weighted by size, a
+    /// better measure of time saved than lookups: trampolines are many and cheap).
+    pub fn code_hit_rate(&self) -> f64 {
+        let total = self.hit_bytes + self.inserted_bytes;
+        if total == 0 {
+            0.0
+        } else {
+            self.hit_bytes as f64 / total as f64
+        }
     }
 
     /// Hits as a share of lookups, 0 when there were none.
@@ -215,6 +230,8 @@ impl Compiler {
             hits,
             misses: lookups - hits,
             inserts: after.inserts - before.inserts,
+            hit_bytes: after.hit_bytes - before.hit_bytes,
+            inserted_bytes: after.inserted_bytes - before.inserted_bytes,
             seconds: 0.0,
         };
         Ok((precompiled, report))

@@ -22,6 +22,8 @@ pub struct FunctionStore {
     lookups: AtomicU64,
     hits: AtomicU64,
     inserts: AtomicU64,
+    hit_bytes: AtomicU64,
+    inserted_bytes: AtomicU64,
 }
 
 /// Lookups seen by a [`FunctionStore`] since it was made.
@@ -30,6 +32,10 @@ pub struct FunctionCounters {
     pub lookups: u64,
     pub hits: u64,
     pub inserts: u64,
+    /// Bytes of compiled code (Cranelift's serialized values) served by hits.
+    pub hit_bytes: u64,
+    /// Bytes of compiled code that missed and were compiled and stored.
+    pub inserted_bytes: u64,
 }
 
 impl FunctionStore {
@@ -40,6 +46,8 @@ impl FunctionStore {
             lookups: AtomicU64::new(0),
             hits: AtomicU64::new(0),
             inserts: AtomicU64::new(0),
+            hit_bytes: AtomicU64::new(0),
+            inserted_bytes: AtomicU64::new(0),
         }
     }
 
@@ -56,6 +64,8 @@ impl FunctionStore {
             lookups: self.lookups.load(Ordering::Relaxed),
             hits: self.hits.load(Ordering::Relaxed),
             inserts: self.inserts.load(Ordering::Relaxed),
+            hit_bytes: self.hit_bytes.load(Ordering::Relaxed),
+            inserted_bytes: self.inserted_bytes.load(Ordering::Relaxed),
         }
     }
 }
@@ -65,11 +75,15 @@ impl CacheStore for FunctionStore {
         self.lookups.fetch_add(1, Ordering::Relaxed);
         let value = self.cache.get(&self.namespace, key)?;
         self.hits.fetch_add(1, Ordering::Relaxed);
+        self.hit_bytes
+            .fetch_add(value.len() as u64, Ordering::Relaxed);
         Some(Cow::Owned(value))
     }
 
     fn insert(&self, key: &[u8], value: Vec<u8>) -> bool {
         self.inserts.fetch_add(1, Ordering::Relaxed);
+        self.inserted_bytes
+            .fetch_add(value.len() as u64, Ordering::Relaxed);
         self.cache.insert(&self.namespace, key, &value);
         true
     }

@@ -1,0 +1,211 @@
+//! One measurement, run in the process that calls [`Probe::run`]. The suite runs each probe in
+//! a fresh process (`fncache bench-probe`), so that nothing is warm that a user's new process
+//! would not have warm: no engine, no open database, no page of the cache in this process.
+//!
+//! Every probe times the same span: from nothing (the wasm bytes already read) to a loaded
+//! `Module`, including building the engine and opening whatever cache it uses.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use fncache::{Cache, CacheConfig};
+use fncache_wasmtime::Compiler;
+use serde::{Deserialize, Serialize};
+use wasmtime::{CacheStore, Config, Engine, Module};
+
+/// What to measure.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "probe")]
+pub enum Probe {
+    /// Wasmtime with no cache.
+    Cold { module: PathBuf },
+    /// Wasmtime's own module cache (`Config::cache`) in `dir`.
+    WasmtimeCache { dir: PathBuf, module: PathBuf },
+    /// Wasmtime's incremental cache with an in-memory HashMap store, warmed (untimed) by
+    /// compiling `warm_with` in the same process: the ceiling for any function-level store.
+    Ceiling {
+        warm_with: Vec<PathBuf>,
+        module: PathBuf,
+    },
+    /// fncache in `dir`, both levels unless `module_level` is off; the flush that follows
+    /// (storing what was compiled) is timed apart.
+    Fncache {
+        dir: PathBuf,
+        module: PathBuf,
+        module_level: bool,
+    },
+    /// Compiles `modules` into the fncache in `dir` with the function level only (untimed
+    /// preparation for the shared-library scenario).
+    Warm { dir: PathBuf, modules: Vec<PathBuf> },
+}
+
+/// What a probe measured.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Sample {
+    /// Nothing to a loaded module, in seconds.
+    pub seconds: f64,
+    /// fncache only: the flush after the compile (the writes a compile leaves behind).
+    pub flush_seconds: f64,
+    /// "module", "function" or "none".
+    pub level: String,
+    pub functions: u64,
+    pub lookups: u64,
+    pub hits: u64,
+    pub hit_bytes: u64,
+    pub inserted_bytes: u64,
+    /// Wasmtime's module cache only: its own hit counter.
+    pub wasmtime_cache_hits: u64,
+}
+
+impl Probe {
+    pub fn run(&self) -> Result<Sample> {
+        match self {
+            Probe::Cold { module } => {
+                let wasm = read(module)?;
+                let start = Instant::now();
+                let engine = Engine::new(&Config::new())?;
+                drop(Module::new(&engine, &wasm)?);
+                Ok(Sample {
+                    seconds: start.elapsed().as_secs_f64(),
+                    level: "none".into(),
+                    ..Sample::default()
+                })
+            }
+            Probe::WasmtimeCache { dir, module } => {
+                let wasm = read(module)?;
+                let start = Instant::now();
+                let mut cache_config = wasmtime::CacheConfig::new();
+                cache_config.with_directory(dir);
+                let cache = wasmtime::Cache::new(cache_config)?;
+                let mut config = Config::new();
+                config.cache(Some(cache.clone()));
+                let engine = Engine::new(&config)?;
+                drop(Module::new(&engine, &wasm)?);
+                let seconds = start.elapsed().as_secs_f64();
+                Ok(Sample {
+                    seconds,
+                    level: if cache.cache_hits() > 0 {
+                        "module"
+                    } else {
+                        "none"
+                    }
+                    .into(),
+                    wasmtime_cache_hits: cache.cache_hits() as u64,
+                    ..Sample::default()
+                })
+            }
+            Probe::Ceiling { warm_with, module } => {
+                let store = Arc::new(MemoryStore::default());
+                let mut config = Config::new();
+                config.enable_incremental_compilation(store.clone())?;
+                let engine = Engine::new(&config)?;
+                for warm in warm_with {
+                    drop(Module::new(&engine, read(warm)?)?);
+                }
+                let wasm = read(module)?;
+                let before = store.counters();
+                let start = Instant::now();
+                drop(Module::new(&engine, &wasm)?);
+                let seconds = start.elapsed().as_secs_f64();
+                let after = store.counters();
+                Ok(Sample {
+                    seconds,
+                    level: "function".into(),
+                    lookups: after.0 - before.0,
+                    hits: after.1 - before.1,
+                    hit_bytes: after.2 - before.2,
+                    inserted_bytes: after.3 - before.3,
+                    ..Sample::default()
+                })
+            }
+            Probe::Fncache {
+                dir,
+                module,
+                module_level,
+            } => {
+                let wasm = read(module)?;
+                let start = Instant::now();
+                let cache = Cache::open(&CacheConfig::new().directory(dir))?;
+                let compiler =
+                    Compiler::new(Config::new(), Some(cache.clone()))?.module_level(*module_level);
+                let (loaded, report) = compiler.compile(&wasm)?;
+                let seconds = start.elapsed().as_secs_f64();
+                drop(loaded);
+                let flushing = Instant::now();
+                cache.flush()?;
+                let flush_seconds = flushing.elapsed().as_secs_f64();
+                Ok(Sample {
+                    seconds,
+                    flush_seconds,
+                    level: report.level.as_str().into(),
+                    functions: report.functions,
+                    lookups: report.lookups(),
+                    hits: report.hits,
+                    hit_bytes: report.hit_bytes,
+                    inserted_bytes: report.inserted_bytes,
+                    ..Sample::default()
+                })
+            }
+            Probe::Warm { dir, modules } => {
+                let cache = Cache::open(&CacheConfig::new().directory(dir))?;
+                let compiler =
+                    Compiler::new(Config::new(), Some(cache.clone()))?.module_level(false);
+                for module in modules {
+                    compiler.precompile(&read(module)?)?;
+                }
+                cache.flush()?;
+                Ok(Sample::default())
+            }
+        }
+    }
+}
+
+fn read(path: &PathBuf) -> Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+/// An in-memory `CacheStore` that counts what it serves: (lookups, hits, hit bytes, inserted
+/// bytes).
+#[derive(Debug, Default)]
+struct MemoryStore {
+    values: Mutex<HashMap<Vec<u8>, Vec<u8>>>,
+    lookups: AtomicU64,
+    hits: AtomicU64,
+    hit_bytes: AtomicU64,
+    inserted_bytes: AtomicU64,
+}
+
+impl MemoryStore {
+    fn counters(&self) -> (u64, u64, u64, u64) {
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        (
+            load(&self.lookups),
+            load(&self.hits),
+            load(&self.hit_bytes),
+            load(&self.inserted_bytes),
+        )
+    }
+}
+
+impl CacheStore for MemoryStore {
+    fn get(&self, key: &[u8]) -> Option<Cow<'_, [u8]>> {
+        self.lookups.fetch_add(1, Ordering::Relaxed);
+        let value = self.values.lock().unwrap().get(key).cloned()?;
+        self.hits.fetch_add(1, Ordering::Relaxed);
+        self.hit_bytes
+            .fetch_add(value.len() as u64, Ordering::Relaxed);
+        Some(Cow::Owned(value))
+    }
+
+    fn insert(&self, key: &[u8], value: Vec<u8>) -> bool {
+        self.inserted_bytes
+            .fetch_add(value.len() as u64, Ordering::Relaxed);
+        self.values.lock().unwrap().insert(key.to_vec(), value);
+        true
+    }
+}
