@@ -56,7 +56,7 @@ pub const TOUCH_PERIOD: Duration = Duration::from_secs(60);
 /// Reader connections kept open for reuse.
 const MAX_IDLE_READERS: usize = 8;
 
-const GET_SQL: &str = "SELECT k.digest, d.data, m.in_file FROM keys k \
+const GET_SQL: &str = "SELECT k.digest, d.data, m.in_file, m.last_used FROM keys k \
      JOIN blob_meta m ON m.digest = k.digest \
      JOIN blob_data d ON d.id = m.data_id WHERE k.id = ?1";
 
@@ -88,6 +88,11 @@ pub struct DiskStore {
     /// Values this handle recorded a use of in the current [`TOUCH_PERIOD`]: a value used again
     /// and again by one process is recorded once a period, not once a hit.
     touched: Mutex<(Instant, HashSet<Digest>)>,
+    /// Values last used at or after this clock are recent enough not to be touched again: the
+    /// newer half of the cache's history when it was opened. A warm compile's thousands of
+    /// hits then cost no write at all, and eviction (which takes the oldest tenth) still never
+    /// reaches a value in use.
+    touch_floor: Arc<std::sync::atomic::AtomicI64>,
     writer: Option<Writer>,
 }
 
@@ -150,15 +155,30 @@ impl DiskStore {
             )));
         }
         let pending: Pending = Arc::default();
+        let touch_floor = Arc::new(std::sync::atomic::AtomicI64::new(i64::MIN));
         let writer = if read_only {
             None
         } else {
             let conn = open_writer(&db_path)?;
+            let (clock, entries) = conn
+                .query_row(
+                    "SELECT (SELECT value FROM meta WHERE name = 'clock'), \
+                     (SELECT COUNT(*) FROM blob_meta)",
+                    [],
+                    |row| Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?)),
+                )
+                .map_err(|source| StoreError::Database {
+                    path: db_path.clone(),
+                    source,
+                })?;
+            touch_floor.store(clock - entries / 2, Ordering::Relaxed);
             let queue = Arc::new(Queue::default());
             let writer_queue = queue.clone();
             let state = WriterState {
                 conn,
                 dir: dir.to_path_buf(),
+                entries,
+                touch_floor: touch_floor.clone(),
                 db_path: db_path.clone(),
                 max_bytes,
                 pending: pending.clone(),
@@ -178,6 +198,7 @@ impl DiskStore {
             readers: Mutex::new(Vec::new()),
             pending,
             touched: Mutex::new((Instant::now(), HashSet::new())),
+            touch_floor,
             writer,
         };
         // Open one reader now so that a cache that cannot be read fails here, not mid-compile.
@@ -301,12 +322,17 @@ impl Store for DiskStore {
                 .query_row([key.0.as_bytes()], |row| {
                     let digest = Digest::from_slice(row.get_ref(0)?.as_blob()?);
                     let stored: Arc<[u8]> = Arc::from(row.get_ref(1)?.as_blob()?);
-                    Ok((digest, stored, row.get::<_, bool>(2)?))
+                    Ok((
+                        digest,
+                        stored,
+                        row.get::<_, bool>(2)?,
+                        row.get::<_, i64>(3)?,
+                    ))
                 })
                 .optional()
         })?;
         // A digest column of the wrong length is a damaged index row: nothing to serve.
-        let Some((Some(digest), stored, in_file)) = found else {
+        let Some((Some(digest), stored, in_file, last_used)) = found else {
             return Ok(None);
         };
         let entry = if in_file {
@@ -324,7 +350,8 @@ impl Store for DiskStore {
         } else {
             StoredEntry::Whole(stored)
         };
-        if !self.read_only && self.first_use_this_period(digest) {
+        let stale = last_used < self.touch_floor.load(Ordering::Relaxed);
+        if stale && !self.read_only && self.first_use_this_period(digest) {
             self.send(Op::Touch(digest))?;
         }
         Ok(Some((digest, entry)))
@@ -546,6 +573,9 @@ fn open_writer(db_path: &Path) -> Result<Connection, StoreError> {
 struct WriterState {
     conn: Connection,
     dir: PathBuf,
+    /// Values stored, as this writer counts them (other processes' writes are seen at open).
+    entries: i64,
+    touch_floor: Arc<std::sync::atomic::AtomicI64>,
     db_path: PathBuf,
     max_bytes: u64,
     pending: Pending,
@@ -705,19 +735,26 @@ impl WriterState {
         let evicted = self.in_transaction(|tx| {
             let mut bytes = meta(tx, "bytes")?;
             let mut clock = meta(tx, "clock")?;
+            let mut entries = 0;
             let mut counters = Counters::default();
             for op in ops {
                 match op {
                     Op::Put { key, digest, entry } => {
                         clock += 1;
-                        bytes += put(tx, &dir, key, digest, entry, clock)?;
+                        let (added, new_value) = put(tx, &dir, key, digest, entry, clock)?;
+                        bytes += added;
+                        entries += i64::from(new_value);
                     }
                     Op::Touch(digest) => {
                         clock += 1;
                         tx.prepare_cached("UPDATE blob_meta SET last_used = ?1 WHERE digest = ?2")?
                             .execute(params![clock, digest.as_bytes()])?;
                     }
-                    Op::Remove(digest) => bytes -= remove_value(tx, digest, &mut unlink)?,
+                    Op::Remove(digest) => {
+                        let (freed, removed) = remove_value(tx, digest, &mut unlink)?;
+                        bytes -= freed;
+                        entries -= i64::from(removed);
+                    }
                     Op::Record(delta) => counters.add(delta),
                     _ => {}
                 }
@@ -726,13 +763,18 @@ impl WriterState {
             if bytes > max_bytes as i64 {
                 let eviction = evict_within(tx, &mut bytes, low_water(max_bytes), &mut unlink)?;
                 counters.evictions += eviction.entries;
+                entries -= eviction.entries as i64;
                 evicted = eviction.entries > 0;
             }
             set_meta(tx, "bytes", bytes)?;
             set_meta(tx, "clock", clock)?;
             add_counters(tx, &counters)?;
-            Ok(evicted)
+            Ok((evicted, clock, entries))
         })?;
+        let (evicted, clock, added_entries) = evicted;
+        self.entries += added_entries;
+        self.touch_floor
+            .store(clock - self.entries.max(0) / 2, Ordering::Relaxed);
         self.unlink(&unlink);
         if evicted {
             self.vacuum();
@@ -764,6 +806,7 @@ impl WriterState {
             Ok(eviction)
         })?;
         self.unlink(&unlink);
+        self.entries -= eviction.entries as i64;
         self.sweep_value_files();
         self.vacuum();
         Ok(eviction)
@@ -800,6 +843,7 @@ impl WriterState {
                  COMMIT;",
             )
             .map_err(|e| self.db_error(e))?;
+        self.entries = 0;
         value_files::remove_all(&self.dir).map_err(|source| StoreError::Io {
             path: self.dir.join(value_files::VALUES_DIR),
             source,
@@ -844,7 +888,8 @@ fn add_counters(tx: &Transaction<'_>, counters: &Counters) -> rusqlite::Result<(
     Ok(())
 }
 
-/// Stores one value under one key; returns the accounted bytes added.
+/// Stores one value under one key; returns the accounted bytes added and whether the value is
+/// new (not only a new key for a value already stored).
 fn put(
     tx: &Transaction<'_>,
     dir: &Path,
@@ -852,7 +897,7 @@ fn put(
     digest: &Digest,
     entry: &[u8],
     clock: i64,
-) -> rusqlite::Result<i64> {
+) -> rusqlite::Result<(i64, bool)> {
     let mut added = 0;
     let in_file = entry.len() >= FILE_THRESHOLD;
     if in_file {
@@ -902,16 +947,17 @@ fn put(
         }
         Some(_) => {}
     }
-    Ok(added)
+    Ok((added, !known))
 }
 
-/// Removes a value and the keys pointing at it; returns the accounted bytes freed. A value kept
-/// in a file is added to `unlink`, for removal once the transaction has committed.
+/// Removes a value and the keys pointing at it; returns the accounted bytes freed and whether
+/// there was such a value. A value kept in a file is added to `unlink`, for removal once the
+/// transaction has committed.
 fn remove_value(
     tx: &Transaction<'_>,
     digest: &Digest,
     unlink: &mut Vec<Digest>,
-) -> rusqlite::Result<i64> {
+) -> rusqlite::Result<(i64, bool)> {
     let found: Option<(i64, i64, bool)> = tx
         .prepare_cached("SELECT data_id, size, in_file FROM blob_meta WHERE digest = ?1")?
         .query_row([digest.as_bytes()], |row| {
@@ -922,7 +968,7 @@ fn remove_value(
         .prepare_cached("DELETE FROM keys WHERE digest = ?1")?
         .execute([digest.as_bytes()])? as i64;
     let Some((data_id, size, in_file)) = found else {
-        return Ok(keys * KEY_OVERHEAD as i64);
+        return Ok((keys * KEY_OVERHEAD as i64, false));
     };
     if in_file {
         unlink.push(*digest);
@@ -931,7 +977,10 @@ fn remove_value(
         .execute([data_id])?;
     tx.prepare_cached("DELETE FROM blob_meta WHERE digest = ?1")?
         .execute([digest.as_bytes()])?;
-    Ok(size + VALUE_OVERHEAD as i64 + keys * KEY_OVERHEAD as i64)
+    Ok((
+        size + VALUE_OVERHEAD as i64 + keys * KEY_OVERHEAD as i64,
+        true,
+    ))
 }
 
 /// Evicts least recently used values until `bytes <= target`.
@@ -968,7 +1017,7 @@ fn evict_within(
                 .execute([&victim])?;
             continue;
         };
-        let freed = remove_value(tx, &digest, unlink)?;
+        let (freed, _) = remove_value(tx, &digest, unlink)?;
         *bytes -= freed;
         eviction.entries += 1;
         eviction.bytes += freed.max(0) as u64;
