@@ -32,6 +32,12 @@ pub enum Probe {
         warm_with: Vec<PathBuf>,
         module: PathBuf,
     },
+    /// Wasmtime with no cache, in a process that compiled `warm_with` first (untimed): what the
+    /// ceiling gains from running in a warm process rather than a new one.
+    ColdInWarmProcess {
+        warm_with: Vec<PathBuf>,
+        module: PathBuf,
+    },
     /// fncache in `dir`, both levels unless `module_level` is off; the flush that follows
     /// (storing what was compiled) is timed apart.
     Fncache {
@@ -96,6 +102,20 @@ impl Probe {
                     }
                     .into(),
                     wasmtime_cache_hits: cache.cache_hits() as u64,
+                    ..Sample::default()
+                })
+            }
+            Probe::ColdInWarmProcess { warm_with, module } => {
+                let engine = Engine::new(&Config::new())?;
+                for warm in warm_with {
+                    drop(Module::new(&engine, read(warm)?)?);
+                }
+                let wasm = read(module)?;
+                let start = Instant::now();
+                drop(Module::new(&engine, &wasm)?);
+                Ok(Sample {
+                    seconds: start.elapsed().as_secs_f64(),
+                    level: "none".into(),
                     ..Sample::default()
                 })
             }

@@ -2,7 +2,8 @@
 //! each sample in a fresh process, medians of `runs`, on real modules.
 //!
 //! For each module, and each run in turn (interleaved, so that drift hits all rows alike):
-//! cold; Wasmtime's module cache, miss then hit; the in-memory ceiling; fncache with an empty
+//! cold; Wasmtime's module cache, miss then hit; the in-memory ceiling, and cold in a process
+//! as warm as the ceiling's (what running in a warm process alone gains); fncache with an empty
 //! cache, then warm with the function level only, then the unchanged module (module level);
 //! then every edit scenario and the module's previous release, each compiled by fncache into
 //! a copy of the cache warmed by the original, next to the ceiling warmed the same way.
@@ -15,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::edits::{self, Edit};
 use crate::probe::{Probe, Sample};
@@ -37,7 +38,7 @@ pub struct Options {
 }
 
 /// One configuration's samples and medians.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Row {
     pub median_ms: f64,
     /// The median over cold's median.
@@ -55,7 +56,7 @@ pub struct Row {
 }
 
 /// A target of issue 3, checked on one module.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Target {
     pub name: String,
     pub ratio: f64,
@@ -63,7 +64,7 @@ pub struct Target {
     pub met: bool,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ModuleReport {
     pub module: String,
     pub path: PathBuf,
@@ -85,6 +86,7 @@ pub const COLD: &str = "cold";
 pub const WASMTIME_MISS: &str = "wasmtime-cache-miss";
 pub const WASMTIME_HIT: &str = "wasmtime-cache-hit";
 pub const CEILING: &str = "ceiling";
+pub const COLD_WARM_PROCESS: &str = "cold-in-warm-process";
 pub const EMPTY: &str = "fncache-empty";
 pub const WARM_FUNCTIONS: &str = "fncache-warm-function-level";
 pub const UNCHANGED: &str = "fncache-unchanged";
@@ -162,6 +164,11 @@ pub fn measure(
                 module: module(),
             },
         )?;
+        let warm_process = Probe::ColdInWarmProcess {
+            warm_with: vec![module()],
+            module: module(),
+        };
+        probe(COLD_WARM_PROCESS, warm_process)?;
         let cache = dir("fncache");
         probe(EMPTY, fncache(&cache, module(), true))?;
         let base = dir("base");
@@ -382,8 +389,10 @@ fn copy_dir(from: &Path, to: &Path) -> Result<()> {
 }
 
 /// The modules `fncache bench CORPUS` measures: the newest release of each package, with the
-/// newest older release whose module differs as its previous release.
-pub fn discover(corpus: &Path) -> Result<Vec<Subject>> {
+/// newest older release whose module differs as its previous release; and each package of many
+/// modules as a family (the shared-library scenario).
+pub fn discover(corpus: &Path) -> Result<(Vec<Subject>, Vec<Family>)> {
+    let mut families = Vec::new();
     let mut packages: BTreeMap<String, Vec<(Vec<u64>, PathBuf)>> = BTreeMap::new();
     for entry in
         fs::read_dir(corpus).with_context(|| format!("cannot read {}", corpus.display()))?
@@ -401,13 +410,23 @@ pub fn discover(corpus: &Path) -> Result<Vec<Subject>> {
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|e| e == "wasm"))
             .collect();
-        // A package of many modules is a family (the shared-library scenario), not a subject.
-        if let [module] = modules.as_slice() {
-            let version = version.split('.').map(|p| p.parse().unwrap_or(0)).collect();
-            packages
-                .entry(package.to_string())
-                .or_default()
-                .push((version, module.clone()));
+        match modules.as_slice() {
+            [] => {}
+            [module] => {
+                let version = version.split('.').map(|p| p.parse().unwrap_or(0)).collect();
+                packages
+                    .entry(package.to_string())
+                    .or_default()
+                    .push((version, module.clone()));
+            }
+            _ => {
+                let mut modules = modules;
+                modules.sort();
+                families.push(Family {
+                    name: format!("{package}@{version}"),
+                    modules,
+                });
+            }
         }
     }
     let mut subjects = Vec::new();
@@ -429,7 +448,202 @@ pub fn discover(corpus: &Path) -> Result<Vec<Subject>> {
             previous,
         });
     }
-    Ok(subjects)
+    Ok((subjects, families))
+}
+/// Modules that share code: different programs linked with the same runtime (scenario g).
+#[derive(Clone, Debug, Serialize)]
+pub struct Family {
+    pub name: String,
+    pub modules: Vec<PathBuf>,
+}
+
+/// One member of a family, compiled with a cache warmed by all the others.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MemberReport {
+    pub module: String,
+    pub wasm_bytes: u64,
+    pub functions: u64,
+    pub cold_ms: f64,
+    pub fncache_ms: f64,
+    pub ratio_to_cold: f64,
+    pub lookups: u64,
+    pub hit_rate: f64,
+    pub code_hit_rate: f64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FamilyReport {
+    pub family: String,
+    pub runs: usize,
+    pub members: Vec<MemberReport>,
+    /// Sums over the members of the medians.
+    pub cold_ms: f64,
+    pub fncache_ms: f64,
+    /// fncache's total over cold's total.
+    pub ratio_to_cold: f64,
+    /// The largest member's ratio: the most any one member paid.
+    pub worst_ratio: f64,
+}
+
+/// Compiles each member of `family` with a cache warmed by every other member (leave one out).
+///
+/// Warming a cache with 35 grammars for each of 36 is 1,260 compiles; instead the caches are
+/// built by halving: the cache for one half is the cache for the whole plus the other half, so
+/// each member is compiled once per level, about log2(n) times in all.
+pub fn measure_family(
+    family: &Family,
+    options: &Options,
+    progress: &mut Progress,
+) -> Result<FamilyReport> {
+    let scratch = options.scratch.join(&family.name);
+    fs::create_dir_all(&scratch)?;
+    let mut caches = Vec::new();
+    let top = scratch.join("top");
+    leave_one_out(
+        &family.modules,
+        &top,
+        &scratch,
+        options,
+        progress,
+        &mut caches,
+    )?;
+    let mut members = Vec::new();
+    for (module, cache) in &caches {
+        let name = module
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .to_string();
+        let (mut cold, mut warm) = (Vec::new(), Vec::new());
+        for run in 0..options.runs {
+            progress.step(&format!(
+                "{}: {name} run {}/{}",
+                family.name,
+                run + 1,
+                options.runs
+            ));
+            let probe = Probe::Cold {
+                module: module.clone(),
+            };
+            cold.push(run_probe(&options.probe_command, &probe)?);
+            // A copy each run: the probe stores what it compiles.
+            let copy = scratch.join("measure");
+            copy_dir(cache, &copy)?;
+            warm.push(run_probe(
+                &options.probe_command,
+                &fncache(&copy, module.clone(), true),
+            )?);
+            fs::remove_dir_all(&copy)?;
+        }
+        let cold_s = median(cold.iter().map(|s| s.seconds).collect());
+        let row = row(&warm, cold_s);
+        members.push(MemberReport {
+            module: name,
+            wasm_bytes: fs::metadata(module)?.len(),
+            functions: warm[0].functions,
+            cold_ms: cold_s * 1000.0,
+            fncache_ms: row.median_ms,
+            ratio_to_cold: row.ratio_to_cold,
+            lookups: row.lookups,
+            hit_rate: row.hit_rate,
+            code_hit_rate: row.code_hit_rate,
+        });
+        fs::remove_dir_all(cache)?;
+    }
+    let cold_ms: f64 = members.iter().map(|m| m.cold_ms).sum();
+    let fncache_ms: f64 = members.iter().map(|m| m.fncache_ms).sum();
+    Ok(FamilyReport {
+        family: family.name.clone(),
+        runs: options.runs,
+        worst_ratio: members.iter().map(|m| m.ratio_to_cold).fold(0.0, f64::max),
+        members,
+        cold_ms,
+        fncache_ms,
+        ratio_to_cold: fncache_ms / cold_ms,
+    })
+}
+
+/// Builds, for each of `members`, a cache holding every module of the family but that one.
+/// `base` holds every module outside `members` (at the top it does not exist: nothing).
+fn leave_one_out(
+    members: &[PathBuf],
+    base: &Path,
+    scratch: &Path,
+    options: &Options,
+    progress: &mut Progress,
+    out: &mut Vec<(PathBuf, PathBuf)>,
+) -> Result<()> {
+    if let [only] = members {
+        let cache = scratch.join(format!("without-{}", out.len()));
+        if base.exists() {
+            copy_dir(base, &cache)?;
+        } else {
+            fs::create_dir_all(&cache)?;
+        }
+        out.push((only.clone(), cache));
+        return Ok(());
+    }
+    let (left, right) = members.split_at(members.len() / 2);
+    for (half, other) in [(left, right), (right, left)] {
+        let cache = scratch.join(format!("for-{}-{}", out.len(), half.len()));
+        if base.exists() {
+            copy_dir(base, &cache)?;
+        }
+        progress.step(&format!("warming a cache with {} modules", other.len()));
+        let warm = Probe::Warm {
+            dir: cache.clone(),
+            modules: other.to_vec(),
+        };
+        run_probe(&options.probe_command, &warm)?;
+        leave_one_out(half, &cache, scratch, options, progress, out)?;
+        fs::remove_dir_all(&cache)?;
+    }
+    Ok(())
+}
+
+/// How many steps [`measure_family`] reports.
+pub fn family_steps(family: &Family, runs: usize) -> usize {
+    let n = family.modules.len();
+    // Two warm-ups per inner node of the halving tree (n - 1 of them), then the samples.
+    2 * n.saturating_sub(1) + n * runs
+}
+
+/// A family's report as a table.
+pub fn render_family(r: &FamilyReport) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\n{}: each module compiled with a cache warmed by the {} others \
+         (new process, medians of {} runs)",
+        r.family,
+        r.members.len().saturating_sub(1),
+        r.runs
+    );
+    let _ = writeln!(
+        out,
+        "  {:<38} {:>9} {:>9} {:>10} {:>8} {:>16} {:>9}",
+        "module", "wasm", "cold ms", "fncache ms", "x cold", "lookups hit", "code hit"
+    );
+    for m in &r.members {
+        let _ = writeln!(
+            out,
+            "  {:<38} {:>9} {:>9.1} {:>10.1} {:>8.3} {:>16} {:>8.1}%",
+            m.module,
+            bytesize::ByteSize(m.wasm_bytes).display().si().to_string(),
+            m.cold_ms,
+            m.fncache_ms,
+            m.ratio_to_cold,
+            format!("{:.1}% of {}", m.hit_rate * 100.0, m.lookups),
+            m.code_hit_rate * 100.0
+        );
+    }
+    let _ = writeln!(
+        out,
+        "  total: cold {:.0} ms, fncache {:.0} ms ({:.3}x cold); the worst module {:.3}x",
+        r.cold_ms, r.fncache_ms, r.ratio_to_cold, r.worst_ratio
+    );
+    out
 }
 
 /// A one-line progress display on standard error (redrawn in place on a terminal).
@@ -481,7 +695,7 @@ pub fn probe_count(subject: &Subject, runs: usize) -> Result<usize> {
         scenarios += edits::applies(edit, &wasm)? as usize;
     }
     scenarios += subject.previous.is_some() as usize;
-    Ok(runs * (7 + 2 * scenarios))
+    Ok(runs * (8 + 2 * scenarios))
 }
 
 /// The reports as a table for people.
@@ -505,6 +719,7 @@ pub fn render(reports: &[ModuleReport]) -> String {
         let mut names: Vec<&String> = r.rows.keys().collect();
         let order = [
             COLD,
+            COLD_WARM_PROCESS,
             WASMTIME_MISS,
             WASMTIME_HIT,
             CEILING,

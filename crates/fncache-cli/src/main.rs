@@ -85,8 +85,11 @@ enum Command {
     Bench {
         /// Modules to measure, or a corpus directory (see scripts/fetch-corpus): the newest
         /// release of each package, with its previous release as an edit scenario
-        #[arg(required = true)]
+        #[arg(required_unless_present = "report")]
         inputs: Vec<PathBuf>,
+        /// Print the tables of a run saved with --json instead of measuring
+        #[arg(long, value_name = "FILE.json", conflicts_with = "inputs")]
+        report: Option<PathBuf>,
         /// Samples per configuration; medians are reported
         #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
         runs: u32,
@@ -176,7 +179,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             finish(&compiler);
             code
         }
-        Command::Bench { inputs, runs } => bench(&inputs, runs as usize, global.json),
+        Command::Bench {
+            report: Some(saved),
+            ..
+        } => print_saved_bench(&saved),
+        Command::Bench { inputs, runs, .. } => bench(&inputs, runs as usize, global.json),
         Command::BenchProbe { probe } => {
             let probe: fncache_bench::probe::Probe =
                 serde_json::from_str(&probe).context("not a benchmark probe")?;
@@ -261,9 +268,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
 fn bench(inputs: &[PathBuf], runs: usize, json: bool) -> Result<ExitCode> {
     use fncache_bench::suite::{self, Options, Progress, Subject};
     let mut subjects = Vec::new();
+    let mut families = Vec::new();
     for input in inputs {
         if input.is_dir() {
-            subjects.extend(suite::discover(input)?);
+            let (found, found_families) = suite::discover(input)?;
+            subjects.extend(found);
+            families.extend(found_families);
         } else {
             let name = input.file_name().unwrap_or_default().to_string_lossy();
             subjects.push(Subject {
@@ -273,7 +283,7 @@ fn bench(inputs: &[PathBuf], runs: usize, json: bool) -> Result<ExitCode> {
             });
         }
     }
-    if subjects.is_empty() {
+    if subjects.is_empty() && families.is_empty() {
         bail!("no modules to measure; fetch the corpus with scripts/fetch-corpus");
     }
     let scratch = tempfile::Builder::new()
@@ -292,10 +302,18 @@ fn bench(inputs: &[PathBuf], runs: usize, json: bool) -> Result<ExitCode> {
     for subject in &subjects {
         total += suite::probe_count(subject, runs)?;
     }
+    total += families
+        .iter()
+        .map(|f| suite::family_steps(f, runs))
+        .sum::<usize>();
     let mut progress = Progress::new(total);
     let mut reports = Vec::new();
     for subject in &subjects {
         reports.push(suite::measure(subject, &options, &mut progress)?);
+    }
+    let mut family_reports = Vec::new();
+    for family in &families {
+        family_reports.push(suite::measure_family(family, &options, &mut progress)?);
     }
     progress.finish();
     if json {
@@ -306,10 +324,35 @@ fn bench(inputs: &[PathBuf], runs: usize, json: bool) -> Result<ExitCode> {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         println!(
             "{}",
-            json!({"unix_time": unix_time, "cores": cores, "runs": runs, "modules": reports})
+            json!({"unix_time": unix_time, "cores": cores, "runs": runs,
+                   "modules": reports, "families": family_reports})
         );
     } else {
         print!("{}", suite::render(&reports));
+        for family in &family_reports {
+            print!("{}", suite::render_family(family));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_saved_bench(saved: &Path) -> Result<ExitCode> {
+    use fncache_bench::suite::{self, FamilyReport, ModuleReport};
+    let text = std::fs::read_to_string(saved)
+        .with_context(|| format!("cannot read {}", saved.display()))?;
+    let run: serde_json::Value = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{} is not the output of `fncache bench --json`",
+            saved.display()
+        )
+    })?;
+    let modules: Vec<ModuleReport> = serde_json::from_value(run["modules"].clone())
+        .with_context(|| format!("{} has no module reports", saved.display()))?;
+    let families: Vec<FamilyReport> =
+        serde_json::from_value(run["families"].clone()).unwrap_or_default();
+    print!("{}", suite::render(&modules));
+    for family in &families {
+        print!("{}", suite::render_family(family));
     }
     Ok(ExitCode::SUCCESS)
 }
