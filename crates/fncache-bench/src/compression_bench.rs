@@ -76,7 +76,7 @@ fn main() -> Result<()> {
                 // What the disk store does: the body is its own file, verified, then mapped.
                 let body = fncache::store::MappedFile::open(&raw)?;
                 let header = &module_entry[..entry::HEADER_LEN];
-                drop(entry::decode_parts(header, body.bytes(), None)?);
+                drop(entry::decode_parts(header, body.bytes(), None, None)?);
                 unsafe { Module::deserialize_open_file(&engine, body.file().try_clone()?)? }
             } else {
                 let payload = entry::decode(&module_entry, None)?;

@@ -43,6 +43,16 @@ struct Global {
     /// Use cached entries but write nothing to the cache
     #[arg(long, global = true)]
     read_only: bool,
+    /// A remote tier shared by many machines, behind the local disk: redis://HOST:PORT[/DB],
+    /// or several comma-separated redis:// nodes of a Redis Cluster [default: $FNCACHE_REMOTE]
+    #[arg(long, global = true, value_name = "URL")]
+    remote: Option<String>,
+    /// Read from the remote tier but never write to it
+    #[arg(long, global = true)]
+    remote_read_only: bool,
+    /// How long Redis keeps each entry, e.g. 7d, 12h, 3600s [default: until maxmemory evicts it]
+    #[arg(long, global = true, value_name = "DURATION", value_parser = parse_duration)]
+    remote_ttl: Option<std::time::Duration>,
     /// Print machine-readable JSON on stdout (`run`: the summary on stderr)
     #[arg(long, global = true)]
     json: bool,
@@ -389,7 +399,36 @@ fn cache_config(global: &Global) -> CacheConfig {
     if let Some(max) = global.max_size {
         config = config.max_bytes(max);
     }
+    let remote = global
+        .remote
+        .clone()
+        .map(fncache::RemoteConfig::new)
+        .or_else(|| config.resolved_remote());
+    if let Some(mut remote) = remote {
+        remote.read_only = global.remote_read_only;
+        remote.ttl = global.remote_ttl;
+        config = config.remote(remote);
+    }
     config
+}
+
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("'{text}' is not a duration; use e.g. 3600s, 90m, 12h or 7d"))?;
+    let seconds = match unit {
+        "" | "s" => number,
+        "m" => number * 60,
+        "h" => number * 3600,
+        "d" => number * 86400,
+        _ => return Err(format!("'{text}': the unit must be s, m, h or d")),
+    };
+    Ok(std::time::Duration::from_secs(seconds))
 }
 
 /// The cache for `stats`, `gc`, `clear` and `verify`, where an unusable cache is an error.
@@ -502,4 +541,12 @@ fn print_stats(stats: &fncache::Stats) {
     println!("read on hits     {}", ByteSize(c.bytes_read));
     println!("evictions        {}", c.evictions);
     println!("damaged entries  {} (discarded and recompiled)", c.rejected);
+    if c.remote_hits + c.remote_errors > 0 {
+        println!(
+            "by tier          {} hits local, {} from the remote tier ({} remote errors)",
+            c.hits.saturating_sub(c.remote_hits),
+            c.remote_hits,
+            c.remote_errors
+        );
+    }
 }

@@ -131,7 +131,7 @@ fn compiles_killed_at_random_instants_leave_no_damaged_entry() {
         seed ^= seed >> 7;
         seed ^= seed << 17;
         let module = &modules[trial % modules.len()];
-        let mut child = Command::new(env!("CARGO_BIN_EXE_fncache"))
+        let mut child = common::fncache_command()
             .arg("--cache-dir")
             .arg(env.cache_dir())
             .args(["compile", module.to_str().unwrap()])
@@ -177,7 +177,7 @@ fn two_processes_compiling_different_modules_into_one_cache() {
     let children: Vec<_> = modules
         .iter()
         .map(|m| {
-            Command::new(env!("CARGO_BIN_EXE_fncache"))
+            common::fncache_command()
                 .arg("--cache-dir")
                 .arg(env.cache_dir())
                 .args(["compile", m.to_str().unwrap()])
@@ -216,7 +216,7 @@ fn an_unusable_cache_directory_compiles_without_the_cache_with_one_warning() {
     let blocker = env.file("not-a-dir", "a file where the cache directory should be");
     let module = env.file("gen.wat", generated_module(20, 3));
     for cache_dir in [blocker.clone(), blocker.join("below")] {
-        let output = Command::new(env!("CARGO_BIN_EXE_fncache"))
+        let output = common::fncache_command()
             .arg("--cache-dir")
             .arg(&cache_dir)
             .args(["compile", "--json", module.to_str().unwrap()])
@@ -253,11 +253,12 @@ fn a_directory_without_write_permission_compiles_without_the_cache_with_one_warn
     let compile_as_another_user = |cache: &Path| {
         let mut command = if root {
             let mut c = Command::new("/usr/bin/setpriv");
+            c.env("FNCACHE_KEY", common::KEY);
             c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"]);
             c.arg(env!("CARGO_BIN_EXE_fncache"));
             c
         } else {
-            Command::new(env!("CARGO_BIN_EXE_fncache"))
+            common::fncache_command()
         };
         command
             .arg("--cache-dir")

@@ -12,7 +12,10 @@ use std::sync::Arc;
 use crate::config::{CacheConfig, Compression};
 use crate::entry;
 use crate::key::{Digest, KeyId, Namespace};
+use crate::secret::Secret;
 use crate::stats::{Counters, Stats};
+use crate::store::redis::RedisStore;
+use crate::store::tiered::TieredStore;
 use crate::store::{disk::DiskStore, Eviction, MappedFile, Store, StoreError, StoredEntry};
 
 /// A handle to a cache; cheap to clone and shared by all compile threads.
@@ -25,6 +28,9 @@ pub struct Cache {
 struct Inner {
     store: Arc<dyn Store>,
     compression: Compression,
+    /// Entries are authenticated with this key; `None` only when no key could be had (then
+    /// they are checksummed, not authenticated, and a warning said so).
+    secret: Option<Secret>,
     session: SessionCounters,
     /// Counts already handed to the store's `record`.
     recorded: parking_lot::Mutex<Counters>,
@@ -53,6 +59,7 @@ impl SessionCounters {
             bytes_read: load(&self.bytes_read),
             bytes_written: load(&self.bytes_written),
             rejected: load(&self.rejected),
+            ..Counters::default() // remote counts are the tiered store's
         }
     }
 }
@@ -121,16 +128,39 @@ impl Cache {
             }
             result => result?,
         };
-        Ok(Cache::with_store(Arc::new(store), config))
+        let secret = match &config.secret {
+            Some(secret) => Some(secret.clone()),
+            None => match Secret::from_environment() {
+                Ok(secret) => Some(secret),
+                Err(error) => {
+                    log::warn!("cache entries will not be authenticated: {error}");
+                    None
+                }
+            },
+        };
+        let config = CacheConfig {
+            secret,
+            ..config.clone()
+        };
+        let store: Arc<dyn Store> = match config.resolved_remote() {
+            Some(remote) => Arc::new(TieredStore::new(
+                Arc::new(store),
+                RedisStore::open(&remote, config.secret.clone())?,
+            )),
+            None => Arc::new(store),
+        };
+        Ok(Cache::with_store(store, &config))
     }
 
     /// A cache over any store; `config`'s directory, limit and read-only flag are the store's
-    /// business and are not used here.
+    /// business and are not used here. Entries are authenticated only with `config`'s secret
+    /// (no key file is read here).
     pub fn with_store(store: Arc<dyn Store>, config: &CacheConfig) -> Cache {
         Cache {
             inner: Arc::new(Inner {
                 store,
                 compression: config.compression,
+                secret: config.secret.clone(),
                 session: SessionCounters::default(),
                 recorded: Default::default(),
                 warned: AtomicBool::new(false),
@@ -164,12 +194,11 @@ impl Cache {
             return None;
         };
         let (header, body) = stored.parts();
-        let decoded = entry::decode_parts(header, body, Some(&digest)).map(|payload| {
-            match (payload, &stored) {
+        let decoded = entry::decode_parts(header, body, Some(&digest), self.inner.secret.as_ref())
+            .map(|payload| match (payload, &stored) {
                 (Cow::Borrowed(_), StoredEntry::Split { body, .. }) => Value::Mapped(body.clone()),
                 (payload, _) => Value::Owned(payload.into_owned()),
-            }
-        });
+            });
         match decoded {
             Ok(value) => {
                 session.hits.fetch_add(1, Ordering::Relaxed);
@@ -198,7 +227,8 @@ impl Cache {
         if self.inner.store.is_read_only() {
             return;
         }
-        let (encoded, digest) = entry::encode(value, self.inner.compression);
+        let (encoded, digest) =
+            entry::encode_with(value, self.inner.compression, self.inner.secret.as_ref());
         let session = &self.inner.session;
         session.inserts.fetch_add(1, Ordering::Relaxed);
         session
@@ -265,7 +295,7 @@ impl Cache {
         let mut damaged: Vec<Digest> = Vec::new();
         self.inner.store.for_each_entry(&mut |digest, stored| {
             report.checked += 1;
-            if entry::decode(stored, Some(&digest)).is_err() {
+            if entry::decode_with(stored, Some(&digest), self.inner.secret.as_ref()).is_err() {
                 damaged.push(digest);
             }
         })?;

@@ -41,6 +41,33 @@ pub struct CacheConfig {
     pub(crate) max_bytes: u64,
     pub(crate) compression: Compression,
     pub(crate) read_only: bool,
+    pub(crate) secret: Option<crate::Secret>,
+    pub(crate) remote: Option<RemoteConfig>,
+}
+
+/// A remote tier shared by many machines (see [`CacheConfig::remote`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RemoteConfig {
+    /// `redis://host:port/db`, `rediss://…`, or several `redis://` nodes separated by commas
+    /// for a Redis Cluster.
+    pub url: String,
+    /// How long Redis keeps an entry (`EX`); `None` leaves expiry to Redis' `maxmemory` policy.
+    pub ttl: Option<std::time::Duration>,
+    /// Read from the remote tier, never write to it.
+    pub read_only: bool,
+    /// The most one remote operation may take before it counts as a failure.
+    pub timeout: std::time::Duration,
+}
+
+impl RemoteConfig {
+    pub fn new(url: impl Into<String>) -> RemoteConfig {
+        RemoteConfig {
+            url: url.into(),
+            ttl: None,
+            read_only: false,
+            timeout: std::time::Duration::from_millis(250),
+        }
+    }
 }
 
 impl Default for CacheConfig {
@@ -50,6 +77,8 @@ impl Default for CacheConfig {
             max_bytes: DEFAULT_MAX_BYTES,
             compression: Compression::default(),
             read_only: false,
+            secret: None,
+            remote: None,
         }
     }
 }
@@ -83,6 +112,32 @@ impl CacheConfig {
     pub fn read_only(mut self, read_only: bool) -> Self {
         self.read_only = read_only;
         self
+    }
+
+    /// The key entries are authenticated with. Default: `FNCACHE_KEY`, else the key file
+    /// (created on first use); see [`crate::secret`]. Machines sharing a remote tier need the
+    /// same key.
+    pub fn secret(mut self, secret: crate::Secret) -> Self {
+        self.secret = Some(secret);
+        self
+    }
+
+    /// A remote tier behind the local disk (Redis). Default: `$FNCACHE_REMOTE` if set, else
+    /// none. Reads go memory, disk, remote, and fill the faster tiers on a remote hit; writes
+    /// reach every writable tier in the background.
+    pub fn remote(mut self, remote: RemoteConfig) -> Self {
+        self.remote = Some(remote);
+        self
+    }
+
+    /// The remote tier this configuration resolves to.
+    pub fn resolved_remote(&self) -> Option<RemoteConfig> {
+        self.remote.clone().or_else(|| {
+            std::env::var("FNCACHE_REMOTE")
+                .ok()
+                .filter(|url| !url.is_empty())
+                .map(RemoteConfig::new)
+        })
     }
 
     /// The directory this configuration resolves to.

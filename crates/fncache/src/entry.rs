@@ -5,10 +5,11 @@
 //!      0     4  magic "FNCE"
 //!      4     1  format version (FORMAT_VERSION)
 //!      5     1  codec: 0 = stored as is, 1 = zstd
-//!      6     2  reserved, zero
+//!      6     1  flags: bit 0 = the digest is keyed (authenticated with the cache's secret)
+//!      7     1  reserved, zero
 //!      8     8  payload length, uncompressed (u64, little endian)
 //!     16     8  body length, as stored (u64, little endian)
-//!     24    32  BLAKE3 digest of the uncompressed payload
+//!     24    32  BLAKE3 digest of the uncompressed payload (keyed mode with a secret)
 //!     56     .  body
 //! ```
 //!
@@ -21,16 +22,18 @@ use std::borrow::Cow;
 
 use crate::config::Compression;
 use crate::key::Digest;
+use crate::secret::Secret;
 
 pub const MAGIC: [u8; 4] = *b"FNCE";
 /// Bumped whenever the layout or the meaning of a field changes; part of every namespace.
-pub const FORMAT_VERSION: u8 = 1;
+pub const FORMAT_VERSION: u8 = 2;
 pub const HEADER_LEN: usize = 56;
 /// Refuse to allocate for payloads claiming to be larger than this (a damaged length field).
 pub const MAX_PAYLOAD_LEN: u64 = 4 << 30;
 
 const CODEC_NONE: u8 = 0;
 const CODEC_ZSTD: u8 = 1;
+const FLAG_KEYED: u8 = 1;
 
 /// Why an entry was rejected.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -53,11 +56,22 @@ pub enum EntryError {
     ChecksumMismatch,
     #[error("entry is stored under another value's name")]
     DigestMismatch,
+    #[error("entry was not written with this cache's key (authentication failed)")]
+    NotAuthentic,
 }
 
-/// Encodes `payload` into an entry; returns the entry and the payload's digest.
+/// Encodes `payload` into an unauthenticated entry; returns the entry and the payload's digest.
 pub fn encode(payload: &[u8], compression: Compression) -> (Vec<u8>, Digest) {
-    let digest = Digest::of(payload);
+    encode_with(payload, compression, None)
+}
+
+/// Encodes `payload` into an entry, authenticated with `secret` if given.
+pub fn encode_with(
+    payload: &[u8],
+    compression: Compression,
+    secret: Option<&Secret>,
+) -> (Vec<u8>, Digest) {
+    let digest = Digest::authenticated(secret, payload);
     let compressed = match compression {
         Compression::None => None,
         Compression::Zstd(level) => compress(payload, level)
@@ -73,7 +87,8 @@ pub fn encode(payload: &[u8], compression: Compression) -> (Vec<u8>, Digest) {
     entry.extend_from_slice(&MAGIC);
     entry.push(FORMAT_VERSION);
     entry.push(codec);
-    entry.extend_from_slice(&[0, 0]);
+    entry.push(if secret.is_some() { FLAG_KEYED } else { 0 });
+    entry.push(0);
     entry.extend_from_slice(&(payload.len() as u64).to_le_bytes());
     entry.extend_from_slice(&(body.len() as u64).to_le_bytes());
     entry.extend_from_slice(digest.as_bytes());
@@ -115,13 +130,23 @@ pub fn header_digest(entry: &[u8]) -> Option<Digest> {
     entry.get(24..56).and_then(Digest::from_slice)
 }
 
-/// Decodes and verifies an entry. `expected` is the name the entry was found under, if any.
+/// Decodes and verifies an unauthenticated entry. `expected` is the name the entry was found
+/// under, if any.
 pub fn decode(entry: &[u8], expected: Option<&Digest>) -> Result<Vec<u8>, EntryError> {
+    decode_with(entry, expected, None)
+}
+
+/// Decodes and verifies an entry; with a secret, only an entry authenticated with it passes.
+pub fn decode_with(
+    entry: &[u8],
+    expected: Option<&Digest>,
+    secret: Option<&Secret>,
+) -> Result<Vec<u8>, EntryError> {
     if entry.len() < HEADER_LEN {
         return Err(EntryError::TooShort(entry.len()));
     }
     let (header, body) = entry.split_at(HEADER_LEN);
-    decode_parts(header, body, expected).map(Cow::into_owned)
+    decode_parts(header, body, expected, secret).map(Cow::into_owned)
 }
 
 /// Decodes and verifies an entry kept in two pieces (the disk store keeps the body of a large
@@ -131,6 +156,7 @@ pub fn decode_parts<'a>(
     header: &[u8],
     body: &'a [u8],
     expected: Option<&Digest>,
+    secret: Option<&Secret>,
 ) -> Result<Cow<'a, [u8]>, EntryError> {
     if header.len() != HEADER_LEN {
         return Err(EntryError::TooShort(header.len()));
@@ -142,6 +168,11 @@ pub fn decode_parts<'a>(
         return Err(EntryError::UnsupportedVersion(header[4]));
     }
     let codec = header[5];
+    // An entry must be authenticated exactly when this cache has a secret: a keyed cache never
+    // accepts an entry anyone could have computed.
+    if (header[6] & FLAG_KEYED != 0) != secret.is_some() {
+        return Err(EntryError::NotAuthentic);
+    }
     let payload_len = u64::from_le_bytes(header[8..16].try_into().unwrap());
     let body_len = u64::from_le_bytes(header[16..24].try_into().unwrap());
     let digest = header_digest(header).expect("header length checked");
@@ -173,8 +204,12 @@ pub fn decode_parts<'a>(
             actual: payload.len() as u64,
         });
     }
-    if Digest::of(&payload) != digest {
-        return Err(EntryError::ChecksumMismatch);
+    if Digest::authenticated(secret, &payload) != digest {
+        return Err(if secret.is_some() {
+            EntryError::NotAuthentic
+        } else {
+            EntryError::ChecksumMismatch
+        });
     }
     Ok(payload)
 }

@@ -33,6 +33,21 @@ impl Digest {
         Digest(*blake3::hash(bytes).as_bytes())
     }
 
+    /// The digest of `bytes`, in BLAKE3's keyed mode when there is a secret (a MAC: only a
+    /// holder of the secret can compute it).
+    pub fn authenticated(secret: Option<&crate::Secret>, bytes: &[u8]) -> Digest {
+        let Some(secret) = secret else {
+            return Digest::of(bytes);
+        };
+        let mut hasher = blake3::Hasher::new_keyed(secret.as_bytes());
+        if bytes.len() >= PARALLEL_HASH_THRESHOLD {
+            hasher.update_rayon(bytes);
+        } else {
+            hasher.update(bytes);
+        }
+        Digest(*hasher.finalize().as_bytes())
+    }
+
     pub fn as_bytes(&self) -> &[u8; 32] {
         &self.0
     }

@@ -17,11 +17,13 @@ pub mod cache;
 pub mod config;
 pub mod entry;
 pub mod key;
+pub mod secret;
 pub mod stats;
 pub mod store;
 
 pub use cache::{Cache, Value};
-pub use config::{CacheConfig, Compression};
+pub use config::{CacheConfig, Compression, RemoteConfig};
 pub use key::{Digest, KeyId, Namespace};
+pub use secret::Secret;
 pub use stats::{Counters, Stats};
 pub use store::{disk::DiskStore, memory::MemoryStore, Store, StoreError};

@@ -17,6 +17,10 @@ pub struct Counters {
     pub bytes_read: u64,
     /// Entry bytes written for new values, as stored.
     pub bytes_written: u64,
+    /// Hits served by the remote tier (included in `hits`).
+    pub remote_hits: u64,
+    /// Remote operations that failed or timed out.
+    pub remote_errors: u64,
     /// Entries found damaged, truncated or misplaced, then discarded.
     pub rejected: u64,
 }
@@ -30,6 +34,8 @@ impl Counters {
         self.bytes_read += other.bytes_read;
         self.bytes_written += other.bytes_written;
         self.rejected += other.rejected;
+        self.remote_hits += other.remote_hits;
+        self.remote_errors += other.remote_errors;
     }
 
     /// What was counted between `earlier` and `self`.
@@ -42,6 +48,8 @@ impl Counters {
             bytes_read: self.bytes_read.saturating_sub(earlier.bytes_read),
             bytes_written: self.bytes_written.saturating_sub(earlier.bytes_written),
             rejected: self.rejected.saturating_sub(earlier.rejected),
+            remote_hits: self.remote_hits.saturating_sub(earlier.remote_hits),
+            remote_errors: self.remote_errors.saturating_sub(earlier.remote_errors),
         }
     }
 
@@ -50,7 +58,7 @@ impl Counters {
     }
 
     /// Named values, in a fixed order, for stores that persist counters by name.
-    pub fn named(&self) -> [(&'static str, u64); 7] {
+    pub fn named(&self) -> [(&'static str, u64); 9] {
         [
             ("hits", self.hits),
             ("misses", self.misses),
@@ -59,6 +67,8 @@ impl Counters {
             ("bytes_read", self.bytes_read),
             ("bytes_written", self.bytes_written),
             ("rejected", self.rejected),
+            ("remote_hits", self.remote_hits),
+            ("remote_errors", self.remote_errors),
         ]
     }
 
@@ -71,6 +81,8 @@ impl Counters {
             "bytes_read" => self.bytes_read = value,
             "bytes_written" => self.bytes_written = value,
             "rejected" => self.rejected = value,
+            "remote_hits" => self.remote_hits = value,
+            "remote_errors" => self.remote_errors = value,
             _ => {}
         }
     }

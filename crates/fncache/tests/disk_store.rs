@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use fncache::store::{KEY_OVERHEAD, VALUE_OVERHEAD};
-use fncache::{Cache, CacheConfig, Compression, DiskStore, Namespace};
+use fncache::{Cache, CacheConfig, Compression, DiskStore, Namespace, Secret};
 
 fn namespace() -> Namespace {
     Namespace::from_parts([("test", b"disk".as_slice())])
@@ -314,12 +314,38 @@ fn two_handles_on_one_directory_see_each_others_writes() {
     let first = open(dir.path(), 1 << 30);
     let second = Cache::with_store(
         Arc::new(DiskStore::open(dir.path(), 1 << 30, false).unwrap()),
-        &CacheConfig::new(),
+        &CacheConfig::new().secret(Secret::from_environment().unwrap()),
     );
     first.insert(&namespace(), b"key", &value(9, 1000));
     first.flush().unwrap();
     assert_eq!(second.get(&namespace(), b"key"), Some(value(9, 1000)));
     assert!(second.store().usage().unwrap().entries == 1);
+}
+
+#[test]
+fn entries_written_without_the_key_are_rejected_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = || Arc::new(DiskStore::open(dir.path(), 1 << 30, false).unwrap());
+    let ours = Cache::with_store(
+        store(),
+        &CacheConfig::new().secret(Secret::from_bytes([1; 32])),
+    );
+    let theirs = Cache::with_store(
+        store(),
+        &CacheConfig::new().secret(Secret::from_bytes([2; 32])),
+    );
+    let unkeyed = Cache::with_store(store(), &CacheConfig::new());
+    theirs.insert(&namespace(), b"planted", &value(3, 1000));
+    unkeyed.insert(&namespace(), b"unkeyed", &value(4, 1000));
+    theirs.flush().unwrap();
+    unkeyed.flush().unwrap();
+    assert_eq!(ours.get(&namespace(), b"planted"), None);
+    assert_eq!(ours.get(&namespace(), b"unkeyed"), None);
+    assert_eq!(ours.session_counters().rejected, 2);
+    // And the rejected entries are gone: our own compile stores good ones.
+    ours.insert(&namespace(), b"planted", &value(3, 1000));
+    ours.flush().unwrap();
+    assert_eq!(ours.get(&namespace(), b"planted"), Some(value(3, 1000)));
 }
 
 #[test]

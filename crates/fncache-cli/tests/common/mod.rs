@@ -44,6 +44,17 @@ pub fn generated_module(count: usize, salt: u32) -> String {
     wat
 }
 
+/// The key every test process authenticates entries with (as machines sharing a cache would
+/// be configured), so that no test depends on, or writes, a key file in the user's home.
+pub const KEY: &str = "6a1f0c3e9b2d4f5a8c7e6d5b4a39281706f5e4d3c2b1a09f8e7d6c5b4a392817";
+
+/// The `fncache` binary, configured with [`KEY`].
+pub fn fncache_command() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_fncache"));
+    command.env("FNCACHE_KEY", KEY);
+    command
+}
+
 pub struct Env {
     pub dir: tempfile::TempDir,
 }
@@ -66,7 +77,7 @@ impl Env {
     }
 
     pub fn fncache(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_fncache"))
+        fncache_command()
             .arg("--cache-dir")
             .arg(self.cache_dir())
             .args(args)

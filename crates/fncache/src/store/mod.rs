@@ -16,6 +16,8 @@
 
 pub mod disk;
 pub mod memory;
+pub mod redis;
+pub mod tiered;
 pub mod value_files;
 
 use std::path::PathBuf;

@@ -1,0 +1,352 @@
+//! The Redis tier, against a real `redis-server` each test starts on a free loopback port.
+//!
+//! Without redis-server these tests are reported skipped, except under CI (where .ci/run
+//! installs it), where a missing server is a failure.
+
+mod common;
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{generated_module, n, warnings, Env};
+use serde_json::Value;
+
+/// A redis-server of this test's own; killed when dropped.
+struct Redis {
+    child: Option<Child>,
+    port: u16,
+    args: Vec<String>,
+}
+
+impl Redis {
+    /// Starts one, or returns `None` (skip) where redis-server is not installed and this is
+    /// not CI.
+    fn start(args: &[&str]) -> Option<Redis> {
+        if Command::new("redis-server")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI must install redis-server (apt-get install -y redis-server)"
+            );
+            eprintln!("skipped: redis-server is not installed");
+            return None;
+        }
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut redis = Redis {
+            child: None,
+            port,
+            args: args.iter().map(|a| a.to_string()).collect(),
+        };
+        redis.restart();
+        Some(redis)
+    }
+
+    fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.connection().is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn connection(&self) -> redis::RedisResult<redis::Connection> {
+        redis::Client::open(self.url())?.get_connection_with_timeout(Duration::from_secs(1))
+    }
+
+    fn keys(&self) -> Vec<String> {
+        redis::cmd("KEYS")
+            .arg("fncache:*")
+            .query(&mut self.connection().unwrap())
+            .unwrap()
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// `fncache compile --json` into `cache` with the remote tier; returns the report and stderr.
+fn compile(
+    env: &Env,
+    cache: &Path,
+    redis: &Redis,
+    module: &Path,
+    out: &Path,
+    extra: &[&str],
+) -> (Value, String) {
+    let output = common::fncache_command()
+        .arg("--cache-dir")
+        .arg(cache)
+        .args(["--remote", &redis.url()])
+        .args([
+            "compile",
+            "--json",
+            module.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ])
+        .args(extra)
+        .env_remove("FNCACHE_DIR")
+        .current_dir(env.dir.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).to_string();
+    assert!(output.status.success(), "compile failed: {stderr}");
+    (serde_json::from_slice(&output.stdout).unwrap(), stderr)
+}
+
+fn machine(env: &Env, name: &str) -> PathBuf {
+    env.dir.path().join(name)
+}
+
+fn reference(env: &Env, module: &Path) -> Vec<u8> {
+    let out = env.dir.path().join("reference.cwasm");
+    env.compile(module, &out, &["--no-cache"]);
+    std::fs::read(out).unwrap()
+}
+
+fn stats(cache: &Path) -> Value {
+    let output = common::fncache_command()
+        .arg("--cache-dir")
+        .arg(cache)
+        .args(["stats", "--json"])
+        .output()
+        .unwrap();
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+#[test]
+fn two_machines_share_modules_and_functions_through_redis() {
+    let Some(redis) = Redis::start(&[]) else {
+        return;
+    };
+    let env = Env::new();
+    let module = env.file("gen.wat", generated_module(301, 3));
+    let expected = reference(&env, &module);
+    let out = env.dir.path().join("out.cwasm");
+
+    let (first, _) = compile(&env, &machine(&env, "a"), &redis, &module, &out, &[]);
+    assert_eq!(first["level"], "function");
+    assert_eq!(std::fs::read(&out).unwrap(), expected);
+    assert!(!redis.keys().is_empty(), "the first machine wrote to Redis");
+
+    // A second machine, empty disk: the whole module comes from Redis.
+    let b = machine(&env, "b");
+    let (second, stderr) = compile(&env, &b, &redis, &module, &out, &[]);
+    assert_eq!(second["level"], "module", "{second} {stderr}");
+    assert_eq!(std::fs::read(&out).unwrap(), expected);
+    assert!(n(&stats(&b), "remote_hits") >= 1);
+
+    // A third, empty disk, functions only: at least 90% of lookups from Redis.
+    let c = machine(&env, "c");
+    let (third, _) = compile(&env, &c, &redis, &module, &out, &["--no-module-level"]);
+    let rate = n(&third, "hits") as f64 / n(&third, "lookups") as f64;
+    assert!(rate >= 0.9, "{third}");
+    assert_eq!(std::fs::read(&out).unwrap(), expected);
+    let from_redis = n(&stats(&c), "remote_hits");
+    assert!(
+        from_redis >= n(&third, "hits") * 9 / 10,
+        "{from_redis} of {third}"
+    );
+    // What came from Redis is now on the third machine's disk: served locally next time.
+    let (again, _) = compile(&env, &c, &redis, &module, &out, &["--no-module-level"]);
+    assert!(
+        n(&again, "hits") * 10 >= n(&again, "lookups") * 9,
+        "{again}"
+    );
+    let more_from_redis = n(&stats(&c), "remote_hits") - from_redis;
+    assert!(
+        more_from_redis * 10 <= n(&again, "lookups"),
+        "{more_from_redis}: {again}"
+    );
+}
+
+#[test]
+fn a_dead_redis_costs_a_warning_and_sharing_resumes_when_it_returns() {
+    let Some(mut redis) = Redis::start(&[]) else {
+        return;
+    };
+    let env = Env::new();
+    let module = env.file("gen.wat", generated_module(400, 9));
+    let other = env.file("other.wat", generated_module(150, 21));
+    let expected = reference(&env, &module);
+    let out = env.dir.path().join("out.cwasm");
+
+    // Killed while a compile runs: the compile finishes, with the same code.
+    let child = common::fncache_command()
+        .arg("--cache-dir")
+        .arg(machine(&env, "a"))
+        .args([
+            "--remote",
+            &redis.url(),
+            "compile",
+            module.to_str().unwrap(),
+        ])
+        .args(["-o", out.to_str().unwrap()])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    redis.kill();
+    let finished = child.wait_with_output().unwrap();
+    assert!(
+        finished.status.success(),
+        "{}",
+        String::from_utf8_lossy(&finished.stderr)
+    );
+    assert_eq!(std::fs::read(&out).unwrap(), expected);
+    assert!(warnings(&String::from_utf8_lossy(&finished.stderr)) <= 1);
+
+    // Down for a whole compile: one warning, no error, the local cache still works.
+    let started = Instant::now();
+    let (down, stderr) = compile(&env, &machine(&env, "b"), &redis, &module, &out, &[]);
+    let with_redis_down = started.elapsed();
+    assert_eq!(warnings(&stderr), 1, "{stderr}");
+    assert!(stderr.contains("remote cache"), "{stderr}");
+    assert_eq!(down["level"], "function");
+    assert_eq!(std::fs::read(&out).unwrap(), expected);
+    eprintln!("compile with Redis down: {with_redis_down:?}");
+
+    // Back: the next compile writes to it and another machine reads from it.
+    redis.restart();
+    compile(&env, &machine(&env, "c"), &redis, &other, &out, &[]);
+    let (shared, _) = compile(&env, &machine(&env, "d"), &redis, &other, &out, &[]);
+    assert_eq!(
+        shared["level"], "module",
+        "sharing did not resume: {shared}"
+    );
+}
+
+#[test]
+fn tampered_or_foreign_entries_in_redis_are_rejected_and_recompiled() {
+    let Some(redis) = Redis::start(&[]) else {
+        return;
+    };
+    let env = Env::new();
+    let module = env.file("gen.wat", generated_module(120, 4));
+    let expected = reference(&env, &module);
+    let out = env.dir.path().join("out.cwasm");
+    compile(&env, &machine(&env, "a"), &redis, &module, &out, &[]);
+
+    // Flip one byte near the end of every value (inside the entry's body).
+    let mut conn = redis.connection().unwrap();
+    for key in redis.keys() {
+        let mut value: Vec<u8> = redis::cmd("GET").arg(&key).query(&mut conn).unwrap();
+        let last = value.len() - 1;
+        value[last] ^= 0x40;
+        let _: () = redis::cmd("SET")
+            .arg(&key)
+            .arg(value)
+            .query(&mut conn)
+            .unwrap();
+    }
+    let b = machine(&env, "b");
+    let (report, stderr) = compile(&env, &b, &redis, &module, &out, &[]);
+    assert_eq!(
+        report["level"], "function",
+        "a tampered module must not load"
+    );
+    assert_eq!(n(&report, "hits"), 0, "{report}");
+    assert_eq!(std::fs::read(&out).unwrap(), expected);
+    assert!(n(&stats(&b), "rejected") > 0);
+    assert!(warnings(&stderr) >= 1);
+
+    // Entries written by a machine with another key: rejected and counted, never used.
+    let (_, _) = {
+        let output = common::fncache_command()
+            .env("FNCACHE_KEY", "11".repeat(32))
+            .arg("--cache-dir")
+            .arg(machine(&env, "stranger"))
+            .args([
+                "--remote",
+                &redis.url(),
+                "compile",
+                module.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        assert!(output.status.success());
+        ((), ())
+    };
+    let c = machine(&env, "c");
+    let (report, _) = compile(&env, &c, &redis, &module, &out, &[]);
+    assert_eq!(report["level"], "function");
+    assert_eq!(n(&report, "hits"), 0, "{report}");
+    assert!(n(&stats(&c), "rejected") > 0);
+    assert_eq!(std::fs::read(&out).unwrap(), expected);
+}
+
+#[test]
+fn the_cache_keeps_working_while_redis_evicts_under_maxmemory() {
+    let Some(redis) = Redis::start(&["--maxmemory", "1mb", "--maxmemory-policy", "allkeys-lru"])
+    else {
+        return;
+    };
+    let env = Env::new();
+    let out = env.dir.path().join("out.cwasm");
+    for salt in 0..6 {
+        let module = env.file(&format!("m{salt}.wat"), generated_module(200, 100 + salt));
+        let expected = reference(&env, &module);
+        let (report, stderr) = compile(
+            &env,
+            &machine(&env, &format!("m{salt}")),
+            &redis,
+            &module,
+            &out,
+            &[],
+        );
+        assert_eq!(warnings(&stderr), 0, "{stderr}");
+        assert_eq!(report["level"], "function");
+        assert_eq!(std::fs::read(&out).unwrap(), expected);
+    }
+    let mut conn = redis.connection().unwrap();
+    let info: String = redis::cmd("INFO").arg("stats").query(&mut conn).unwrap();
+    let evicted: u64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("evicted_keys:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap();
+    assert!(evicted > 0, "Redis should have evicted under 1mb: {info}");
+    // What survived still serves another machine.
+    let module = env.file("m5.wat", generated_module(200, 105));
+    let (report, _) = compile(
+        &env,
+        &machine(&env, "late"),
+        &redis,
+        &module,
+        &out,
+        &["--no-module-level"],
+    );
+    assert!(n(&report, "lookups") > 0);
+}

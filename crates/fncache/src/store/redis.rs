@@ -1,0 +1,457 @@
+//! The remote store: Redis (standalone or Cluster), shared by a fleet of machines.
+//!
+//! Layout: one Redis string per key, `fncache:v1:<hex key id>`, holding a 32-byte link tag and
+//! then the encoded entry. The tag binds the entry to the key it is stored under
+//! (BLAKE3-keyed over the key id and the entry's digest, with the cache's secret), so that an
+//! entry copied under another key is rejected like one written without the secret. Entries are
+//! not shared between keys as on disk: Redis has no transactions across keys worth paying for
+//! here, and its memory is bounded by its own `maxmemory` policy (or the TTL set here).
+//!
+//! Redis is never allowed to fail or stall a compile:
+//! - every operation has a timeout ([`RemoteConfig::timeout`](crate::RemoteConfig));
+//! - a circuit breaker opens after [`FAILURES_TO_OPEN`] failures in a row: while open, reads
+//!   miss and writes are dropped without touching the network; every [`RETRY_AFTER`] one
+//!   operation is let through to see whether Redis is back, and sharing resumes by itself;
+//! - writes go to a background thread that sends them in pipelined batches.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use redis::ConnectionLike;
+
+use super::{Eviction, Store, StoreError, StoredEntry, Usage};
+use crate::config::RemoteConfig;
+use crate::entry::{self, HEADER_LEN};
+use crate::key::{Digest, KeyId};
+use crate::secret::Secret;
+use crate::stats::Counters;
+
+/// Failures in a row that open the circuit.
+pub const FAILURES_TO_OPEN: u32 = 3;
+/// How long the circuit stays open before one operation tries Redis again.
+pub const RETRY_AFTER: Duration = Duration::from_secs(2);
+const KEY_PREFIX: &str = "fncache:v1:";
+const TAG_LEN: usize = 32;
+/// Writes sent in one pipeline at most.
+const WRITE_BATCH: usize = 256;
+
+enum Client {
+    Single(redis::Client),
+    Cluster(redis::cluster::ClusterClient),
+}
+
+enum Connection {
+    Single(redis::Connection),
+    Cluster(redis::cluster::ClusterConnection),
+}
+
+impl Connection {
+    fn as_dyn(&mut self) -> &mut dyn ConnectionLike {
+        match self {
+            Connection::Single(c) => c,
+            Connection::Cluster(c) => c,
+        }
+    }
+}
+
+/// Opens after repeated failures; lets one operation through now and then while open.
+#[derive(Debug, Default)]
+struct Breaker {
+    failures: AtomicU32,
+    open_until: Mutex<Option<Instant>>,
+}
+
+impl Breaker {
+    fn allows(&self) -> bool {
+        let mut open_until = self.open_until.lock();
+        match *open_until {
+            Some(until) if Instant::now() < until => false,
+            Some(_) => {
+                // Half open: this caller tries; others wait for the next period.
+                *open_until = Some(Instant::now() + RETRY_AFTER);
+                true
+            }
+            None => true,
+        }
+    }
+
+    fn succeeded(&self) {
+        if self.failures.swap(0, Ordering::Relaxed) > 0 {
+            *self.open_until.lock() = None;
+        }
+    }
+
+    /// Returns whether this failure opened the circuit.
+    fn failed(&self) -> bool {
+        let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if failures >= FAILURES_TO_OPEN {
+            let mut open_until = self.open_until.lock();
+            let opening = open_until.is_none();
+            *open_until = Some(Instant::now() + RETRY_AFTER);
+            return opening;
+        }
+        false
+    }
+
+    fn is_open(&self) -> bool {
+        self.open_until.lock().is_some()
+    }
+}
+
+struct Shared {
+    client: Client,
+    timeout: Duration,
+    idle: Mutex<Vec<Connection>>,
+    breaker: Breaker,
+    warned: AtomicBool,
+    location: String,
+    errors: AtomicU64,
+}
+
+impl Shared {
+    fn connect(&self) -> redis::RedisResult<Connection> {
+        if let Some(conn) = self.idle.lock().pop() {
+            return Ok(conn);
+        }
+        Ok(match &self.client {
+            Client::Single(client) => {
+                let conn = client.get_connection_with_timeout(self.timeout)?;
+                conn.set_read_timeout(Some(self.timeout))?;
+                conn.set_write_timeout(Some(self.timeout))?;
+                Connection::Single(conn)
+            }
+            Client::Cluster(client) => Connection::Cluster(client.get_connection()?),
+        })
+    }
+
+    /// Runs `op` on a connection, through the breaker; `None` when the breaker is open or the
+    /// operation failed (which is counted, and warned about once).
+    fn run<T>(
+        &self,
+        op: impl FnOnce(&mut dyn ConnectionLike) -> redis::RedisResult<T>,
+    ) -> Option<T> {
+        if !self.breaker.allows() {
+            return None;
+        }
+        let result = self.connect().and_then(|mut conn| {
+            let result = op(conn.as_dyn());
+            if result.is_ok() {
+                self.idle.lock().push(conn); // a connection that failed is dropped
+            }
+            result
+        });
+        match result {
+            Ok(value) => {
+                self.breaker.succeeded();
+                Some(value)
+            }
+            Err(error) => {
+                self.errors.fetch_add(1, Ordering::Relaxed);
+                let opened = self.breaker.failed();
+                if opened && !self.warned.swap(true, Ordering::Relaxed) {
+                    log::warn!(
+                        "the remote cache {} is not answering ({error}); compiling without it, \
+                         and trying it again every {} s",
+                        self.location,
+                        RETRY_AFTER.as_secs()
+                    );
+                }
+                None
+            }
+        }
+    }
+}
+
+/// A Redis-backed store. See the module documentation.
+pub struct RedisStore {
+    shared: Arc<Shared>,
+    secret: Option<Secret>,
+    ttl: Option<Duration>,
+    read_only: bool,
+    /// Which keys served which digest, so that a value the cache rejects can be deleted.
+    served: Mutex<HashMap<Digest, KeyId>>,
+    writes: Option<mpsc::Sender<WriteOp>>,
+    writer: Option<std::thread::JoinHandle<()>>,
+    hits: AtomicU64,
+    rejected_links: AtomicU64,
+}
+
+enum WriteOp {
+    Set(String, Vec<u8>),
+    Delete(String),
+    Flush(mpsc::SyncSender<()>),
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("location", &self.shared.location)
+            .finish()
+    }
+}
+
+impl RedisStore {
+    /// Connects lazily: an unreachable Redis is not an error here, only a store that misses.
+    pub fn open(config: &RemoteConfig, secret: Option<Secret>) -> Result<RedisStore, StoreError> {
+        let urls: Vec<&str> = config.url.split(',').map(str::trim).collect();
+        let bad = |e: redis::RedisError| {
+            StoreError::Unusable(format!(
+                "remote cache URL {}: {e}; expected redis://HOST:PORT[/DB]",
+                redact(&config.url)
+            ))
+        };
+        let client = if urls.len() > 1 || config.url.starts_with("redis+cluster://") {
+            let urls: Vec<String> = urls
+                .iter()
+                .map(|u| u.replacen("redis+cluster://", "redis://", 1))
+                .collect();
+            Client::Cluster(
+                redis::cluster::ClusterClient::builder(urls)
+                    .connection_timeout(config.timeout)
+                    .response_timeout(config.timeout)
+                    .build()
+                    .map_err(bad)?,
+            )
+        } else {
+            Client::Single(redis::Client::open(config.url.as_str()).map_err(bad)?)
+        };
+        let shared = Arc::new(Shared {
+            client,
+            timeout: config.timeout,
+            idle: Mutex::new(Vec::new()),
+            breaker: Breaker::default(),
+            warned: AtomicBool::new(false),
+            location: redact(&config.url),
+            errors: AtomicU64::new(0),
+        });
+        let (writes, writer) = if config.read_only {
+            (None, None)
+        } else {
+            let (tx, rx) = mpsc::channel();
+            let writer_shared = shared.clone();
+            let ttl = config.ttl;
+            let thread = std::thread::Builder::new()
+                .name("fncache-remote".into())
+                .spawn(move || write_loop(&writer_shared, ttl, rx))
+                .map_err(|e| {
+                    StoreError::Unusable(format!("cannot start the remote writer: {e}"))
+                })?;
+            (Some(tx), Some(thread))
+        };
+        Ok(RedisStore {
+            shared,
+            secret,
+            ttl: config.ttl,
+            read_only: config.read_only,
+            served: Mutex::new(HashMap::new()),
+            writes,
+            writer,
+            hits: AtomicU64::new(0),
+            rejected_links: AtomicU64::new(0),
+        })
+    }
+
+    /// Hits served from Redis since this store was opened.
+    pub fn hits(&self) -> u64 {
+        self.hits.load(Ordering::Relaxed)
+    }
+
+    /// Failed operations since this store was opened (timeouts, refused connections).
+    pub fn errors(&self) -> u64 {
+        self.shared.errors.load(Ordering::Relaxed)
+    }
+
+    /// Whether the circuit breaker is keeping Redis out of compiles right now.
+    pub fn is_circuit_open(&self) -> bool {
+        self.shared.breaker.is_open()
+    }
+
+    /// The time-to-live new entries get, if any.
+    pub fn ttl(&self) -> Option<Duration> {
+        self.ttl
+    }
+
+    fn link_tag(&self, key: &KeyId, digest: &Digest) -> [u8; TAG_LEN] {
+        let mut bound = Vec::with_capacity(5 + 64);
+        bound.extend_from_slice(b"link\0");
+        bound.extend_from_slice(key.0.as_bytes());
+        bound.extend_from_slice(digest.as_bytes());
+        Digest::authenticated(self.secret.as_ref(), &bound).0
+    }
+
+    fn send(&self, op: WriteOp) {
+        if let Some(writes) = &self.writes {
+            let _ = writes.send(op);
+        }
+    }
+}
+
+fn redis_key(key: &KeyId) -> String {
+    format!("{KEY_PREFIX}{}", key.0.to_hex())
+}
+
+/// A URL without its password, for messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://…@{}", &url[..scheme], &url[at + 1..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+fn write_loop(shared: &Shared, ttl: Option<Duration>, rx: mpsc::Receiver<WriteOp>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < WRITE_BATCH {
+            match rx.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        let mut pipe = redis::pipe();
+        let mut flushes = Vec::new();
+        for op in batch {
+            match op {
+                WriteOp::Set(key, value) => {
+                    let cmd = pipe.cmd("SET").arg(key).arg(value);
+                    if let Some(ttl) = ttl {
+                        cmd.arg("EX").arg(ttl.as_secs().max(1));
+                    }
+                    cmd.ignore();
+                }
+                WriteOp::Delete(key) => {
+                    pipe.cmd("DEL").arg(key).ignore();
+                }
+                WriteOp::Flush(reply) => flushes.push(reply),
+            }
+        }
+        if pipe.cmd_iter().next().is_some() {
+            // A failed batch is dropped: the entries are a cache, compiled again if missing.
+            shared.run(|conn| pipe.query::<()>(conn));
+        }
+        for reply in flushes {
+            let _ = reply.send(());
+        }
+    }
+}
+
+impl Drop for RedisStore {
+    fn drop(&mut self) {
+        self.writes.take(); // the writer sends what is queued, then stops
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
+}
+
+impl Store for RedisStore {
+    fn get(&self, key: &KeyId) -> Result<Option<(Digest, StoredEntry)>, StoreError> {
+        let name = redis_key(key);
+        let Some(found) = self
+            .shared
+            .run(|conn| redis::cmd("GET").arg(&name).query::<Option<Vec<u8>>>(conn))
+        else {
+            return Ok(None);
+        };
+        let Some(value) = found else {
+            return Ok(None);
+        };
+        self.hits.fetch_add(1, Ordering::Relaxed);
+        let stored = value.get(TAG_LEN..).unwrap_or_default();
+        let digest = entry::header_digest(stored);
+        let linked = match digest {
+            Some(digest) if value.len() >= TAG_LEN + HEADER_LEN => {
+                value[..TAG_LEN] == self.link_tag(key, &digest)
+            }
+            _ => false,
+        };
+        if !linked {
+            // Not stored here by a holder of the secret (or cut short): delete it, and hand it
+            // on under a name it cannot match, so that the cache rejects and counts it.
+            self.rejected_links.fetch_add(1, Ordering::Relaxed);
+            self.send(WriteOp::Delete(name));
+            return Ok(Some((
+                Digest([0; 32]),
+                StoredEntry::Whole(Arc::from(stored)),
+            )));
+        }
+        let digest = digest.expect("checked above");
+        {
+            let mut served = self.served.lock();
+            if served.len() > 100_000 {
+                served.clear();
+            }
+            served.insert(digest, *key);
+        }
+        Ok(Some((digest, StoredEntry::Whole(Arc::from(stored)))))
+    }
+
+    fn put(&self, key: KeyId, digest: Digest, entry: Arc<[u8]>) -> Result<(), StoreError> {
+        if self.read_only || self.shared.breaker.is_open() {
+            return Ok(()); // nothing to send it to; the writer would drop it anyway
+        }
+        let mut value = Vec::with_capacity(TAG_LEN + entry.len());
+        value.extend_from_slice(&self.link_tag(&key, &digest));
+        value.extend_from_slice(&entry);
+        self.send(WriteOp::Set(redis_key(&key), value));
+        Ok(())
+    }
+
+    fn remove(&self, digest: &Digest) -> Result<(), StoreError> {
+        if let Some(key) = self.served.lock().remove(digest) {
+            self.send(WriteOp::Delete(redis_key(&key)));
+        }
+        Ok(())
+    }
+
+    fn record(&self, _delta: &Counters) {}
+
+    fn flush(&self) -> Result<(), StoreError> {
+        if let Some(writes) = &self.writes {
+            let (tx, rx) = mpsc::sync_channel(1);
+            if writes.send(WriteOp::Flush(tx)).is_ok() {
+                let _ = rx.recv();
+            }
+        }
+        Ok(())
+    }
+
+    fn counters(&self) -> Result<Counters, StoreError> {
+        Ok(Counters::default())
+    }
+
+    fn usage(&self) -> Result<Usage, StoreError> {
+        Ok(Usage::default())
+    }
+
+    fn max_bytes(&self) -> u64 {
+        0 // bounded by Redis' maxmemory
+    }
+
+    fn evict_to(&self, _max_bytes: u64) -> Result<Eviction, StoreError> {
+        Ok(Eviction::default()) // Redis evicts by its own policy
+    }
+
+    fn clear(&self) -> Result<(), StoreError> {
+        Err(StoreError::Unusable(
+            "the remote cache is shared; clear it with Redis' own tools (keys fncache:v1:*)".into(),
+        ))
+    }
+
+    fn for_each_entry(&self, _visit: &mut dyn FnMut(Digest, &[u8])) -> Result<(), StoreError> {
+        Ok(()) // verified on every read; not scanned
+    }
+
+    fn location(&self) -> String {
+        self.shared.location.clone()
+    }
+
+    fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+}
