@@ -44,6 +44,9 @@ pub enum Probe {
         dir: PathBuf,
         module: PathBuf,
         module_level: bool,
+        /// A remote tier (Redis URL) behind the disk.
+        #[serde(default)]
+        remote: Option<String>,
     },
     /// Compiles `modules` into the fncache in `dir` with the function level only (untimed
     /// preparation for the shared-library scenario).
@@ -147,10 +150,15 @@ impl Probe {
                 dir,
                 module,
                 module_level,
+                remote,
             } => {
                 let wasm = read(module)?;
                 let start = Instant::now();
-                let cache = Cache::open(&CacheConfig::new().directory(dir))?;
+                let mut config = CacheConfig::new().directory(dir);
+                if let Some(url) = remote {
+                    config = config.remote(fncache::RemoteConfig::new(url));
+                }
+                let cache = Cache::open(&config)?;
                 let compiler =
                     Compiler::new(Config::new(), Some(cache.clone()))?.module_level(*module_level);
                 let (loaded, report) = compiler.compile(&wasm)?;

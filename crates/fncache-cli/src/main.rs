@@ -103,6 +103,10 @@ enum Command {
         /// Samples per configuration; medians are reported
         #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
         runs: u32,
+        /// Measure the remote tier instead, against this Redis (its data is flushed!): cold,
+        /// local warm, warm from Redis with an empty disk, and a compile with Redis down
+        #[arg(long, value_name = "URL")]
+        against_redis: Option<String>,
     },
     /// One benchmark sample (JSON in, JSON out); run by `bench` in a fresh process
     #[command(hide = true)]
@@ -193,6 +197,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             report: Some(saved),
             ..
         } => print_saved_bench(&saved),
+        Command::Bench {
+            inputs,
+            runs,
+            against_redis: Some(url),
+            ..
+        } => bench_remote(&inputs, runs as usize, &url, global.json),
         Command::Bench { inputs, runs, .. } => bench(&inputs, runs as usize, global.json),
         Command::BenchProbe { probe } => {
             let probe: fncache_bench::probe::Probe =
@@ -341,6 +351,47 @@ fn bench(inputs: &[PathBuf], runs: usize, json: bool) -> Result<ExitCode> {
         print!("{}", suite::render(&reports));
         for family in &family_reports {
             print!("{}", suite::render_family(family));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn bench_remote(inputs: &[PathBuf], runs: usize, url: &str, json: bool) -> Result<ExitCode> {
+    use fncache_bench::suite::{self, Options, Progress, Subject};
+    let scratch = tempfile::Builder::new()
+        .prefix("fncache-bench-")
+        .tempdir()
+        .context("cannot create a scratch directory")?;
+    let options = Options {
+        probe_command: vec![
+            std::env::current_exe()?.into_os_string(),
+            "bench-probe".into(),
+        ],
+        runs,
+        scratch: scratch.path().to_path_buf(),
+    };
+    let mut progress = Progress::new(inputs.len() * runs * 7);
+    let mut reports = Vec::new();
+    for input in inputs {
+        let name = input.file_name().unwrap_or_default().to_string_lossy();
+        let subject = Subject {
+            name: name.trim_end_matches(".wasm").to_string(),
+            path: input.clone(),
+            previous: None,
+        };
+        reports.push(suite::measure_remote(
+            &subject,
+            url,
+            &options,
+            &mut progress,
+        )?);
+    }
+    progress.finish();
+    if json {
+        println!("{}", json!({ "runs": runs, "remote": reports }));
+    } else {
+        for report in &reports {
+            print!("{}", suite::render_remote(report));
         }
     }
     Ok(ExitCode::SUCCESS)
