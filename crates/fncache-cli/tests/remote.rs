@@ -350,3 +350,80 @@ fn the_cache_keeps_working_while_redis_evicts_under_maxmemory() {
     );
     assert!(n(&report, "lookups") > 0);
 }
+
+#[test]
+fn entries_in_redis_get_the_configured_ttl_and_none_by_default() {
+    let Some(redis) = Redis::start(&[]) else {
+        return;
+    };
+    let env = Env::new();
+    let module = env.file("gen.wat", generated_module(30, 8));
+    let out = env.dir.path().join("out.cwasm");
+    let ttls = |redis: &Redis| -> Vec<i64> {
+        let mut conn = redis.connection().unwrap();
+        redis
+            .keys()
+            .iter()
+            .map(|k| redis::cmd("TTL").arg(k).query(&mut conn).unwrap())
+            .collect()
+    };
+    compile(&env, &machine(&env, "a"), &redis, &module, &out, &[]);
+    let without = ttls(&redis);
+    assert!(
+        !without.is_empty() && without.iter().all(|&t| t == -1),
+        "{without:?}"
+    );
+    let _: () = redis::cmd("FLUSHALL")
+        .query(&mut redis.connection().unwrap())
+        .unwrap();
+    compile(
+        &env,
+        &machine(&env, "b"),
+        &redis,
+        &module,
+        &out,
+        &["--remote-ttl", "2h"],
+    );
+    let with = ttls(&redis);
+    assert!(
+        !with.is_empty() && with.iter().all(|&t| t > 7000 && t <= 7200),
+        "{with:?}"
+    );
+}
+
+/// A Redis that accepts connections and never answers (a hung server): each operation times
+/// out (250 ms), the breaker opens after three, and the compile goes on without it.
+#[test]
+fn a_hung_redis_adds_a_bounded_delay_and_one_warning() {
+    let env = Env::new();
+    let module = env.file("gen.wat", generated_module(200, 13));
+    let expected = reference(&env, &module);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!(
+        "redis://127.0.0.1:{}",
+        listener.local_addr().unwrap().port()
+    );
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming() {
+            held.push(stream); // accepted, never answered
+        }
+    });
+    let out = env.dir.path().join("out.cwasm");
+    let started = Instant::now();
+    let output = common::fncache_command()
+        .arg("--cache-dir")
+        .arg(machine(&env, "a"))
+        .args(["--remote", &url, "compile", module.to_str().unwrap()])
+        .args(["-o", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let elapsed = started.elapsed();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert_eq!(warnings(&stderr), 1, "{stderr}");
+    assert_eq!(std::fs::read(&out).unwrap(), expected);
+    eprintln!("compile with a hung Redis: {elapsed:?}");
+    // Three timeouts open the breaker; then one probe per 2 s. Generous for a loaded machine.
+    assert!(elapsed < Duration::from_secs(6), "{elapsed:?}");
+}
