@@ -518,7 +518,8 @@ fn compiler(global: &Global) -> Result<Compiler> {
 fn finish(compiler: &Compiler) {
     if let Some(cache) = compiler.cache() {
         if let Err(error) = cache.flush() {
-            log::warn!("could not store compiled code in the cache ({error})");
+            // The store warned when the write failed; once is enough.
+            log::debug!("could not store compiled code in the cache ({error})");
         }
     }
 }

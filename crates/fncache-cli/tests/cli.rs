@@ -117,7 +117,8 @@ fn an_unchanged_module_is_served_whole_and_a_damaged_one_is_rebuilt() {
 }
 
 /// Compiles killed with SIGKILL at random instants leave a cache that opens, verifies whole and
-/// serves the right code. A short run here; issue 4's harness runs a thousand.
+/// serves the right code. A short run here (24 trials); the full run is
+/// `FNCACHE_CRASH_TRIALS=1000 cargo test --release -p fncache-cli --test cli compiles_killed`.
 #[test]
 fn compiles_killed_at_random_instants_leave_no_damaged_entry() {
     let env = Env::new();
@@ -126,7 +127,11 @@ fn compiles_killed_at_random_instants_leave_no_damaged_entry() {
         .collect();
     let mut seed = 0x2545_f491_4f6c_dd1du64;
     let mut killed = 0;
-    for trial in 0..24 {
+    let trials: usize = std::env::var("FNCACHE_CRASH_TRIALS")
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(24);
+    for trial in 0..trials {
         seed ^= seed << 13;
         seed ^= seed >> 7;
         seed ^= seed << 17;
@@ -145,10 +150,10 @@ fn compiles_killed_at_random_instants_leave_no_damaged_entry() {
             killed += 1;
         }
     }
-    eprintln!("{killed} of 24 compiles killed before they ended");
+    eprintln!("{killed} of {trials} compiles killed before they ended");
     assert!(
-        killed >= 4,
-        "only {killed} of 24 compiles were killed before they ended"
+        killed >= trials / 6,
+        "only {killed} of {trials} compiles were killed before they ended"
     );
     let verify = env.fncache(&["verify", "--json"]);
     assert!(

@@ -78,10 +78,13 @@ pub fn write(dir: &Path, digest: &Digest, body: &[u8]) -> io::Result<()> {
         return Ok(());
     }
     let values = dir.join(VALUES_DIR);
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&values)?;
+    // Not recursive: a cache directory removed under a running process is not made again
+    // here, half empty; the write fails and the compile goes on without the cache.
+    match fs::DirBuilder::new().mode(0o700).create(&values) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
     let nanos = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or_default()
