@@ -1,7 +1,8 @@
 //! The `fncache` command: a thin layer over `fncache` and `fncache-wasmtime`.
 //!
 //! Exit codes: 0 success; 1 an error (bad input, unusable cache for `stats`/`gc`/`clear`);
-//! 2 bad command-line usage; for `run`, the guest's own exit code, or 134 when it traps.
+//! 2 bad command-line usage; 3 `compile --verify` found cached code that differs from a fresh
+//! compile; for `run`, the guest's own exit code, or 134 when it traps.
 
 mod logger;
 mod wasi;
@@ -53,6 +54,11 @@ struct Global {
     /// How long Redis keeps each entry, e.g. 7d, 12h, 3600s [default: until maxmemory evicts it]
     #[arg(long, global = true, value_name = "DURATION", value_parser = parse_duration)]
     remote_ttl: Option<std::time::Duration>,
+    /// Verify mode: recompile RATE (0 to 1, default 1) of the function-level hits and compare
+    /// them with their entries; a difference is an error (exit code 3) and the fresh code is used
+    #[arg(long, global = true, value_name = "RATE", num_args = 0..=1, default_missing_value = "1",
+          value_parser = parse_rate)]
+    verify: Option<f64>,
     /// Print machine-readable JSON on stdout (`run`: the summary on stderr)
     #[arg(long, global = true)]
     json: bool,
@@ -172,6 +178,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     input.display(),
                     summary(&report, &compiler)
                 );
+            }
+            if report.mismatches > 0 {
+                eprintln!(
+                    "fncache: error: verify found {} cached functions that differ from a fresh \
+                     compile (the fresh code was used)",
+                    report.mismatches
+                );
+                return Ok(ExitCode::from(3));
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -463,6 +477,15 @@ fn cache_config(global: &Global) -> CacheConfig {
     config
 }
 
+fn parse_rate(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(rate) if (0.0..=1.0).contains(&rate) => Ok(rate),
+        _ => Err(format!(
+            "'{text}' is not a rate; use a number from 0 to 1, e.g. 0.05"
+        )),
+    }
+}
+
 fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
     let text = text.trim();
     let split = text
@@ -511,7 +534,12 @@ fn compiler(global: &Global) -> Result<Compiler> {
             }
         }
     };
-    Ok(Compiler::new(wasmtime::Config::new(), cache)?.module_level(!global.no_module_level))
+    match (global.verify, cache) {
+        (Some(rate), Some(cache)) => Compiler::with_verify(wasmtime::Config::new(), cache, rate),
+        (_, cache) => Ok(
+            Compiler::new(wasmtime::Config::new(), cache)?.module_level(!global.no_module_level)
+        ),
+    }
 }
 
 /// Waits for the cache's writes, so that they outlive the process.
@@ -550,6 +578,8 @@ fn report_json(report: &CompileReport, cached: bool) -> serde_json::Value {
         "hits": report.hits,
         "misses": report.misses,
         "inserts": report.inserts,
+        "verified": report.verified,
+        "mismatches": report.mismatches,
         "seconds": report.seconds,
         "cache": cached,
     })

@@ -42,3 +42,33 @@ fn a_second_process_reuses_sql_js() {
     let reference = std::fs::read(env.dir.path().join("reference.cwasm")).unwrap();
     assert!(std::fs::read(&out).unwrap() == reference);
 }
+
+/// Verify mode over the real corpus: every function-level hit of sql.js recompiled and
+/// compared with its entry. Any difference fails (exit code 3).
+#[test]
+fn verify_mode_over_sql_js_finds_no_mismatch() {
+    let module =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../corpus/sql.js-1.15.2/sql-wasm.wasm");
+    if !module.exists() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must fetch the corpus (scripts/fetch-corpus)"
+        );
+        eprintln!("skipped: {} missing", module.display());
+        return;
+    }
+    let env = Env::new();
+    let out = env.dir.path().join("out.cwasm");
+    let reference = env.dir.path().join("reference.cwasm");
+    env.compile(&module, &reference, &["--no-cache"]);
+    env.compile(&module, &out, &[]);
+    let (report, stderr) = env.compile(&module, &out, &["--verify"]);
+    assert_eq!(common::n(&report, "mismatches"), 0, "{stderr}");
+    assert!(common::n(&report, "verified") > 1500, "{report}");
+    assert!(std::fs::read(&out).unwrap() == std::fs::read(&reference).unwrap());
+    eprintln!(
+        "verify: {} functions recompiled and compared, {} mismatches",
+        common::n(&report, "verified"),
+        common::n(&report, "mismatches")
+    );
+}

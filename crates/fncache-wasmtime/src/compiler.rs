@@ -14,7 +14,7 @@ use fncache::{Cache, Value};
 use wasmtime::{Config, Engine, Module};
 
 use crate::fingerprint::engine_fingerprint;
-use crate::function_store::{enable, FunctionCounters, FunctionStore};
+use crate::function_store::{enable, enable_with_verify, FunctionCounters, FunctionStore};
 
 /// Which level of the cache a compile was served from.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -56,6 +56,10 @@ pub struct CompileReport {
     pub hit_bytes: u64,
     /// Bytes of compiled code compiled afresh (function-level misses).
     pub inserted_bytes: u64,
+    /// Verify mode: hits recompiled and found identical to their entries.
+    pub verified: u64,
+    /// Verify mode: entries that differed from a fresh compile.
+    pub mismatches: u64,
     /// Wall time of the compile alone, in seconds.
     pub seconds: f64,
 }
@@ -131,6 +135,27 @@ impl Compiler {
     /// The cache this compiler uses, if any.
     pub fn cache(&self) -> Option<&Cache> {
         self.functions.as_ref().map(|f| f.cache())
+    }
+
+    /// Builds the engine with verify mode: `verify_rate` (0.0 to 1.0) of the function-level
+    /// hits are recompiled and compared with the cached entry; a difference is an error in the
+    /// log and in [`CompileReport::mismatches`], and the fresh code is used. The module level
+    /// is off in verify mode, so that every function goes through the check.
+    pub fn with_verify(
+        mut config: Config,
+        cache: Cache,
+        verify_rate: f64,
+    ) -> anyhow::Result<Compiler> {
+        let functions = enable_with_verify(&mut config, &cache, verify_rate)?;
+        let engine = Engine::new(&config)?;
+        if engine_fingerprint(&engine) != *functions.namespace() {
+            bail!("internal error: the engine's fingerprint changed when the cache was enabled");
+        }
+        Ok(Compiler {
+            engine,
+            functions: Some(functions),
+            module_level: false,
+        })
     }
 
     /// Compiles a module (binary or text format).
@@ -232,6 +257,8 @@ impl Compiler {
             inserts: after.inserts - before.inserts,
             hit_bytes: after.hit_bytes - before.hit_bytes,
             inserted_bytes: after.inserted_bytes - before.inserted_bytes,
+            verified: after.verified - before.verified,
+            mismatches: after.mismatches - before.mismatches,
             seconds: 0.0,
         };
         Ok((precompiled, report))

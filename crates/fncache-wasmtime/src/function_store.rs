@@ -4,10 +4,17 @@
 //! function and per trampoline, from every compile thread at once. Both go straight to the
 //! cache, which verifies every value before it reaches Cranelift and stores new ones in the
 //! background, so a compile thread never waits for a disk write.
+//!
+//! Verify mode ([`FunctionStore::verify`], `fncache --verify[=RATE]`) checks the cache against
+//! the compiler: a sampled share of hits is answered as a miss, so that Cranelift compiles the
+//! function afresh, and the fresh code is compared with the cached entry when Cranelift hands it
+//! to [`CacheStore::insert`]. A difference is reported as an error and counted, and the fresh
+//! code, never the entry, is what the module gets.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use fncache::{Cache, Namespace};
 use wasmtime::{CacheStore, Config, Engine};
@@ -24,6 +31,13 @@ pub struct FunctionStore {
     inserts: AtomicU64,
     hit_bytes: AtomicU64,
     inserted_bytes: AtomicU64,
+    /// Share of hits recompiled and compared, in millionths (0: verify mode off).
+    verify_per_million: u64,
+    /// Cached values of sampled hits, until Cranelift's fresh compile of the same key arrives.
+    awaiting_check: Mutex<HashMap<Vec<u8>, Vec<u8>>>,
+    sample_state: AtomicU64,
+    verified: AtomicU64,
+    mismatches: AtomicU64,
 }
 
 /// Lookups seen by a [`FunctionStore`] since it was made.
@@ -36,6 +50,10 @@ pub struct FunctionCounters {
     pub hit_bytes: u64,
     /// Bytes of compiled code that missed and were compiled and stored.
     pub inserted_bytes: u64,
+    /// Verify mode: hits recompiled and compared with the entry.
+    pub verified: u64,
+    /// Verify mode: entries that differed from a fresh compile (each an error).
+    pub mismatches: u64,
 }
 
 impl FunctionStore {
@@ -48,7 +66,32 @@ impl FunctionStore {
             inserts: AtomicU64::new(0),
             hit_bytes: AtomicU64::new(0),
             inserted_bytes: AtomicU64::new(0),
+            verify_per_million: 0,
+            awaiting_check: Mutex::new(HashMap::new()),
+            sample_state: AtomicU64::new(0x9e37_79b9_7f4a_7c15),
+            verified: AtomicU64::new(0),
+            mismatches: AtomicU64::new(0),
         }
+    }
+
+    /// Verify mode: recompile this share of hits (0.0 to 1.0) and compare. Default: 0.
+    pub fn verify(mut self, rate: f64) -> FunctionStore {
+        self.verify_per_million = (rate.clamp(0.0, 1.0) * 1e6) as u64;
+        self
+    }
+
+    fn sampled(&self) -> bool {
+        if self.verify_per_million == 0 {
+            return false;
+        }
+        // splitmix64 over a counter: cheap, lock-free, evenly spread.
+        let mut z = self
+            .sample_state
+            .fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        z % 1_000_000 < self.verify_per_million
     }
 
     pub fn namespace(&self) -> &Namespace {
@@ -66,6 +109,8 @@ impl FunctionStore {
             inserts: self.inserts.load(Ordering::Relaxed),
             hit_bytes: self.hit_bytes.load(Ordering::Relaxed),
             inserted_bytes: self.inserted_bytes.load(Ordering::Relaxed),
+            verified: self.verified.load(Ordering::Relaxed),
+            mismatches: self.mismatches.load(Ordering::Relaxed),
         }
     }
 }
@@ -74,6 +119,14 @@ impl CacheStore for FunctionStore {
     fn get(&self, key: &[u8]) -> Option<Cow<'_, [u8]>> {
         self.lookups.fetch_add(1, Ordering::Relaxed);
         let value = self.cache.get(&self.namespace, key)?;
+        if self.sampled() {
+            // Answered as a miss: Cranelift compiles it and `insert` compares.
+            self.awaiting_check
+                .lock()
+                .unwrap()
+                .insert(key.to_vec(), value);
+            return None;
+        }
         self.hits.fetch_add(1, Ordering::Relaxed);
         self.hit_bytes
             .fetch_add(value.len() as u64, Ordering::Relaxed);
@@ -81,6 +134,19 @@ impl CacheStore for FunctionStore {
     }
 
     fn insert(&self, key: &[u8], value: Vec<u8>) -> bool {
+        let awaited = self.awaiting_check.lock().unwrap().remove(key);
+        if let Some(cached) = awaited {
+            if cached == value {
+                self.verified.fetch_add(1, Ordering::Relaxed);
+                return true; // the entry is right; nothing to store
+            }
+            self.mismatches.fetch_add(1, Ordering::Relaxed);
+            log::error!(
+                "verify: the cached code for a function in {} differs from a fresh compile; \
+                 the fresh code is used and replaces the entry (please report this)",
+                self.cache.store().location()
+            );
+        }
         self.inserts.fetch_add(1, Ordering::Relaxed);
         self.inserted_bytes
             .fetch_add(value.len() as u64, Ordering::Relaxed);
@@ -95,11 +161,19 @@ impl CacheStore for FunctionStore {
 /// this after every other setting; [`Compiler::new`](crate::Compiler::new) does it in the
 /// right order and checks it.
 pub fn enable(config: &mut Config, cache: &Cache) -> anyhow::Result<Arc<FunctionStore>> {
+    enable_with_verify(config, cache, 0.0)
+}
+
+/// [`enable`], with verify mode recompiling `verify_rate` of the hits (see the module
+/// documentation).
+pub fn enable_with_verify(
+    config: &mut Config,
+    cache: &Cache,
+    verify_rate: f64,
+) -> anyhow::Result<Arc<FunctionStore>> {
     let probe = Engine::new(config)?;
-    let store = Arc::new(FunctionStore::new(
-        cache.clone(),
-        engine_fingerprint(&probe),
-    ));
+    let store =
+        Arc::new(FunctionStore::new(cache.clone(), engine_fingerprint(&probe)).verify(verify_rate));
     config.enable_incremental_compilation(store.clone())?;
     Ok(store)
 }

@@ -115,3 +115,40 @@ fn engines_with_different_settings_share_a_cache_without_mixing() {
         .unwrap();
     assert_eq!(code, reference);
 }
+
+#[test]
+fn verify_mode_recompiles_hits_and_reports_an_entry_that_differs() {
+    use wasmtime::CacheStore;
+    let cache = memory_cache();
+    let namespace = fncache::Namespace::from_parts([("test", b"verify".as_slice())]);
+    cache.insert(&namespace, b"good", b"compiled code");
+    cache.insert(&namespace, b"bad", b"stale code");
+    let store = fncache_wasmtime::FunctionStore::new(cache, namespace).verify(1.0);
+    // Every hit is answered as a miss so that Cranelift compiles it afresh...
+    assert!(store.get(b"good").is_none());
+    assert!(store.get(b"bad").is_none());
+    // ...and the fresh code is compared with the entry when it arrives.
+    store.insert(b"good", b"compiled code".to_vec());
+    store.insert(b"bad", b"fresh code".to_vec());
+    let counters = store.counters();
+    assert_eq!((counters.verified, counters.mismatches), (1, 1));
+}
+
+#[test]
+fn verify_mode_finds_no_mismatch_on_a_real_compile() {
+    let cache = memory_cache();
+    let wasm = wat::parse_str(MODULE).unwrap();
+    let (reference, _) = Compiler::new(Config::new(), None)
+        .unwrap()
+        .precompile(&wasm)
+        .unwrap();
+    Compiler::new(Config::new(), Some(cache.clone()))
+        .unwrap()
+        .precompile(&wasm)
+        .unwrap();
+    let verifying = Compiler::with_verify(Config::new(), cache, 1.0).unwrap();
+    let (code, report) = verifying.precompile(&wasm).unwrap();
+    assert!(report.verified > 0, "{report:?}");
+    assert_eq!(report.mismatches, 0);
+    assert_eq!(code, reference);
+}
