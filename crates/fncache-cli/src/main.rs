@@ -56,7 +56,8 @@ struct Global {
     remote_ttl: Option<std::time::Duration>,
     /// Verify mode: recompile RATE (0 to 1, default 1) of the function-level hits and compare
     /// them with their entries; a difference is an error (exit code 3) and the fresh code is used
-    #[arg(long, global = true, value_name = "RATE", num_args = 0..=1, default_missing_value = "1",
+    #[arg(long, global = true, value_name = "RATE", num_args = 0..=1, require_equals = true,
+          default_missing_value = "1",
           value_parser = parse_rate)]
     verify: Option<f64>,
     /// Print machine-readable JSON on stdout (`run`: the summary on stderr)
