@@ -29,7 +29,12 @@ pub const MAGIC: [u8; 4] = *b"FNCE";
 pub const FORMAT_VERSION: u8 = 2;
 pub const HEADER_LEN: usize = 56;
 /// Refuse to allocate for payloads claiming to be larger than this (a damaged length field).
-pub const MAX_PAYLOAD_LEN: u64 = 4 << 30;
+pub const MAX_PAYLOAD_LEN: u64 = 1 << 30;
+/// The most a compressed body may claim to expand. The payload's MAC can only be checked after
+/// decompressing, so without this bound an entry written without the key could make a reader
+/// allocate up to [`MAX_PAYLOAD_LEN`] from a few bytes (found by the fuzzer). Real entries
+/// compress 1.5-4x.
+pub const MAX_EXPANSION: u64 = 256;
 
 const CODEC_NONE: u8 = 0;
 const CODEC_ZSTD: u8 = 1;
@@ -192,6 +197,12 @@ pub fn decode_parts<'a>(
     }
     let payload = match codec {
         CODEC_NONE => Cow::Borrowed(body),
+        CODEC_ZSTD if payload_len > (body.len() as u64).saturating_mul(MAX_EXPANSION) => {
+            return Err(EntryError::Decompress(format!(
+                "a {}-byte body cannot hold a {payload_len}-byte payload",
+                body.len()
+            )));
+        }
         CODEC_ZSTD => Cow::Owned(
             decompress(body, payload_len as usize)
                 .map_err(|e| EntryError::Decompress(e.to_string()))?,
@@ -220,6 +231,24 @@ mod tests {
 
     fn sample() -> Vec<u8> {
         (0..5000u32).flat_map(|i| (i % 251).to_le_bytes()).collect()
+    }
+
+    /// Found by `cargo fuzz run decode_entry`: a zstd entry with an empty body claiming a
+    /// 4 GiB payload made the decoder reserve 4 GiB before any check could fail.
+    #[test]
+    fn a_tiny_body_cannot_claim_a_huge_payload() {
+        let mut entry = Vec::new();
+        entry.extend_from_slice(&MAGIC);
+        entry.extend_from_slice(&[FORMAT_VERSION, CODEC_ZSTD, FLAG_KEYED, 0]);
+        entry.extend_from_slice(&(1u64 << 30).to_le_bytes()); // payload length
+        entry.extend_from_slice(&4u64.to_le_bytes()); // body length
+        entry.extend_from_slice(&[0x53; 32]);
+        entry.extend_from_slice(&[0x28, 0xb5, 0x2f, 0xfd]);
+        let secret = Secret::from_bytes([1; 32]);
+        assert!(matches!(
+            decode_with(&entry, None, Some(&secret)),
+            Err(EntryError::Decompress(_))
+        ));
     }
 
     #[test]
