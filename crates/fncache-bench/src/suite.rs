@@ -116,25 +116,14 @@ pub fn measure(
         scenarios.push((PREVIOUS.into(), subject.path.clone(), previous.clone()));
     }
 
-    let mut samples: BTreeMap<String, Vec<Sample>> = BTreeMap::new();
+    let mut samples = Samples::default();
     let mut disk = (0, 0);
     for run in 0..options.runs {
         let dir = |name: &str| scratch.join(format!("{name}-{run}"));
         let module = || subject.path.clone();
-        let mut probe = |row: &str, probe: Probe| -> Result<Sample> {
-            progress.step(&format!(
-                "{} run {}/{}: {row}",
-                subject.name,
-                run + 1,
-                options.runs
-            ));
-            let sample = run_probe(&options.probe_command, &probe)?;
-            samples
-                .entry(row.to_string())
-                .or_default()
-                .push(sample.clone());
-            Ok(sample)
-        };
+        let what = format!("{} run {}/{}", subject.name, run + 1, options.runs);
+        let mut probe =
+            |row: &str, probe: Probe| samples.take(options, progress, &what, row, probe);
         probe(COLD, Probe::Cold { module: module() })?;
         let wasmtime = dir("wasmtime");
         probe(
@@ -213,12 +202,8 @@ pub fn measure(
         }
     }
 
-    let cold = median(samples[COLD].iter().map(|s| s.seconds).collect());
-    let rows: BTreeMap<String, Row> = samples
-        .iter()
-        .map(|(name, samples)| (name.clone(), row(samples, cold)))
-        .collect();
-    let functions = samples[EMPTY][0].functions;
+    let rows = samples.rows();
+    let functions = samples.0[EMPTY][0].functions;
     let mut report = ModuleReport {
         module: subject.name.clone(),
         path: subject.path.clone(),
@@ -288,25 +273,14 @@ pub fn measure_remote(
         let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
         format!("redis://127.0.0.1:{}", listener.local_addr()?.port())
     };
-    let mut samples: BTreeMap<String, Vec<Sample>> = BTreeMap::new();
+    let mut samples = Samples::default();
     let mut wire = Vec::new();
     let module = || subject.path.clone();
     for run in 0..options.runs {
         let dir = |name: &str| scratch.join(format!("{name}-{run}"));
-        let mut probe = |row: &str, probe: Probe| -> Result<Sample> {
-            progress.step(&format!(
-                "{} remote run {}/{}: {row}",
-                subject.name,
-                run + 1,
-                options.runs
-            ));
-            let sample = run_probe(&options.probe_command, &probe)?;
-            samples
-                .entry(row.to_string())
-                .or_default()
-                .push(sample.clone());
-            Ok(sample)
-        };
+        let what = format!("{} remote run {}/{}", subject.name, run + 1, options.runs);
+        let mut probe =
+            |row: &str, probe: Probe| samples.take(options, progress, &what, row, probe);
         probe(COLD, Probe::Cold { module: module() })?;
         probe(EMPTY, fncache(&dir("local"), module(), true))?;
         probe(
@@ -336,12 +310,8 @@ pub fn measure_remote(
             let _ = fs::remove_dir_all(dir(name));
         }
     }
-    let cold = median(samples[COLD].iter().map(|s| s.seconds).collect());
-    let rows: BTreeMap<String, Row> = samples
-        .iter()
-        .map(|(name, samples)| (name.clone(), row(samples, cold)))
-        .collect();
-    let functions = samples[EMPTY][0].functions;
+    let rows = samples.rows();
+    let functions = samples.0[EMPTY][0].functions;
     let ms = |name: &str| rows[name].median_ms;
     Ok(RemoteReport {
         module: subject.name.clone(),
@@ -440,6 +410,39 @@ fn targets(report: &ModuleReport, scenarios: &[(String, PathBuf, PathBuf)]) -> V
         );
     }
     out
+}
+
+/// Samples by row, each taken in a fresh process.
+#[derive(Default)]
+struct Samples(BTreeMap<String, Vec<Sample>>);
+
+impl Samples {
+    /// Runs `probe` for `row`, showing `what` it is part of.
+    fn take(
+        &mut self,
+        options: &Options,
+        progress: &mut Progress,
+        what: &str,
+        row: &str,
+        probe: Probe,
+    ) -> Result<Sample> {
+        progress.step(&format!("{what}: {row}"));
+        let sample = run_probe(&options.probe_command, &probe)?;
+        self.0
+            .entry(row.to_string())
+            .or_default()
+            .push(sample.clone());
+        Ok(sample)
+    }
+
+    /// Each row's medians, with ratios to the median of [`COLD`].
+    fn rows(&self) -> BTreeMap<String, Row> {
+        let cold = median(self.0[COLD].iter().map(|s| s.seconds).collect());
+        self.0
+            .iter()
+            .map(|(name, samples)| (name.clone(), row(samples, cold)))
+            .collect()
+    }
 }
 
 fn row(samples: &[Sample], cold: f64) -> Row {

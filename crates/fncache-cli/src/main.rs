@@ -300,8 +300,26 @@ fn run(cli: Cli) -> Result<ExitCode> {
 
 /// `clear` on a cache whose database is damaged or foreign: remove the database files (and
 /// nothing else), so that the next compile starts a fresh one.
+/// Where the benchmark's probes run from (this binary) and keep their caches (a scratch
+/// directory, removed when the returned guard is dropped).
+fn bench_options(runs: usize) -> Result<(tempfile::TempDir, fncache_bench::suite::Options)> {
+    let scratch = tempfile::Builder::new()
+        .prefix("fncache-bench-")
+        .tempdir()
+        .context("cannot create a scratch directory")?;
+    let options = fncache_bench::suite::Options {
+        probe_command: vec![
+            std::env::current_exe()?.into_os_string(),
+            "bench-probe".into(),
+        ],
+        runs,
+        scratch: scratch.path().to_path_buf(),
+    };
+    Ok((scratch, options))
+}
+
 fn bench(inputs: &[PathBuf], runs: usize, json: bool) -> Result<ExitCode> {
-    use fncache_bench::suite::{self, Options, Progress, Subject};
+    use fncache_bench::suite::{self, Progress, Subject};
     let mut subjects = Vec::new();
     let mut families = Vec::new();
     for input in inputs {
@@ -321,18 +339,7 @@ fn bench(inputs: &[PathBuf], runs: usize, json: bool) -> Result<ExitCode> {
     if subjects.is_empty() && families.is_empty() {
         bail!("no modules to measure; fetch the corpus with scripts/fetch-corpus");
     }
-    let scratch = tempfile::Builder::new()
-        .prefix("fncache-bench-")
-        .tempdir()
-        .context("cannot create a scratch directory")?;
-    let options = Options {
-        probe_command: vec![
-            std::env::current_exe()?.into_os_string(),
-            "bench-probe".into(),
-        ],
-        runs,
-        scratch: scratch.path().to_path_buf(),
-    };
+    let (_scratch, options) = bench_options(runs)?;
     let mut total = 0;
     for subject in &subjects {
         total += suite::probe_count(subject, runs)?;
@@ -372,19 +379,8 @@ fn bench(inputs: &[PathBuf], runs: usize, json: bool) -> Result<ExitCode> {
 }
 
 fn bench_remote(inputs: &[PathBuf], runs: usize, url: &str, json: bool) -> Result<ExitCode> {
-    use fncache_bench::suite::{self, Options, Progress, Subject};
-    let scratch = tempfile::Builder::new()
-        .prefix("fncache-bench-")
-        .tempdir()
-        .context("cannot create a scratch directory")?;
-    let options = Options {
-        probe_command: vec![
-            std::env::current_exe()?.into_os_string(),
-            "bench-probe".into(),
-        ],
-        runs,
-        scratch: scratch.path().to_path_buf(),
-    };
+    use fncache_bench::suite::{self, Progress, Subject};
+    let (_scratch, options) = bench_options(runs)?;
     let mut progress = Progress::new(inputs.len() * runs * 7);
     let mut reports = Vec::new();
     for input in inputs {

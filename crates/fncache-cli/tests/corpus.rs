@@ -11,27 +11,33 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use common::{check_second_process_hits, Env};
 
-/// sql.js compiled cold, then warm in a second process. CI fetches the corpus, so there a
-/// missing module is a failure, not a skip.
-#[test]
-fn a_second_process_reuses_sql_js() {
+/// sql.js 1.15.2 from the fetched corpus; `None` (skip) when it is missing outside CI. CI
+/// fetches the corpus, so there a missing module is a failure, not a skip.
+fn sql_js() -> Option<PathBuf> {
     let module =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../corpus/sql.js-1.15.2/sql-wasm.wasm");
-    if !module.exists() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must fetch the corpus (scripts/fetch-corpus)"
-        );
-        eprintln!(
-            "skipped: {} missing; run scripts/fetch-corpus sql.js@1.15.2",
-            module.display()
-        );
-        return;
+    if module.exists() {
+        return Some(module);
     }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "CI must fetch the corpus (scripts/fetch-corpus)"
+    );
+    eprintln!(
+        "skipped: {} missing; run scripts/fetch-corpus sql.js@1.15.2",
+        module.display()
+    );
+    None
+}
+
+/// sql.js compiled cold, then warm in a second process.
+#[test]
+fn a_second_process_reuses_sql_js() {
+    let Some(module) = sql_js() else { return };
     let env = Env::new();
     check_second_process_hits(&env, &module, 0.85);
     // With both levels (the default), a third process gets the whole module: same code.
@@ -47,16 +53,7 @@ fn a_second_process_reuses_sql_js() {
 /// compared with its entry. Any difference fails (exit code 3).
 #[test]
 fn verify_mode_over_sql_js_finds_no_mismatch() {
-    let module =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../corpus/sql.js-1.15.2/sql-wasm.wasm");
-    if !module.exists() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must fetch the corpus (scripts/fetch-corpus)"
-        );
-        eprintln!("skipped: {} missing", module.display());
-        return;
-    }
+    let Some(module) = sql_js() else { return };
     let env = Env::new();
     let out = env.dir.path().join("out.cwasm");
     let reference = env.dir.path().join("reference.cwasm");
