@@ -378,6 +378,30 @@ fn a_database_of_another_schema_is_refused_not_misread() {
     assert_eq!(cache.stats().unwrap().entries, 0);
 }
 
+#[test]
+fn a_database_of_an_older_fncache_is_started_afresh() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let cache = open(dir.path(), 1 << 30);
+        cache.insert(&namespace(), b"key", &value(1, 1000));
+        cache.flush().unwrap();
+    }
+    let conn = rusqlite::Connection::open(dir.path().join("fncache.db")).unwrap();
+    conn.execute_batch("PRAGMA user_version = 1").unwrap();
+    drop(conn);
+    std::fs::write(dir.path().join("notes.txt"), b"not ours").unwrap();
+    let cache = open(dir.path(), 1 << 30);
+    assert_eq!(cache.stats().unwrap().entries, 0);
+    assert_eq!(cache.get(&namespace(), b"key"), None);
+    cache.insert(&namespace(), b"key", &value(1, 1000));
+    cache.flush().unwrap();
+    assert_eq!(cache.get(&namespace(), b"key"), Some(value(1, 1000)));
+    assert!(
+        dir.path().join("notes.txt").exists(),
+        "only the database is replaced"
+    );
+}
+
 /// The files that hold large values' bodies.
 fn value_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     match std::fs::read_dir(dir.join("values")) {

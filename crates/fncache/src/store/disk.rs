@@ -159,6 +159,7 @@ impl DiskStore {
         let writer = if read_only {
             None
         } else {
+            replace_older_schema(dir, &db_path)?;
             let conn = open_writer(&db_path)?;
             let (clock, entries) = conn
                 .query_row(
@@ -510,6 +511,31 @@ fn check_schema_version(db_path: &Path, version: i64) -> Result<(), StoreError> 
         path: db_path.to_path_buf(),
         reason: format!("schema version {version}, this fncache uses {SCHEMA_VERSION}"),
     })
+}
+
+/// A cache written by an older fncache holds nothing this one can use (the entry format and the
+/// fingerprint changed with it): start it afresh rather than leave the user without a cache.
+/// A newer schema is left alone (a newer fncache may be using it) and refused by `open_writer`.
+fn replace_older_schema(dir: &Path, db_path: &Path) -> Result<(), StoreError> {
+    if !db_path.exists() {
+        return Ok(());
+    }
+    let version = Connection::open_with_flags(db_path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .and_then(|conn| conn.query_row("PRAGMA user_version", [], |row| row.get::<_, i64>(0)));
+    match version {
+        Ok(version) if version > 0 && version < SCHEMA_VERSION => {
+            log::info!(
+                "the cache in {} was written by an older fncache (schema {version}); starting it afresh",
+                dir.display()
+            );
+            remove_database(dir)?;
+            value_files::remove_all(dir).map_err(|source| StoreError::Io {
+                path: dir.join(value_files::VALUES_DIR),
+                source,
+            })
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Removes the cache database in `dir` (and its WAL files), and nothing else: for a database
