@@ -147,25 +147,24 @@ fn a_full_disk_costs_one_warning_and_leaves_no_partial_entry() {
     let expected = reference(&env, &module, "big");
     let out = env.dir.path().join("out.cwasm");
     let cache = mount.join("cache");
-    let output = common::fncache_command()
-        .arg("--cache-dir")
-        .arg(&cache)
-        .args([
-            "compile",
-            module.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
+    let compile = || {
+        common::fncache_in(&cache)
+            .args([
+                "compile",
+                module.to_str().unwrap(),
+                "-o",
+                out.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap()
+    };
+    let output = compile();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stderr}");
     assert_eq!(warnings(&stderr), 1, "{stderr}");
     assert_eq!(std::fs::read(&out).unwrap(), expected);
     // Whatever was stored is whole.
-    let verify = common::fncache_command()
-        .arg("--cache-dir")
-        .arg(&cache)
+    let verify = common::fncache_in(&cache)
         .args(["verify", "--json"])
         .output()
         .unwrap();
@@ -174,17 +173,7 @@ fn a_full_disk_costs_one_warning_and_leaves_no_partial_entry() {
         assert_eq!(n(&report, "rejected"), 0, "{report}");
     }
     // And the next compile, on the same full disk, still works and gives the same code.
-    let again = common::fncache_command()
-        .arg("--cache-dir")
-        .arg(&cache)
-        .args([
-            "compile",
-            module.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
+    let again = compile();
     assert!(
         again.status.success(),
         "{}",
@@ -204,9 +193,7 @@ fn a_cache_directory_that_vanishes_mid_run() {
     for delay_ms in [0u64, 30, 80, 150] {
         let cache = env.dir.path().join(format!("vanishing-{delay_ms}"));
         let out = env.dir.path().join(format!("out-{delay_ms}.cwasm"));
-        let child = common::fncache_command()
-            .arg("--cache-dir")
-            .arg(&cache)
+        let child = common::fncache_in(&cache)
             .args([
                 "compile",
                 module.to_str().unwrap(),
@@ -225,9 +212,7 @@ fn a_cache_directory_that_vanishes_mid_run() {
         assert_eq!(std::fs::read(&out).unwrap(), expected);
         // Either gone, or (removed before the cache was opened) a whole cache that verifies.
         if cache.exists() {
-            let verify = common::fncache_command()
-                .arg("--cache-dir")
-                .arg(&cache)
+            let verify = common::fncache_in(&cache)
                 .args(["verify", "--json"])
                 .output()
                 .unwrap();

@@ -105,9 +105,7 @@ fn compile(
     out: &Path,
     extra: &[&str],
 ) -> (Value, String) {
-    let output = common::fncache_command()
-        .arg("--cache-dir")
-        .arg(cache)
+    let output = common::fncache_in(cache)
         .args(["--remote", &redis.url()])
         .args([
             "compile",
@@ -137,9 +135,7 @@ fn reference(env: &Env, module: &Path) -> Vec<u8> {
 }
 
 fn stats(cache: &Path) -> Value {
-    let output = common::fncache_command()
-        .arg("--cache-dir")
-        .arg(cache)
+    let output = common::fncache_in(cache)
         .args(["stats", "--json"])
         .output()
         .unwrap();
@@ -204,9 +200,7 @@ fn a_dead_redis_costs_a_warning_and_sharing_resumes_when_it_returns() {
     let out = env.dir.path().join("out.cwasm");
 
     // Killed while a compile runs: the compile finishes, with the same code.
-    let child = common::fncache_command()
-        .arg("--cache-dir")
-        .arg(machine(&env, "a"))
+    let child = common::fncache_in(&machine(&env, "a"))
         .args([
             "--remote",
             &redis.url(),
@@ -411,9 +405,7 @@ fn a_hung_redis_adds_a_bounded_delay_and_one_warning() {
     });
     let out = env.dir.path().join("out.cwasm");
     let started = Instant::now();
-    let output = common::fncache_command()
-        .arg("--cache-dir")
-        .arg(machine(&env, "a"))
+    let output = common::fncache_in(&machine(&env, "a"))
         .args(["--remote", &url, "compile", module.to_str().unwrap()])
         .args(["-o", out.to_str().unwrap()])
         .output()

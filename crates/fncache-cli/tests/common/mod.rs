@@ -55,6 +55,13 @@ pub fn fncache_command() -> Command {
     command
 }
 
+/// The `fncache` binary with its cache in `cache`.
+pub fn fncache_in(cache: &Path) -> Command {
+    let mut command = fncache_command();
+    command.arg("--cache-dir").arg(cache);
+    command
+}
+
 pub struct Env {
     pub dir: tempfile::TempDir,
 }
@@ -77,9 +84,7 @@ impl Env {
     }
 
     pub fn fncache(&self, args: &[&str]) -> Output {
-        fncache_command()
-            .arg("--cache-dir")
-            .arg(self.cache_dir())
+        fncache_in(&self.cache_dir())
             .args(args)
             .env_remove("FNCACHE_DIR")
             .output()
