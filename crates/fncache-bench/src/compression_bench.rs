@@ -44,8 +44,8 @@ fn main() -> Result<()> {
     let module = engine.precompile_module(&wasm)?;
     let values: Vec<Vec<u8>> = functions.0.lock().unwrap().values().cloned().collect();
     let scratch = tempfile::tempdir()?;
-    let raw = scratch.path().join("module.cwasm");
-    std::fs::write(&raw, &module)?;
+    let digest = fncache::Digest::of(&module);
+    fncache::store::value_files::write(scratch.path(), &digest, &module, false)?;
 
     println!(
         "{path}: module entry {} bytes, {} function entries ({} bytes), medians of {runs} runs",
@@ -74,10 +74,15 @@ fn main() -> Result<()> {
             let start = Instant::now();
             let loaded = if codec == Compression::None {
                 // What the disk store does: the body is its own file, verified, then mapped.
-                let body = fncache::store::MappedFile::open(&raw)?;
+                let body = fncache::store::MappedFile::open(scratch.path(), &digest, false)?;
                 let header = &module_entry[..entry::HEADER_LEN];
                 drop(entry::decode_parts(header, body.bytes(), None, None)?);
-                unsafe { Module::deserialize_open_file(&engine, body.file().try_clone()?)? }
+                unsafe {
+                    Module::deserialize_open_file(
+                        &engine,
+                        body.file().context("not mapped")?.try_clone()?,
+                    )?
+                }
             } else {
                 let payload = entry::decode(&module_entry, None)?;
                 unsafe { Module::deserialize(&engine, &payload)? }

@@ -44,6 +44,10 @@ struct Global {
     /// Use cached entries but write nothing to the cache
     #[arg(long, global = true)]
     read_only: bool,
+    /// Use a cache directory shared by several users on purpose (group-writable): its owner
+    /// and modes are not checked, and values are copied, not mapped (docs/security.md)
+    #[arg(long, global = true)]
+    shared_cache: bool,
     /// A remote tier shared by many machines, behind the local disk: redis://HOST:PORT[/DB],
     /// or several comma-separated redis:// nodes of a Redis Cluster [default: $FNCACHE_REMOTE]
     #[arg(long, global = true, value_name = "URL")]
@@ -121,11 +125,23 @@ enum Command {
 }
 
 fn parse_size(text: &str) -> Result<u64, String> {
-    text.trim()
+    let size = text
+        .trim()
         .parse::<ByteSize>()
         .map(|size| size.as_u64())
-        .map_err(|_| format!("'{text}' is not a size; use a number with an optional unit: 1048576, 512KiB, 64MiB, 2G"))
+        .map_err(|_| format!("'{text}' is not a size; use a number with an optional unit: 1048576, 512KiB, 64MiB, 2G"))?;
+    if size > fncache::store::disk::MAX_LIMIT {
+        return Err(format!(
+            "'{text}' is larger than the largest limit, {} bytes (8 EiB)",
+            fncache::store::disk::MAX_LIMIT
+        ));
+    }
+    Ok(size)
 }
+
+/// The largest module `compile` and `run` read: far above any real module (the largest in
+/// the corpus is 45 MB), far below what would exhaust memory.
+const MAX_INPUT: u64 = 1 << 30;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -236,7 +252,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Gc => {
-            let cache = open_cache(global)?;
+            let cache = match open_for_maintenance(global) {
+                Err(error) if error.is_not_writable() => bail!(
+                    "{error}: the disk is full and nothing could be freed without writing; free \
+                     some space, or run `fncache clear`, which works on a full disk"
+                ),
+                result => result?,
+            };
             let target = cache.store().max_bytes();
             let eviction = cache.gc(target)?;
             let stats = cache.stats()?;
@@ -258,8 +280,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Clear => {
-            let cache = match open_cache(global) {
-                Err(error) => return clear_unusable(global, error),
+            let cache = match open_for_maintenance(global) {
+                Err(error) => return clear_unusable(global, error.into()),
                 Ok(cache) => cache,
             };
             let before = cache.stats()?;
@@ -430,31 +452,71 @@ fn print_saved_bench(saved: &Path) -> Result<ExitCode> {
 }
 
 fn clear_unusable(global: &Global, error: anyhow::Error) -> Result<ExitCode> {
-    let incompatible = error
-        .downcast_ref::<fncache::StoreError>()
-        .is_some_and(|e| e.is_incompatible());
+    let store_error = error.downcast_ref::<fncache::StoreError>();
+    let incompatible = store_error.is_some_and(|e| e.is_incompatible());
+    // A database that cannot be written even after its value files went (a full disk): what
+    // clear is for is done by removing it whole, statistics included.
+    let full = !global.read_only && store_error.is_some_and(|e| e.is_not_writable());
     let dir = cache_config(global).resolved_directory();
-    let (true, Some(dir)) = (incompatible, dir) else {
+    let (true, Some(dir)) = (incompatible || full, dir) else {
         return Err(error);
     };
     fncache::store::disk::remove_database(&dir)?;
+    if full {
+        fncache::store::value_files::remove_all(&dir)
+            .with_context(|| format!("cannot remove the value files in {}", dir.display()))?;
+    }
     if global.json {
         println!("{}", json!({"removed_database": true}));
     } else {
+        let why = if full {
+            "the disk is full, so it went whole, statistics included".to_string()
+        } else {
+            error.to_string()
+        };
         println!(
-            "removed the unusable cache database in {} ({error})",
+            "removed the unusable cache database in {} ({why})",
             dir.display()
         );
     }
     Ok(ExitCode::SUCCESS)
 }
 
+/// Reads a module, at most [`MAX_INPUT`] bytes of it, refusing at once what cannot be one
+/// (`/dev/zero` starts with zero bytes that are not the wasm magic).
 fn read_input(path: &Path) -> Result<Vec<u8>> {
-    std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+    use std::io::Read;
+    let file =
+        std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut wasm = Vec::new();
+    let mut reader = file.take(MAX_INPUT + 1);
+    (&mut reader)
+        .take(4)
+        .read_to_end(&mut wasm)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    if wasm.first() == Some(&0) && wasm != b"\0asm" {
+        bail!(
+            "{} is not a WebAssembly module (a binary module starts with \\0asm)",
+            path.display()
+        );
+    }
+    reader
+        .read_to_end(&mut wasm)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    if wasm.len() as u64 > MAX_INPUT {
+        bail!(
+            "{} is larger than {}, more than any module fncache compiles",
+            path.display(),
+            ByteSize(MAX_INPUT)
+        );
+    }
+    Ok(wasm)
 }
 
 fn cache_config(global: &Global) -> CacheConfig {
-    let mut config = CacheConfig::new().read_only(global.read_only);
+    let mut config = CacheConfig::new()
+        .read_only(global.read_only)
+        .shared(global.shared_cache);
     if let Some(dir) = &global.cache_dir {
         config = config.directory(dir);
     }
@@ -492,14 +554,34 @@ fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
     let number: u64 = number
         .parse()
         .map_err(|_| format!("'{text}' is not a duration; use e.g. 3600s, 90m, 12h or 7d"))?;
-    let seconds = match unit {
-        "" | "s" => number,
-        "m" => number * 60,
-        "h" => number * 3600,
-        "d" => number * 86400,
+    let scale = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
         _ => return Err(format!("'{text}': the unit must be s, m, h or d")),
     };
-    Ok(std::time::Duration::from_secs(seconds))
+    // Ten years: Redis takes no longer expiry than that in any useful sense, and the product
+    // must not overflow.
+    const MAX_SECONDS: u64 = 10 * 365 * 86400;
+    match number.checked_mul(scale) {
+        Some(seconds) if seconds <= MAX_SECONDS => Ok(std::time::Duration::from_secs(seconds)),
+        _ => Err(format!("'{text}' is longer than the longest expiry, 3650d")),
+    }
+}
+
+/// The cache for `gc` and `clear`: on a full disk, room is made first so that they can write.
+fn open_for_maintenance(global: &Global) -> Result<Cache, fncache::StoreError> {
+    if global.no_cache {
+        return Err(fncache::StoreError::Unusable(
+            "--no-cache leaves nothing to maintain".into(),
+        ));
+    }
+    let (cache, removed) = Cache::open_for_maintenance(&cache_config(global))?;
+    if removed > 0 {
+        log::warn!("the disk is full: removed {removed} whole-module entries to make room");
+    }
+    Ok(cache)
 }
 
 /// The cache for `stats`, `gc`, `clear` and `verify`, where an unusable cache is an error.
@@ -517,6 +599,9 @@ fn compiler(global: &Global) -> Result<Compiler> {
     } else {
         match Cache::open(&cache_config(global)) {
             Ok(cache) => Some(cache),
+            // A key the user set but that cannot be used: going on would accept and write
+            // unauthenticated entries, so this is an error, not a slower compile.
+            Err(error @ fncache::StoreError::Key(_)) => return Err(error.into()),
             Err(error) => {
                 let hint = match &error {
                     fncache::StoreError::Database { .. } if error.is_incompatible() => {

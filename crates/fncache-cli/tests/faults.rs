@@ -116,33 +116,146 @@ fn files_and_directories_that_are_not_ours_are_left_alone() {
     assert!(cache.join("values/a-directory").is_dir());
 }
 
+/// A tmpfs of `size`, unmounted when dropped; `None` (skipped) where it cannot be mounted and
+/// this is not CI.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(env: &Env, size: &str) -> Option<Tmpfs> {
+        let mount = env.dir.path().join("small");
+        std::fs::create_dir_all(&mount).unwrap();
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&mount)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !mounted {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI runs as root and must be able to mount a tmpfs"
+            );
+            eprintln!("skipped: cannot mount a tmpfs (not root?)");
+            return None;
+        }
+        Some(Tmpfs(mount))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// Fills the file system `dir` is on, with a file in `dir`.
+fn fill(dir: &Path) {
+    use std::io::Write;
+    let mut filler = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(dir.join("filler"))
+        .unwrap();
+    let block = vec![0x5au8; 4096];
+    while filler.write_all(&block).is_ok() {}
+    let _ = filler.sync_all();
+}
+
+/// Item 7 of issue 13: on a full file system every later compile got no cache at all, and
+/// `stats`, `gc`, `clear` and `verify` failed with "database or disk is full". Now reads fall
+/// back to read-only and the maintenance commands work.
+#[test]
+fn a_cache_on_a_full_disk_still_serves_and_can_be_cleaned() {
+    let env = Env::new();
+    let Some(small) = Tmpfs::mount(&env, "8m") else {
+        return;
+    };
+    let cache = small.0.join("cache");
+    // Large enough for its whole-module entry to live in a value file, which gc can remove
+    // without writing to the database.
+    let module = env.file("gen.wat", generated_module(1500, 78));
+    let expected = reference(&env, &module, "gen");
+    let out = env.dir.path().join("out.cwasm");
+    let fncache = |args: &[&str]| common::fncache_in(&cache).args(args).output().unwrap();
+    let compile = || {
+        fncache(&[
+            "compile",
+            "--json",
+            module.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ])
+    };
+    assert!(compile().status.success());
+    fill(&small.0);
+
+    let output = compile();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(warnings(&stderr) <= 1, "{stderr}");
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(
+        report["level"], "module",
+        "served from a full disk: {report} {stderr}"
+    );
+    assert_eq!(std::fs::read(&out).unwrap(), expected);
+    for command in [&["stats"][..], &["verify"], &["gc"], &["stats"]] {
+        let output = fncache(command);
+        assert!(
+            output.status.success(),
+            "{command:?} on a full disk: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    // Full again, with nothing left to free but the database: clear still works.
+    fill(&small.0);
+    let output = fncache(&["clear"]);
+    assert!(
+        output.status.success(),
+        "clear on a full disk: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    std::fs::remove_file(small.0.join("filler")).unwrap();
+    let stats: Value = serde_json::from_slice(&fncache(&["stats", "--json"]).stdout).unwrap();
+    assert_eq!(n(&stats, "entries"), 0, "{stats}");
+}
+
+/// Item 9 of issue 13: with `--max-size 80MiB`, three compiles of an 18 MB module left 103 MiB
+/// in the cache directory (a 64 MB database holding 30 MiB of entries). The limit is about the
+/// disk: the directory, database pages and log included, stays within it plus 10% and 256 KiB.
+#[test]
+fn the_limit_bounds_what_the_directory_takes_on_disk() {
+    let env = Env::new();
+    let limit = 3u64 << 20;
+    for salt in 0..5 {
+        let module = env.file("m.wat", generated_module(1200, 900 + salt));
+        env.compile(
+            &module,
+            &env.dir.path().join("m.cwasm"),
+            &["--max-size", "3MiB", "--no-module-level"],
+        );
+        let stats = env.stats();
+        let disk = n(&stats, "disk_bytes");
+        eprintln!(
+            "after compile {salt}: {} accounted, {disk} on disk",
+            n(&stats, "bytes")
+        );
+        assert!(disk <= limit + limit / 10 + (256 << 10), "{stats}");
+    }
+    assert!(
+        n(&env.stats(), "evictions") > 0,
+        "the test must evict to mean anything"
+    );
+}
+
 /// A tmpfs smaller than what the compile stores: the compile succeeds without the cache, with
 /// one warning, and what was committed before the disk filled still verifies.
 #[test]
 fn a_full_disk_costs_one_warning_and_leaves_no_partial_entry() {
     let env = Env::new();
-    let mount = env.dir.path().join("small");
-    std::fs::create_dir_all(&mount).unwrap();
-    let mounted = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"])
-        .arg(&mount)
-        .status()
-        .is_ok_and(|s| s.success());
-    if !mounted {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI runs as root and must be able to mount a tmpfs"
-        );
-        eprintln!("skipped: cannot mount a tmpfs (not root?)");
+    let Some(small) = Tmpfs::mount(&env, "256k") else {
         return;
-    }
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _unmount = Unmount(mount.clone());
+    };
+    let mount = small.0.clone();
     let module = env.file("big.wat", generated_module(600, 77));
     let expected = reference(&env, &module, "big");
     let out = env.dir.path().join("out.cwasm");

@@ -419,3 +419,180 @@ fn a_hung_redis_adds_a_bounded_delay_and_one_warning() {
     // Three timeouts open the breaker; then one probe per 2 s. Generous for a loaded machine.
     assert!(elapsed < Duration::from_secs(6), "{elapsed:?}");
 }
+
+/// How a [`Proxy`] passes Redis' replies on.
+#[derive(Clone, Copy)]
+enum Pace {
+    /// Each chunk of a reply held this long (under the per-read timeout).
+    Hold(Duration),
+    /// A reply trickled one byte at a time, each byte this long after the last.
+    Trickle(Duration),
+}
+
+/// A TCP proxy in front of a real Redis that slows its replies down, as a loaded or hostile
+/// server would. Requests pass at once.
+fn slow_proxy(upstream: u16, pace: Pace) -> String {
+    use std::io::{Read, Write};
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(mut client) = client else { continue };
+            let Ok(mut server) = std::net::TcpStream::connect(("127.0.0.1", upstream)) else {
+                continue;
+            };
+            let (mut client_in, mut server_out) =
+                (client.try_clone().unwrap(), server.try_clone().unwrap());
+            std::thread::spawn(move || std::io::copy(&mut client_in, &mut server_out));
+            std::thread::spawn(move || {
+                let mut buffer = vec![0u8; 64 << 10];
+                while let Ok(read) = server.read(&mut buffer) {
+                    if read == 0 {
+                        break;
+                    }
+                    let sent = match pace {
+                        Pace::Hold(delay) => {
+                            std::thread::sleep(delay);
+                            client.write_all(&buffer[..read])
+                        }
+                        Pace::Trickle(delay) => buffer[..read].iter().try_for_each(|byte| {
+                            std::thread::sleep(delay);
+                            client.write_all(&[*byte])
+                        }),
+                    };
+                    if sent.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    format!("redis://127.0.0.1:{port}")
+}
+
+/// Item 5 of issue 13: replies held 200 ms each (under the 250 ms timeout) turned a 0.9 s
+/// compile into 123 s, and replies trickled a byte at a time never finished. Now a slow reply
+/// counts as a failure for the breaker, a whole reply has a deadline, and a compile has a
+/// budget for the remote tier: both finish in bounded time, with the right code.
+#[test]
+fn a_slow_or_trickling_redis_costs_a_bounded_delay() {
+    let Some(redis) = Redis::start(&[]) else {
+        return;
+    };
+    let env = Env::new();
+    let module = env.file("gen.wat", generated_module(300, 23));
+    let expected = reference(&env, &module);
+    let out = env.dir.path().join("out.cwasm");
+    // Redis holds every entry; the slow machines' disks are empty, so each lookup asks it.
+    compile(&env, &machine(&env, "a"), &redis, &module, &out, &[]);
+    for (name, pace) in [
+        ("held", Pace::Hold(Duration::from_millis(200))),
+        ("trickled", Pace::Trickle(Duration::from_millis(100))),
+    ] {
+        let url = slow_proxy(redis.port, pace);
+        let started = Instant::now();
+        let output = common::fncache_in(&machine(&env, name))
+            .args([
+                "--remote",
+                &url,
+                "compile",
+                "--json",
+                module.to_str().unwrap(),
+            ])
+            .args(["-o", out.to_str().unwrap(), "--no-module-level"])
+            .output()
+            .unwrap();
+        let elapsed = started.elapsed();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{name}: {stderr}");
+        assert!(warnings(&stderr) <= 2, "{name}: {stderr}");
+        assert_eq!(std::fs::read(&out).unwrap(), expected, "{name}");
+        eprintln!("compile with a {name} Redis: {elapsed:?}");
+        // The budget is 5 s of waiting summed over threads, the breaker lets one operation
+        // through every 2 s, and the flush waits at most the budget and four timeouts.
+        assert!(elapsed < Duration::from_secs(20), "{name}: {elapsed:?}");
+    }
+}
+
+/// Item 2 of issue 13: with no key at all, the remote tier is refused (one warning), so that no
+/// unkeyed entry is ever read from, or written to, a shared store; the local disk still works.
+#[test]
+fn without_a_key_the_remote_tier_is_refused_and_the_disk_used() {
+    let Some(redis) = Redis::start(&[]) else {
+        return;
+    };
+    let env = Env::new();
+    let module = env.file("gen.wat", generated_module(40, 24));
+    let keyless = |extra: &[&str]| {
+        common::fncache_in(&machine(&env, "keyless"))
+            .env_remove("FNCACHE_KEY")
+            .env_remove("FNCACHE_KEY_FILE")
+            .env_remove("XDG_CONFIG_HOME")
+            .env_remove("HOME")
+            .args(["--remote", &redis.url(), "compile", "--json"])
+            .arg(&module)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let output = keyless(&[]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.contains("not using the remote cache"), "{stderr}");
+    assert!(
+        redis.keys().is_empty(),
+        "nothing unkeyed was written to Redis"
+    );
+    let report: Value = serde_json::from_slice(&keyless(&[]).stdout).unwrap();
+    assert_eq!(report["level"], "module", "the local disk serves: {report}");
+}
+
+/// Item 8 of issue 13: an unusable remote URL also dropped the local disk tier.
+#[test]
+fn a_bad_remote_url_drops_only_the_remote_tier() {
+    let env = Env::new();
+    let module = env.file("gen.wat", generated_module(40, 25));
+    for url in ["notaurl", "rediss://127.0.0.1:1"] {
+        let cache = machine(&env, &url.replace([':', '/', '.'], "_"));
+        let run = || {
+            common::fncache_in(&cache)
+                .args(["--remote", url, "compile", "--json"])
+                .arg(&module)
+                .output()
+                .unwrap()
+        };
+        let first = run();
+        let stderr = String::from_utf8_lossy(&first.stderr);
+        assert!(first.status.success(), "{url}: {stderr}");
+        assert!(warnings(&stderr) <= 1, "{url}: {stderr}");
+        let report: Value = serde_json::from_slice(&run().stdout).unwrap();
+        assert_eq!(
+            report["level"], "module",
+            "{url}: the disk tier is kept: {report}"
+        );
+    }
+}
+
+/// Item 8 of issue 13: `remote_hits` counted values from Redis that were then rejected.
+#[test]
+fn remote_hits_count_only_verified_entries() {
+    let Some(redis) = Redis::start(&[]) else {
+        return;
+    };
+    let env = Env::new();
+    let module = env.file("gen.wat", generated_module(60, 26));
+    let out = env.dir.path().join("out.cwasm");
+    compile(&env, &machine(&env, "a"), &redis, &module, &out, &[]);
+    let stranger = common::fncache_command()
+        .env("FNCACHE_KEY", "22".repeat(32))
+        .arg("--cache-dir")
+        .arg(machine(&env, "stranger"))
+        .args(["--remote", &redis.url(), "compile"])
+        .arg(&module)
+        .output()
+        .unwrap();
+    assert!(stranger.status.success());
+    let s = stats(&machine(&env, "stranger"));
+    assert_eq!(n(&s, "remote_hits"), 0, "{s}");
+    assert!(n(&s, "rejected") > 0, "{s}");
+}

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use fncache::{Cache, Value};
+use fncache::{Cache, Namespace, Value};
 use wasmtime::{Config, Engine, Module};
 
 use crate::fingerprint::engine_fingerprint;
@@ -161,9 +161,12 @@ impl Compiler {
     /// Compiles a module (binary or text format).
     pub fn compile(&self, wasm: &[u8]) -> anyhow::Result<(Module, CompileReport)> {
         let binary = wat::parse_bytes(wasm).context("not a WebAssembly module")?;
+        self.renew_budget();
         let start = Instant::now();
         let key = self.module_key(&binary);
-        if let Some((cached, mut report)) = self.lookup_module(&binary, key.as_deref())? {
+        if let Some((cached, mut report)) =
+            self.lookup_module(&binary, key.as_deref(), Cache::get_value)?
+        {
             match self.load(&cached) {
                 Ok(module) => {
                     report.seconds = start.elapsed().as_secs_f64();
@@ -184,10 +187,12 @@ impl Compiler {
     /// Compiles a module to Wasmtime's precompiled format (what `Module::deserialize` loads).
     pub fn precompile(&self, wasm: &[u8]) -> anyhow::Result<(Vec<u8>, CompileReport)> {
         let binary = wat::parse_bytes(wasm).context("not a WebAssembly module")?;
+        self.renew_budget();
         let start = Instant::now();
         let key = self.module_key(&binary);
-        if let Some((cached, mut report)) = self.lookup_module(&binary, key.as_deref())? {
-            let precompiled = cached.into_vec();
+        if let Some((precompiled, mut report)) =
+            self.lookup_module(&binary, key.as_deref(), Cache::get)?
+        {
             report.seconds = start.elapsed().as_secs_f64();
             return Ok((precompiled, report));
         }
@@ -196,16 +201,19 @@ impl Compiler {
         Ok((precompiled, report))
     }
 
-    /// The whole module from the cache, if it is there.
-    fn lookup_module(
+    /// The whole module from the cache, if it is there: read with `fetch`, which is
+    /// [`Cache::get_value`] to load it (mapped, no copy) or [`Cache::get`] to write it out
+    /// (copied before it is verified, so that the bytes written are the bytes checked).
+    fn lookup_module<T>(
         &self,
         binary: &[u8],
         key: Option<&[u8]>,
-    ) -> anyhow::Result<Option<(Value, CompileReport)>> {
+        fetch: impl FnOnce(&Cache, &Namespace, &[u8]) -> Option<T>,
+    ) -> anyhow::Result<Option<(T, CompileReport)>> {
         let (Some(store), Some(key)) = (&self.functions, key) else {
             return Ok(None);
         };
-        let Some(cached) = store.cache().get_value(store.namespace(), key) else {
+        let Some(cached) = fetch(store.cache(), store.namespace(), key) else {
             return Ok(None);
         };
         let report = CompileReport {
@@ -274,6 +282,12 @@ impl Compiler {
         let mut key = b"module\0\0".to_vec();
         key.extend_from_slice(blake3::hash(binary).as_bytes());
         Some(key)
+    }
+
+    fn renew_budget(&self) {
+        if let Some(cache) = self.cache() {
+            cache.renew_budget();
+        }
     }
 
     fn counters(&self) -> FunctionCounters {

@@ -11,12 +11,15 @@ use std::sync::Arc;
 
 use crate::config::{CacheConfig, Compression};
 use crate::entry;
-use crate::key::{Digest, KeyId, Namespace};
+use crate::key::{Digest, KeyId, Link, Namespace};
 use crate::secret::Secret;
 use crate::stats::{Counters, Stats};
 use crate::store::redis::RedisStore;
 use crate::store::tiered::TieredStore;
-use crate::store::{disk::DiskStore, Eviction, MappedFile, Store, StoreError, StoredEntry};
+use crate::store::{
+    disk::{DiskOptions, DiskStore},
+    Eviction, Found, MappedFile, Origin, Store, StoreError, StoredEntry,
+};
 
 /// A handle to a cache; cheap to clone and shared by all compile threads.
 #[derive(Clone, Debug)]
@@ -46,6 +49,9 @@ struct SessionCounters {
     bytes_read: AtomicU64,
     bytes_written: AtomicU64,
     rejected: AtomicU64,
+    remote_hits: AtomicU64,
+    /// Rejections already reported in a warning.
+    rejected_reported: AtomicU64,
 }
 
 impl SessionCounters {
@@ -59,7 +65,8 @@ impl SessionCounters {
             bytes_read: load(&self.bytes_read),
             bytes_written: load(&self.bytes_written),
             rejected: load(&self.rejected),
-            ..Counters::default() // remote counts are the tiered store's
+            remote_hits: load(&self.remote_hits),
+            ..Counters::default() // remote errors are the tiered store's
         }
     }
 }
@@ -77,7 +84,7 @@ impl Value {
     pub fn file(&self) -> Option<&File> {
         match self {
             Value::Owned(_) => None,
-            Value::Mapped(mapped) => Some(mapped.file()),
+            Value::Mapped(mapped) => mapped.file(),
         }
     }
 
@@ -117,39 +124,76 @@ impl Cache {
                 "no cache directory: set FNCACHE_DIR, XDG_CACHE_HOME or HOME, or pass one".into(),
             )
         })?;
-        let store = match DiskStore::open(&dir, config.max_bytes, config.read_only) {
+        // The key first: a malformed one is an error before anything is created.
+        let secret = match &config.secret {
+            Some(secret) => Some(secret.clone()),
+            None => Secret::from_environment()?,
+        };
+        let options = DiskOptions {
+            max_bytes: config.max_bytes,
+            read_only: config.read_only,
+            shared: config.shared,
+        };
+        let store = match DiskStore::open_with(&dir, &options) {
             Err(error) if !config.read_only && error.is_not_writable() => {
-                let store = DiskStore::open(&dir, config.max_bytes, true).map_err(|_| error)?;
+                let read_only = DiskOptions {
+                    read_only: true,
+                    ..options
+                };
+                let store = DiskStore::open_with(&dir, &read_only).map_err(|_| error)?;
                 log::warn!(
-                    "the cache in {} is not writable; using its entries without storing new ones",
+                    "the cache in {} is not writable (read-only, or the disk is full); using \
+                     its entries without storing new ones",
                     dir.display()
                 );
                 store
             }
             result => result?,
         };
-        let secret = match &config.secret {
-            Some(secret) => Some(secret.clone()),
-            None => match Secret::from_environment() {
-                Ok(secret) => Some(secret),
-                Err(error) => {
-                    log::warn!("cache entries will not be authenticated: {error}");
-                    None
-                }
-            },
-        };
         let config = CacheConfig {
             secret,
             ..config.clone()
         };
-        let store: Arc<dyn Store> = match config.resolved_remote() {
-            Some(remote) => Arc::new(TieredStore::new(
-                Arc::new(store),
-                RedisStore::open(&remote, config.secret.clone())?,
-            )),
+        let remote = match (config.resolved_remote(), &config.secret) {
+            (Some(remote), None) => {
+                log::warn!(
+                    "not using the remote cache {}: without a key its entries cannot be \
+                     authenticated (set FNCACHE_KEY, the same on every machine)",
+                    crate::store::redis::redact(&remote.url)
+                );
+                None
+            }
+            (Some(remote), Some(_)) => match RedisStore::open(&remote) {
+                Ok(remote) => Some(remote),
+                Err(error) => {
+                    log::warn!("{error}; using the local cache only");
+                    None
+                }
+            },
+            (None, _) => None,
+        };
+        let store: Arc<dyn Store> = match remote {
+            Some(remote) => Arc::new(TieredStore::new(Arc::new(store), remote)),
             None => Arc::new(store),
         };
         Ok(Cache::with_store(store, &config))
+    }
+
+    /// Opens the cache for maintenance (`gc`, `clear`): like [`Cache::open`], but a cache that
+    /// can only be opened read-only because its disk is full first gets room made without
+    /// writing ([`disk::make_room`](crate::store::disk::make_room)), so that it can be written
+    /// again. Returns the cache and the value files removed to make room.
+    pub fn open_for_maintenance(config: &CacheConfig) -> Result<(Cache, u64), StoreError> {
+        let cache = Cache::open(config)?;
+        if config.read_only || !cache.store().is_read_only() {
+            return Ok((cache, 0));
+        }
+        let dir = config
+            .resolved_directory()
+            .expect("Cache::open resolved it");
+        drop(cache);
+        let removed = crate::store::disk::make_room(&dir, config.shared)?;
+        Ok((Cache::open(config)?, removed))
     }
 
     /// A cache over any store; `config`'s directory, limit and read-only flag are the store's
@@ -174,12 +218,18 @@ impl Cache {
 
     /// The verified value stored under `key` in `namespace`, if any.
     pub fn get(&self, namespace: &Namespace, key: &[u8]) -> Option<Vec<u8>> {
-        self.get_value(namespace, key).map(Value::into_vec)
+        // A value kept in a file is copied before it is verified, so that the bytes handed
+        // back are the bytes that were checked.
+        self.lookup(namespace, key, true).map(Value::into_vec)
     }
 
     /// Like [`Cache::get`], without copying a large value: one kept uncompressed in a file of
     /// its own comes back mapped, verified where it lies, with the open file.
     pub fn get_value(&self, namespace: &Namespace, key: &[u8]) -> Option<Value> {
+        self.lookup(namespace, key, false)
+    }
+
+    fn lookup(&self, namespace: &Namespace, key: &[u8], copy: bool) -> Option<Value> {
         let session = &self.inner.session;
         let key = KeyId::new(namespace, key);
         let found = match self.inner.store.get(&key) {
@@ -189,32 +239,41 @@ impl Cache {
                 None
             }
         };
-        let Some((digest, stored)) = found else {
+        let Some(mut found) = found else {
             session.misses.fetch_add(1, Ordering::Relaxed);
             return None;
         };
-        let (header, body) = stored.parts();
-        let decoded = entry::decode_parts(header, body, Some(&digest), self.inner.secret.as_ref())
-            .map(|payload| match (payload, &stored) {
-                (Cow::Borrowed(_), StoredEntry::Split { body, .. }) => Value::Mapped(body.clone()),
-                (payload, _) => Value::Owned(payload.into_owned()),
-            });
-        match decoded {
+        if let (true, StoredEntry::Split { header, body }) = (copy, &found.entry) {
+            let whole: Vec<u8> = [&header[..], body.bytes()].concat();
+            found.entry = StoredEntry::Whole(whole.into());
+        }
+        match self.check(&key, &found) {
             Ok(value) => {
                 session.hits.fetch_add(1, Ordering::Relaxed);
                 session
                     .bytes_read
-                    .fetch_add(stored.len() as u64, Ordering::Relaxed);
+                    .fetch_add(found.entry.len() as u64, Ordering::Relaxed);
+                if found.origin == Origin::Remote {
+                    session.remote_hits.fetch_add(1, Ordering::Relaxed);
+                    self.inner.store.fill(key, &found);
+                }
                 Some(value)
             }
-            Err(error) => {
-                log::warn!(
-                    "discarded a damaged cache entry {digest:?} in {} ({error}); compiling it again",
+            Err(rejection) => {
+                log::debug!(
+                    "discarded cache entry {:?} in {}: {rejection}",
+                    found.digest,
                     self.inner.store.location()
                 );
                 session.rejected.fetch_add(1, Ordering::Relaxed);
                 session.misses.fetch_add(1, Ordering::Relaxed);
-                if let Err(error) = self.inner.store.remove(&digest) {
+                let mut removed = self.inner.store.remove_key(&key);
+                // A damaged value is removed for every key; a value from a shared store is
+                // not, since the local copy under that digest may be a genuine one.
+                if rejection != Rejection::Link && found.origin == Origin::Local {
+                    removed = removed.and(self.inner.store.remove_value(&found.digest));
+                }
+                if let Err(error) = removed {
                     self.warn_once(&error);
                 }
                 None
@@ -222,25 +281,46 @@ impl Cache {
         }
     }
 
+    /// The verified value of `found`: the link must bind `key` to the digest with this cache's
+    /// secret, and the entry must decode and match the digest.
+    fn check(&self, key: &KeyId, found: &Found) -> Result<Value, Rejection> {
+        let secret = self.inner.secret.as_ref();
+        if Link::new(secret, key, &found.digest) != found.link {
+            return Err(Rejection::Link);
+        }
+        let (header, body) = found.entry.parts();
+        let payload = entry::decode_parts(header, body, Some(&found.digest), secret)
+            .map_err(Rejection::Entry)?;
+        Ok(match (payload, &found.entry) {
+            (Cow::Borrowed(_), StoredEntry::Split { body, .. }) => Value::Mapped(body.clone()),
+            (payload, _) => Value::Owned(payload.into_owned()),
+        })
+    }
+
     /// Stores `value` under `key` in `namespace`. Never fails; a store error is warned about once.
     pub fn insert(&self, namespace: &Namespace, key: &[u8], value: &[u8]) {
         if self.inner.store.is_read_only() {
             return;
         }
-        let (encoded, digest) =
-            entry::encode_with(value, self.inner.compression, self.inner.secret.as_ref());
+        let secret = self.inner.secret.as_ref();
+        let (encoded, digest) = entry::encode_with(value, self.inner.compression, secret);
         let session = &self.inner.session;
         session.inserts.fetch_add(1, Ordering::Relaxed);
         session
             .bytes_written
             .fetch_add(encoded.len() as u64, Ordering::Relaxed);
-        if let Err(error) = self
-            .inner
-            .store
-            .put(KeyId::new(namespace, key), digest, encoded.into())
-        {
+        let key = KeyId::new(namespace, key);
+        let link = Link::new(secret, &key, &digest);
+        if let Err(error) = self.inner.store.put(key, link, digest, encoded.into()) {
             self.warn_once(&error);
         }
+    }
+
+    /// Starts a new time budget for the remote tier (see
+    /// [`RemoteConfig::budget`](crate::RemoteConfig::budget)); call it at the start of each
+    /// compile.
+    pub fn renew_budget(&self) {
+        self.inner.store.renew_budget();
     }
 
     /// Counters since this handle was opened.
@@ -250,6 +330,7 @@ impl Cache {
 
     /// Hands the session's counters to the store and waits until every write is stored.
     pub fn flush(&self) -> Result<(), StoreError> {
+        self.report_rejections();
         {
             let now = self.inner.session.snapshot();
             let mut recorded = self.inner.recorded.lock();
@@ -288,20 +369,31 @@ impl Cache {
         self.inner.store.clear()
     }
 
-    /// Decodes every stored entry; damaged ones are removed and counted.
+    /// Decodes every stored entry and checks every key's link; damaged entries and false links
+    /// are removed and counted.
     pub fn verify(&self) -> Result<Verification, StoreError> {
         self.flush()?;
+        let secret = self.inner.secret.as_ref();
         let mut report = Verification::default();
         let mut damaged: Vec<Digest> = Vec::new();
         self.inner.store.for_each_entry(&mut |digest, stored| {
             report.checked += 1;
-            if entry::decode_with(stored, Some(&digest), self.inner.secret.as_ref()).is_err() {
+            if entry::decode_with(stored, Some(&digest), secret).is_err() {
                 damaged.push(digest);
             }
         })?;
-        report.rejected = damaged.len() as u64;
+        let mut false_links: Vec<KeyId> = Vec::new();
+        self.inner.store.for_each_link(&mut |key, digest, link| {
+            if Link::new(secret, &key, &digest) != link {
+                false_links.push(key);
+            }
+        })?;
+        report.rejected = (damaged.len() + false_links.len()) as u64;
+        for key in &false_links {
+            self.inner.store.remove_key(key)?;
+        }
         for digest in &damaged {
-            self.inner.store.remove(digest)?;
+            self.inner.store.remove_value(digest)?;
         }
         self.inner.store.record(&Counters {
             rejected: report.rejected,
@@ -311,6 +403,12 @@ impl Cache {
         Ok(report)
     }
 
+    /// One warning for the entries rejected since the last one (not one per entry: a cache
+    /// planted with foreign entries would otherwise print a line per function).
+    fn report_rejections(&self) {
+        self.inner.report_rejections();
+    }
+
     fn warn_once(&self, error: &StoreError) {
         if !self.inner.warned.swap(true, Ordering::Relaxed) {
             log::warn!("the compilation cache is not working ({error}); compiling without it");
@@ -318,8 +416,36 @@ impl Cache {
     }
 }
 
+/// Why a found entry was not served.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+enum Rejection {
+    #[error("the key's link does not match (the key points at a value it was not stored with)")]
+    Link,
+    #[error(transparent)]
+    Entry(entry::EntryError),
+}
+
+impl Inner {
+    fn report_rejections(&self) {
+        let rejected = self.session.rejected.load(Ordering::Relaxed);
+        let reported = self
+            .session
+            .rejected_reported
+            .swap(rejected, Ordering::Relaxed);
+        if rejected > reported {
+            log::warn!(
+                "discarded {} cache entries in {} that failed verification (damaged, or not \
+                 written with this cache's key); they were compiled again",
+                rejected - reported,
+                self.store.location()
+            );
+        }
+    }
+}
+
 impl Drop for Inner {
     fn drop(&mut self) {
+        self.report_rejections();
         // Persist what this handle counted; the store flushes its own writes when dropped.
         let now = self.session.snapshot();
         let recorded = *self.recorded.lock();

@@ -7,6 +7,11 @@ pub const DIR_ENV: &str = "FNCACHE_DIR";
 /// The default byte limit: 1 GiB.
 pub const DEFAULT_MAX_BYTES: u64 = 1 << 30;
 
+/// The default time budget of the remote tier per compile (see [`RemoteConfig::budget`]):
+/// a warm compile of the largest corpus module fetches about 19,000 entries, 1-2 s of round
+/// trips on a LAN summed over threads.
+pub const DEFAULT_REMOTE_BUDGET: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// How entries are compressed on disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Compression {
@@ -38,7 +43,8 @@ impl Default for Compression {
 #[derive(Clone, Debug)]
 pub struct CacheConfig {
     pub(crate) directory: Option<PathBuf>,
-    pub(crate) max_bytes: u64,
+    pub(crate) max_bytes: Option<u64>,
+    pub(crate) shared: bool,
     pub(crate) compression: Compression,
     pub(crate) read_only: bool,
     pub(crate) secret: Option<crate::Secret>,
@@ -55,8 +61,14 @@ pub struct RemoteConfig {
     pub ttl: Option<std::time::Duration>,
     /// Read from the remote tier, never write to it.
     pub read_only: bool,
-    /// The most one remote operation may take before it counts as a failure.
+    /// The most one remote operation may take, its whole reply included, before it counts as
+    /// a failure (one slower than half of it counts as a failure for the circuit breaker too).
     pub timeout: std::time::Duration,
+    /// The most time one compile's threads may spend waiting for the remote tier, summed over
+    /// threads; then the compile goes on without it, with one warning. Renewed by
+    /// [`Cache::renew_budget`](crate::Cache::renew_budget) (`fncache_wasmtime::Compiler` does
+    /// that at the start of every compile).
+    pub budget: std::time::Duration,
 }
 
 impl RemoteConfig {
@@ -66,6 +78,7 @@ impl RemoteConfig {
             ttl: None,
             read_only: false,
             timeout: std::time::Duration::from_millis(250),
+            budget: DEFAULT_REMOTE_BUDGET,
         }
     }
 }
@@ -74,7 +87,8 @@ impl Default for CacheConfig {
     fn default() -> Self {
         CacheConfig {
             directory: None,
-            max_bytes: DEFAULT_MAX_BYTES,
+            max_bytes: None,
+            shared: false,
             compression: Compression::default(),
             read_only: false,
             secret: None,
@@ -95,10 +109,23 @@ impl CacheConfig {
         self
     }
 
-    /// The byte limit of the cache. Default: 1 GiB. Least recently used entries are evicted
-    /// when a write takes the cache over it.
+    /// Sets the byte limit of the cache. The limit is stored in the cache, so that every
+    /// process using it keeps to the same one; left unset, a cache keeps the limit last set
+    /// (1 GiB for a new one). Least recently used entries are evicted when a write takes the
+    /// cache over it. At most 2^63 - 1.
     pub fn max_bytes(mut self, max_bytes: u64) -> Self {
-        self.max_bytes = max_bytes;
+        self.max_bytes = Some(max_bytes.min(i64::MAX as u64));
+        self
+    }
+
+    /// A cache shared by several local users on purpose (a group-writable directory): the
+    /// owner and mode checks on its directory and files are waived, and large values are
+    /// copied into memory before they are verified instead of being mapped. Every member can
+    /// delete or replace entries (costing others a recompile, never running foreign code:
+    /// entries and links are checked with the reader's key, so members share `FNCACHE_KEY`).
+    /// Default: off, and a directory another user can write is refused.
+    pub fn shared(mut self, shared: bool) -> Self {
+        self.shared = shared;
         self
     }
 
@@ -145,7 +172,8 @@ impl CacheConfig {
         self.directory.clone().or_else(default_directory)
     }
 
-    pub fn get_max_bytes(&self) -> u64 {
+    /// The byte limit this configuration sets, if it sets one.
+    pub fn get_max_bytes(&self) -> Option<u64> {
         self.max_bytes
     }
 

@@ -10,6 +10,10 @@
 //!   (Cranelift's own key for a function).
 //! - A [`Digest`] of a value's content names the stored value, so one value reached under many
 //!   keys is stored once.
+//! - A [`Link`] binds a key to the digest it points at, with the cache's secret. The value's
+//!   own MAC proves who wrote the value, not which key it answers; without the link, whoever
+//!   can write a store's index (one SQL `UPDATE`, one Redis `SET`) could make a key serve
+//!   another genuine value, i.e. another function's or another module's code.
 
 use std::fmt;
 
@@ -110,6 +114,29 @@ impl KeyId {
     }
 }
 
+/// The tag binding a [`KeyId`] to the [`Digest`] of the value it points at: BLAKE3 in keyed
+/// mode with the cache's secret (plain BLAKE3, a checksum only, in a cache without one).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct Link(pub Digest);
+
+impl Link {
+    pub fn new(secret: Option<&crate::Secret>, key: &KeyId, digest: &Digest) -> Link {
+        let mut bound = [0u8; 5 + 64];
+        bound[..5].copy_from_slice(b"link\0");
+        bound[5..37].copy_from_slice(key.0.as_bytes());
+        bound[37..].copy_from_slice(digest.as_bytes());
+        Link(Digest::authenticated(secret, &bound))
+    }
+
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        self.0.as_bytes()
+    }
+
+    pub fn from_slice(bytes: &[u8]) -> Option<Link> {
+        Digest::from_slice(bytes).map(Link)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -121,6 +148,20 @@ mod tests {
         assert_ne!(a, b);
         assert_ne!(KeyId::new(&a, b"k"), KeyId::new(&b, b"k"));
         assert_eq!(KeyId::new(&a, b"k"), KeyId::new(&a, b"k"));
+    }
+
+    #[test]
+    fn a_link_binds_one_key_to_one_digest_under_one_secret() {
+        let secret = crate::Secret::from_bytes([7; 32]);
+        let (k1, k2) = (KeyId(Digest::of(b"k1")), KeyId(Digest::of(b"k2")));
+        let (d1, d2) = (Digest::of(b"v1"), Digest::of(b"v2"));
+        let link = Link::new(Some(&secret), &k1, &d1);
+        assert_eq!(link, Link::new(Some(&secret), &k1, &d1));
+        assert_ne!(link, Link::new(Some(&secret), &k2, &d1));
+        assert_ne!(link, Link::new(Some(&secret), &k1, &d2));
+        assert_ne!(link, Link::new(None, &k1, &d1));
+        let other = crate::Secret::from_bytes([8; 32]);
+        assert_ne!(link, Link::new(Some(&other), &k1, &d1));
     }
 
     #[test]

@@ -20,10 +20,11 @@ pub mod key;
 pub mod secret;
 pub mod stats;
 pub mod store;
+pub mod trust;
 
 pub use cache::{Cache, Value};
 pub use config::{CacheConfig, Compression, RemoteConfig};
-pub use key::{Digest, KeyId, Namespace};
+pub use key::{Digest, KeyId, Link, Namespace};
 pub use secret::Secret;
 pub use stats::{Counters, Stats};
 pub use store::{disk::DiskStore, memory::MemoryStore, Store, StoreError};

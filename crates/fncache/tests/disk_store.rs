@@ -314,7 +314,7 @@ fn two_handles_on_one_directory_see_each_others_writes() {
     let first = open(dir.path(), 1 << 30);
     let second = Cache::with_store(
         Arc::new(DiskStore::open(dir.path(), 1 << 30, false).unwrap()),
-        &CacheConfig::new().secret(Secret::from_environment().unwrap()),
+        &CacheConfig::new().secret(Secret::from_environment().unwrap().unwrap()),
     );
     first.insert(&namespace(), b"key", &value(9, 1000));
     first.flush().unwrap();

@@ -5,7 +5,8 @@
 //! shared by many processes without any locking of our own.
 //!
 //! Layout (schema version [`SCHEMA_VERSION`]):
-//! - `keys(id, digest)`: a key points at a value's digest;
+//! - `keys(id, digest, link)`: a key points at a value's digest; the link binds the two with
+//!   the cache's secret ([`Link`]), so that a row pointed elsewhere is rejected on read;
 //! - `blob_meta(digest, data_id, size, last_used)`: small rows the LRU order is kept in, apart
 //!   from the large values so that recording a use never rewrites a value. `last_used` is a
 //!   logical clock shared by all processes (exact LRU at the granularity of a write batch) and
@@ -37,15 +38,20 @@ use rusqlite::{
 };
 
 use super::value_files::{self, MappedFile, FILE_THRESHOLD};
-use super::{Eviction, Store, StoreError, StoredEntry, Usage, KEY_OVERHEAD, VALUE_OVERHEAD};
+use super::{
+    Eviction, Found, Origin, Store, StoreError, StoredEntry, Usage, KEY_OVERHEAD, VALUE_OVERHEAD,
+};
 use crate::entry::HEADER_LEN;
-use crate::key::{Digest, KeyId};
+use crate::key::{Digest, KeyId, Link};
 use crate::stats::Counters;
+use crate::trust;
 
 /// The database file inside the cache directory.
 pub const DB_FILE: &str = "fncache.db";
 /// Bumped when the schema changes; a cache with another version is refused, not misread.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
+/// The largest limit a cache takes (SQLite's integers are signed).
+pub const MAX_LIMIT: u64 = i64::MAX as u64;
 /// Eviction brings the accounted bytes down to this share of the limit, so that it runs once
 /// per many writes rather than on every one.
 pub const LOW_WATER_PERCENT: u64 = 90;
@@ -56,13 +62,14 @@ pub const TOUCH_PERIOD: Duration = Duration::from_secs(60);
 /// Reader connections kept open for reuse.
 const MAX_IDLE_READERS: usize = 8;
 
-const GET_SQL: &str = "SELECT k.digest, d.data, m.in_file, m.last_used FROM keys k \
+const GET_SQL: &str = "SELECT k.digest, d.data, m.in_file, m.last_used, k.link FROM keys k \
      JOIN blob_meta m ON m.digest = k.digest \
      JOIN blob_data d ON d.id = m.data_id WHERE k.id = ?1";
 
 const SCHEMA: &str = "
     CREATE TABLE meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
-    CREATE TABLE keys (id BLOB PRIMARY KEY, digest BLOB NOT NULL) WITHOUT ROWID;
+    CREATE TABLE keys (id BLOB PRIMARY KEY, digest BLOB NOT NULL, link BLOB NOT NULL)
+        WITHOUT ROWID;
     CREATE INDEX keys_by_digest ON keys(digest);
     CREATE TABLE blob_meta (
         digest BLOB PRIMARY KEY, data_id INTEGER NOT NULL,
@@ -71,17 +78,19 @@ const SCHEMA: &str = "
     CREATE TABLE blob_data (id INTEGER PRIMARY KEY, data BLOB NOT NULL);
     INSERT INTO meta VALUES ('bytes', 0), ('clock', 0), ('hits', 0), ('misses', 0),
         ('inserts', 0), ('evictions', 0), ('bytes_read', 0), ('bytes_written', 0),
-        ('rejected', 0), ('remote_hits', 0), ('remote_errors', 0);
+        ('rejected', 0), ('remote_hits', 0), ('remote_errors', 0), ('max_bytes', 0);
 ";
 
-type Pending = Arc<Mutex<HashMap<KeyId, (Digest, Arc<[u8]>)>>>;
+type Pending = Arc<Mutex<HashMap<KeyId, (Digest, Link, Arc<[u8]>)>>>;
 
 /// A cache directory on disk. See the module documentation.
 pub struct DiskStore {
     dir: PathBuf,
     db_path: PathBuf,
+    /// The cache's byte limit as it was when this handle opened it.
     max_bytes: u64,
     read_only: bool,
+    shared: bool,
     readers: Mutex<Vec<Connection>>,
     /// Values handed to `put` and not yet committed.
     pending: Pending,
@@ -104,11 +113,13 @@ struct Writer {
 enum Op {
     Put {
         key: KeyId,
+        link: Link,
         digest: Digest,
         entry: Arc<[u8]>,
     },
     Touch(Digest),
-    Remove(Digest),
+    RemoveKey(KeyId),
+    RemoveValue(Digest),
     Record(Counters),
     Flush(SyncSender<Result<(), StoreError>>),
     Evict(u64, SyncSender<Result<Eviction, StoreError>>),
@@ -125,10 +136,38 @@ impl std::fmt::Debug for DiskStore {
     }
 }
 
+/// How a [`DiskStore`] is opened.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DiskOptions {
+    /// A new byte limit, stored in the cache for every process that uses it; `None` keeps the
+    /// stored one ([`DEFAULT_MAX_BYTES`](crate::config::DEFAULT_MAX_BYTES) for a new cache).
+    pub max_bytes: Option<u64>,
+    /// Serve hits, write nothing.
+    pub read_only: bool,
+    /// A cache shared by several users on purpose (see [`crate::trust`]).
+    pub shared: bool,
+}
+
 impl DiskStore {
-    /// Opens (creating if needed, unless `read_only`) the cache in `dir`.
+    /// Opens (creating if needed, unless `read_only`) the private cache in `dir`, setting its
+    /// limit to `max_bytes`.
     pub fn open(dir: &Path, max_bytes: u64, read_only: bool) -> Result<DiskStore, StoreError> {
+        DiskStore::open_with(
+            dir,
+            &DiskOptions {
+                max_bytes: Some(max_bytes),
+                read_only,
+                shared: false,
+            },
+        )
+    }
+
+    /// Opens the cache in `dir` as `options` say. A directory, `values/` or database that
+    /// another user could change is refused unless the cache is `shared`; a symbolic link or
+    /// anything but a regular file where the database should be is refused always.
+    pub fn open_with(dir: &Path, options: &DiskOptions) -> Result<DiskStore, StoreError> {
         configure_sqlite();
+        let read_only = options.read_only;
         let io = |source| StoreError::Io {
             path: dir.to_path_buf(),
             source,
@@ -143,10 +182,14 @@ impl DiskStore {
             // Private: other local users must neither read nor plant entries.
             fs::DirBuilder::new()
                 .recursive(true)
-                .mode(0o700)
+                .mode(if options.shared { 0o770 } else { 0o700 })
                 .create(dir)
                 .map_err(io)?;
         }
+        // The cache directory itself may be a symbolic link (a cache on another disk); what is
+        // inside it is reached through its real path and never through a link.
+        let dir = &fs::canonicalize(dir).map_err(io)?;
+        check_layout(dir, options.shared)?;
         let db_path = dir.join(DB_FILE);
         if read_only && !db_path.exists() {
             return Err(StoreError::Unusable(format!(
@@ -160,7 +203,7 @@ impl DiskStore {
             None
         } else {
             replace_older_schema(dir, &db_path)?;
-            let conn = open_writer(&db_path)?;
+            let conn = open_writer(&db_path, options)?;
             let (clock, entries) = conn
                 .query_row(
                     "SELECT (SELECT value FROM meta WHERE name = 'clock'), \
@@ -180,11 +223,14 @@ impl DiskStore {
                 dir: dir.to_path_buf(),
                 entries,
                 touch_floor: touch_floor.clone(),
+                disk_ratio: 1.0,
                 db_path: db_path.clone(),
-                max_bytes,
+                shared: options.shared,
                 pending: pending.clone(),
                 warned: AtomicBool::new(false),
             };
+            let mut state = state;
+            state.measure_disk_ratio();
             let thread = std::thread::Builder::new()
                 .name("fncache-writer".into())
                 .spawn(move || state.run(&writer_queue))
@@ -194,8 +240,9 @@ impl DiskStore {
         let store = DiskStore {
             dir: dir.to_path_buf(),
             db_path,
-            max_bytes,
+            max_bytes: 0,
             read_only,
+            shared: options.shared,
             readers: Mutex::new(Vec::new()),
             pending,
             touched: Mutex::new((Instant::now(), HashSet::new())),
@@ -204,7 +251,20 @@ impl DiskStore {
         };
         // Open one reader now so that a cache that cannot be read fails here, not mid-compile.
         let reader = store.checkout()?;
+        let stored_limit = reader
+            .query_row(
+                "SELECT value FROM meta WHERE name = 'max_bytes'",
+                [],
+                |row| row.get::<_, i64>(0),
+            )
+            .map_err(|e| store.db_error(e));
         store.checkin(reader);
+        let mut store = store;
+        store.max_bytes = match (options.max_bytes, stored_limit?) {
+            (Some(explicit), _) => explicit.min(MAX_LIMIT),
+            (None, stored) if stored > 0 => stored as u64,
+            (None, _) => crate::config::DEFAULT_MAX_BYTES,
+        };
         Ok(store)
     }
 
@@ -235,9 +295,7 @@ impl DiskStore {
     fn open_reader(&self, immutable: bool) -> Result<Connection, StoreError> {
         let db_error = |e| self.db_error(e);
         let conn = if immutable {
-            let flags = OpenFlags::SQLITE_OPEN_READ_ONLY
-                | OpenFlags::SQLITE_OPEN_NO_MUTEX
-                | OpenFlags::SQLITE_OPEN_URI;
+            let flags = open_flags(OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_URI);
             Connection::open_with_flags(immutable_uri(&self.db_path), flags).map_err(db_error)?
         } else {
             let access = if self.read_only {
@@ -245,8 +303,7 @@ impl DiskStore {
             } else {
                 OpenFlags::SQLITE_OPEN_READ_WRITE
             };
-            Connection::open_with_flags(&self.db_path, access | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-                .map_err(db_error)?
+            Connection::open_with_flags(&self.db_path, open_flags(access)).map_err(db_error)?
         };
         conn.busy_timeout(BUSY_TIMEOUT).map_err(db_error)?;
         conn.execute_batch("PRAGMA query_only = 1")
@@ -314,9 +371,14 @@ impl Drop for DiskStore {
 }
 
 impl Store for DiskStore {
-    fn get(&self, key: &KeyId) -> Result<Option<(Digest, StoredEntry)>, StoreError> {
-        if let Some((digest, entry)) = self.pending.lock().get(key) {
-            return Ok(Some((*digest, StoredEntry::Whole(entry.clone()))));
+    fn get(&self, key: &KeyId) -> Result<Option<Found>, StoreError> {
+        if let Some((digest, link, entry)) = self.pending.lock().get(key) {
+            return Ok(Some(Found {
+                digest: *digest,
+                link: *link,
+                entry: StoredEntry::Whole(entry.clone()),
+                origin: Origin::Local,
+            }));
         }
         let found = self.with_reader(|conn| {
             conn.prepare_cached(GET_SQL)?
@@ -328,17 +390,18 @@ impl Store for DiskStore {
                         stored,
                         row.get::<_, bool>(2)?,
                         row.get::<_, i64>(3)?,
+                        Link::from_slice(row.get_ref(4)?.as_blob()?),
                     ))
                 })
                 .optional()
         })?;
-        // A digest column of the wrong length is a damaged index row: nothing to serve.
-        let Some((Some(digest), stored, in_file, last_used)) = found else {
+        // A digest or link column of the wrong length is a damaged index row: nothing to serve.
+        let Some((Some(digest), stored, in_file, last_used, Some(link))) = found else {
             return Ok(None);
         };
         let entry = if in_file {
             let path = value_files::path(&self.dir, &digest);
-            match MappedFile::open(&path) {
+            match MappedFile::open(&self.dir, &digest, self.shared) {
                 Ok(body) => StoredEntry::Split {
                     header: stored,
                     body: Arc::new(body),
@@ -355,20 +418,43 @@ impl Store for DiskStore {
         if stale && !self.read_only && self.first_use_this_period(digest) {
             self.send(Op::Touch(digest))?;
         }
-        Ok(Some((digest, entry)))
+        Ok(Some(Found {
+            digest,
+            link,
+            entry,
+            origin: Origin::Local,
+        }))
     }
 
-    fn put(&self, key: KeyId, digest: Digest, entry: Arc<[u8]>) -> Result<(), StoreError> {
+    fn put(
+        &self,
+        key: KeyId,
+        link: Link,
+        digest: Digest,
+        entry: Arc<[u8]>,
+    ) -> Result<(), StoreError> {
         if self.read_only {
             return Ok(());
         }
-        self.pending.lock().insert(key, (digest, entry.clone()));
-        self.send(Op::Put { key, digest, entry })
+        self.pending
+            .lock()
+            .insert(key, (digest, link, entry.clone()));
+        self.send(Op::Put {
+            key,
+            link,
+            digest,
+            entry,
+        })
     }
 
-    fn remove(&self, digest: &Digest) -> Result<(), StoreError> {
-        self.pending.lock().retain(|_, (d, _)| d != digest);
-        self.send(Op::Remove(*digest))
+    fn remove_key(&self, key: &KeyId) -> Result<(), StoreError> {
+        self.pending.lock().remove(key);
+        self.send(Op::RemoveKey(*key))
+    }
+
+    fn remove_value(&self, digest: &Digest) -> Result<(), StoreError> {
+        self.pending.lock().retain(|_, (d, _, _)| d != digest);
+        self.send(Op::RemoveValue(*digest))
     }
 
     fn record(&self, delta: &Counters) {
@@ -442,7 +528,7 @@ impl Store for DiskStore {
                     // Header and body joined again; a missing or unreadable file leaves the
                     // header alone, which verification rejects as truncated.
                     let mut whole = stored.to_vec();
-                    if let Ok(body) = MappedFile::open(&value_files::path(&self.dir, &digest)) {
+                    if let Ok(body) = MappedFile::open(&self.dir, &digest, self.shared) {
                         whole.extend_from_slice(body.bytes());
                     }
                     visit(digest, &whole);
@@ -454,13 +540,29 @@ impl Store for DiskStore {
         })
     }
 
+    fn for_each_link(&self, visit: &mut dyn FnMut(KeyId, Digest, Link)) -> Result<(), StoreError> {
+        self.with_reader(|conn| {
+            let mut stmt = conn.prepare("SELECT id, digest, link FROM keys")?;
+            let mut rows = stmt.query([])?;
+            while let Some(row) = rows.next()? {
+                let blob = |i| row.get_ref(i).and_then(|v| Ok(v.as_blob()?.to_vec()));
+                let (id, digest, link) = (blob(0)?, blob(1)?, blob(2)?);
+                // A column of the wrong length cannot be a genuine link: report it with a link
+                // of zeros, which verification rejects.
+                if let Some(key) = Digest::from_slice(&id).map(KeyId) {
+                    visit(
+                        key,
+                        Digest::from_slice(&digest).unwrap_or(Digest([0; 32])),
+                        Link::from_slice(&link).unwrap_or(Link(Digest([0; 32]))),
+                    );
+                }
+            }
+            Ok(())
+        })
+    }
+
     fn disk_bytes(&self) -> Option<u64> {
-        let mut total = 0;
-        for suffix in ["", "-wal", "-shm"] {
-            let path = self.dir.join(format!("{DB_FILE}{suffix}"));
-            total += fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-        }
-        Some(total + value_files::total_bytes(&self.dir))
+        Some(disk_bytes(&self.dir))
     }
 
     fn location(&self) -> String {
@@ -520,10 +622,18 @@ fn replace_older_schema(dir: &Path, db_path: &Path) -> Result<(), StoreError> {
     if !db_path.exists() {
         return Ok(());
     }
-    let version = Connection::open_with_flags(db_path, OpenFlags::SQLITE_OPEN_READ_ONLY)
-        .and_then(|conn| conn.query_row("PRAGMA user_version", [], |row| row.get::<_, i64>(0)));
-    match version {
-        Ok(version) if version > 0 && version < SCHEMA_VERSION => {
+    let found = Connection::open_with_flags(db_path, open_flags(OpenFlags::SQLITE_OPEN_READ_ONLY))
+        .and_then(|conn| {
+            let version = conn.query_row("PRAGMA user_version", [], |row| row.get::<_, i64>(0))?;
+            let ours = conn.query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE name IN ('meta', 'keys', 'blob_meta')",
+                [],
+                |row| row.get::<_, i64>(0),
+            )? == 3;
+            Ok((version, ours))
+        });
+    match found {
+        Ok((version, true)) if version > 0 && version < SCHEMA_VERSION => {
             log::info!(
                 "the cache in {} was written by an older fncache (schema {version}); starting it afresh",
                 dir.display()
@@ -535,6 +645,58 @@ fn replace_older_schema(dir: &Path, db_path: &Path) -> Result<(), StoreError> {
             })
         }
         _ => Ok(()),
+    }
+}
+
+/// Frees disk space without writing to the database, so that a cache on a full disk can be
+/// opened for writing again (by `gc` and `clear`): removes value files, least recently used
+/// first, until the database opens for writing. Their rows become misses, which the next
+/// eviction removes. Returns how many files were removed; an error if the database still cannot
+/// be written when none are left.
+pub fn make_room(dir: &Path, shared: bool) -> Result<u64, StoreError> {
+    configure_sqlite();
+    let dir = &fs::canonicalize(dir).map_err(|source| StoreError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    check_layout(dir, shared)?;
+    let db_path = dir.join(DB_FILE);
+    let db_error = |source| StoreError::Database {
+        path: db_path.clone(),
+        source,
+    };
+    let conn = Connection::open_with_flags(
+        immutable_uri(&db_path),
+        open_flags(OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_URI),
+    )
+    .map_err(db_error)?;
+    let in_files: Vec<Digest> = conn
+        .prepare("SELECT digest FROM blob_meta WHERE in_file ORDER BY last_used")
+        .and_then(|mut stmt| {
+            stmt.query_map([], |row| row.get::<_, Vec<u8>>(0))?
+                .filter_map(|r| r.map(|d| Digest::from_slice(&d)).transpose())
+                .collect::<rusqlite::Result<Vec<_>>>()
+        })
+        .map_err(db_error)?;
+    drop(conn);
+    let options = DiskOptions {
+        shared,
+        ..DiskOptions::default()
+    };
+    let mut removed = 0;
+    let mut victims = in_files.iter();
+    loop {
+        match open_writer(&db_path, &options) {
+            Ok(_) => return Ok(removed),
+            Err(error) if error.is_not_writable() => match victims.next() {
+                Some(digest) => {
+                    value_files::remove(dir, digest);
+                    removed += 1;
+                }
+                None => return Err(error),
+            },
+            Err(error) => return Err(error),
+        }
     }
 }
 
@@ -553,16 +715,86 @@ pub fn remove_database(dir: &Path) -> Result<bool, StoreError> {
     Ok(found)
 }
 
-fn open_writer(db_path: &Path) -> Result<Connection, StoreError> {
+/// Refuses a cache whose parts another user could change (unless `shared`), and anything but
+/// a real directory at `values/` and regular files where the database files should be.
+fn check_layout(dir: &Path, shared: bool) -> Result<(), StoreError> {
+    let io = |path: &Path, source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let untrusted = |what: &str, path: &Path, reason: String| {
+        StoreError::Unusable(format!(
+            "{what} {} cannot be trusted: {reason}; use a cache directory of your own, or \
+             --shared-cache if several users share it on purpose (docs/security.md)",
+            path.display()
+        ))
+    };
+    let meta = fs::metadata(dir).map_err(|e| io(dir, e))?;
+    if let (false, Some(reason)) = (shared, trust::untrusted_reason(&meta)) {
+        return Err(untrusted("cache directory", dir, reason));
+    }
+    let values = dir.join(value_files::VALUES_DIR);
+    match fs::symlink_metadata(&values) {
+        Ok(meta) if !meta.is_dir() => {
+            return Err(StoreError::Unusable(format!(
+                "{} is not a directory (a symbolic link?); fncache does not follow it: \
+                 remove it and the cache makes a new one",
+                values.display()
+            )))
+        }
+        Ok(meta) => {
+            if let (false, Some(reason)) = (shared, trust::untrusted_reason(&meta)) {
+                return Err(untrusted("cache directory", &values, reason));
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(&values, e)),
+    }
+    for suffix in ["", "-wal", "-shm"] {
+        let path = dir.join(format!("{DB_FILE}{suffix}"));
+        match fs::symlink_metadata(&path) {
+            Ok(meta) if !meta.is_file() => {
+                return Err(StoreError::Incompatible {
+                    path,
+                    reason: "not a regular file (a symbolic link, a FIFO or a device), which \
+                             fncache does not open"
+                        .into(),
+                })
+            }
+            Ok(meta) => {
+                if let (false, Some(reason)) = (shared, trust::untrusted_reason(&meta)) {
+                    return Err(untrusted("cache database", &path, reason));
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(&path, e)),
+        }
+    }
+    Ok(())
+}
+
+/// SQLite's open flags for fncache's database: never through a symbolic link.
+fn open_flags(access: OpenFlags) -> OpenFlags {
+    access | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_NOFOLLOW
+}
+
+fn open_writer(db_path: &Path, options: &DiskOptions) -> Result<Connection, StoreError> {
     let err = |source| StoreError::Database {
         path: db_path.to_path_buf(),
         source,
     };
-    let mut conn = Connection::open(db_path).map_err(err)?;
+    let mut conn = Connection::open_with_flags(
+        db_path,
+        open_flags(OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE),
+    )
+    .map_err(err)?;
     // Private like its directory; SQLite gives the -wal and -shm files the same mode. Before the
-    // journal mode is set, so that those are created after this.
-    use std::os::unix::fs::PermissionsExt;
-    let _ = fs::set_permissions(db_path, fs::Permissions::from_mode(0o600));
+    // journal mode is set, so that those are created after this. (`check_layout` made sure the
+    // path is a regular file and no link.)
+    if !options.shared {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = fs::set_permissions(db_path, fs::Permissions::from_mode(0o600));
+    }
     conn.busy_timeout(BUSY_TIMEOUT).map_err(err)?;
     // auto_vacuum only takes effect before the first table exists, so it comes first.
     conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL")
@@ -577,7 +809,9 @@ fn open_writer(db_path: &Path) -> Result<Connection, StoreError> {
             db_path.display()
         )));
     }
-    conn.execute_batch("PRAGMA synchronous = NORMAL")
+    // A checkpointed write-ahead log is cut back to this, so that it does not keep the size of
+    // the largest transaction ever (the limit is about the disk, the log included).
+    conn.execute_batch("PRAGMA synchronous = NORMAL; PRAGMA journal_size_limit = 4194304")
         .map_err(err)?;
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -586,11 +820,30 @@ fn open_writer(db_path: &Path) -> Result<Connection, StoreError> {
         .query_row("PRAGMA user_version", [], |row| row.get(0))
         .map_err(err)?;
     if version == 0 {
+        // Never adopt another program's database: only an empty one becomes fncache's.
+        let tables: i64 = tx
+            .query_row("SELECT COUNT(*) FROM sqlite_master", [], |row| row.get(0))
+            .map_err(err)?;
+        if tables > 0 {
+            return Err(StoreError::Incompatible {
+                path: db_path.to_path_buf(),
+                reason: "it is not an fncache database (it holds another program's tables)".into(),
+            });
+        }
         tx.execute_batch(SCHEMA).map_err(err)?;
         tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))
             .map_err(err)?;
     } else {
         check_schema_version(db_path, version)?;
+    }
+    if let Some(limit) = options.max_bytes {
+        let limit = limit.min(MAX_LIMIT) as i64;
+        // Written only when it changes, so that opening a cache costs no write.
+        tx.execute(
+            "UPDATE meta SET value = ?1 WHERE name = 'max_bytes' AND value != ?1",
+            [limit],
+        )
+        .map_err(err)?;
     }
     tx.commit().map_err(err)?;
     Ok(conn)
@@ -601,9 +854,14 @@ struct WriterState {
     dir: PathBuf,
     /// Values stored, as this writer counts them (other processes' writes are seen at open).
     entries: i64,
+    /// Bytes on disk (database, log, value files) per accounted byte, measured after each
+    /// eviction: SQLite's pages hold rows with slack, so the accounted total alone would let
+    /// the directory grow past the limit. Eviction keeps the accounted bytes times this under
+    /// the limit.
+    disk_ratio: f64,
     touch_floor: Arc<std::sync::atomic::AtomicI64>,
     db_path: PathBuf,
-    max_bytes: u64,
+    shared: bool,
     pending: Pending,
     warned: AtomicBool,
 }
@@ -709,7 +967,7 @@ impl WriterState {
             let mut pending = self.pending.lock();
             for op in &data {
                 if let Op::Put { key, digest, .. } = op {
-                    if pending.get(key).is_some_and(|(d, _)| d == digest) {
+                    if pending.get(key).is_some_and(|(d, _, _)| d == digest) {
                         pending.remove(key);
                     }
                 }
@@ -755,19 +1013,29 @@ impl WriterState {
     }
 
     fn commit(&mut self, ops: &[Op]) -> Result<(), StoreError> {
-        let max_bytes = self.max_bytes;
+        let ratio = self.disk_ratio;
         let dir = self.dir.clone();
+        let shared = self.shared;
         let mut unlink = Vec::new();
         let evicted = self.in_transaction(|tx| {
+            // The limit is the cache's, read in the transaction: a process that was started
+            // with another one does not evict down to it.
+            let max_bytes = stored_limit(tx)?;
             let mut bytes = meta(tx, "bytes")?;
             let mut clock = meta(tx, "clock")?;
             let mut entries = 0;
             let mut counters = Counters::default();
             for op in ops {
                 match op {
-                    Op::Put { key, digest, entry } => {
+                    Op::Put {
+                        key,
+                        link,
+                        digest,
+                        entry,
+                    } => {
                         clock += 1;
-                        let (added, new_value) = put(tx, &dir, key, digest, entry, clock)?;
+                        let (added, new_value) =
+                            put(tx, &dir, shared, key, link, digest, entry, clock)?;
                         bytes += added;
                         entries += i64::from(new_value);
                     }
@@ -776,7 +1044,13 @@ impl WriterState {
                         tx.prepare_cached("UPDATE blob_meta SET last_used = ?1 WHERE digest = ?2")?
                             .execute(params![clock, digest.as_bytes()])?;
                     }
-                    Op::Remove(digest) => {
+                    Op::RemoveKey(key) => {
+                        let removed = tx
+                            .prepare_cached("DELETE FROM keys WHERE id = ?1")?
+                            .execute([key.0.as_bytes()])?;
+                        bytes -= removed as i64 * KEY_OVERHEAD as i64;
+                    }
+                    Op::RemoveValue(digest) => {
                         let (freed, removed) = remove_value(tx, digest, &mut unlink)?;
                         bytes -= freed;
                         entries -= i64::from(removed);
@@ -786,8 +1060,9 @@ impl WriterState {
                 }
             }
             let mut evicted = false;
-            if bytes > max_bytes as i64 {
-                let eviction = evict_within(tx, &mut bytes, low_water(max_bytes), &mut unlink)?;
+            if bytes as f64 * ratio > max_bytes as f64 {
+                let target = (low_water(max_bytes) as f64 / ratio) as u64;
+                let eviction = evict_within(tx, &mut bytes, target, &mut unlink)?;
                 counters.evictions += eviction.entries;
                 entries -= eviction.entries as i64;
                 evicted = eviction.entries > 0;
@@ -804,6 +1079,7 @@ impl WriterState {
         self.unlink(&unlink);
         if evicted {
             self.vacuum();
+            self.measure_disk_ratio();
         }
         Ok(())
     }
@@ -817,10 +1093,12 @@ impl WriterState {
     }
 
     fn evict(&mut self, max_bytes: u64) -> Result<Eviction, StoreError> {
+        let ratio = self.disk_ratio;
         let mut unlink = Vec::new();
         let eviction = self.in_transaction(|tx| {
             let mut bytes = meta(tx, "bytes")?;
-            let eviction = evict_within(tx, &mut bytes, max_bytes, &mut unlink)?;
+            let target = (max_bytes as f64 / ratio) as u64;
+            let eviction = evict_within(tx, &mut bytes, target, &mut unlink)?;
             set_meta(tx, "bytes", bytes)?;
             add_counters(
                 tx,
@@ -833,30 +1111,70 @@ impl WriterState {
         })?;
         self.unlink(&unlink);
         self.entries -= eviction.entries as i64;
+        let lost = self.forget_lost_files()?;
+        let eviction = Eviction {
+            entries: eviction.entries + lost.entries,
+            bytes: eviction.bytes + lost.bytes,
+        };
         self.sweep_value_files();
         self.vacuum();
+        self.measure_disk_ratio();
         Ok(eviction)
     }
 
-    /// Removes value files that no row refers to: left by a process killed between its commit
-    /// and its unlink, or by a put whose transaction rolled back.
-    fn sweep_value_files(&self) {
-        let in_files: HashSet<Digest> = match self
-            .conn
-            .prepare("SELECT digest FROM blob_meta WHERE in_file")
-            .and_then(|mut stmt| {
-                stmt.query_map([], |row| row.get::<_, Vec<u8>>(0))?
-                    .map(|r| r.map(|d| Digest::from_slice(&d)))
-                    .collect::<rusqlite::Result<Vec<_>>>()
-            }) {
-            Ok(digests) => digests.into_iter().flatten().collect(),
-            Err(e) => {
-                log::debug!("cannot list value files: {e}");
-                return;
+    /// Removes the rows of values whose files are gone (removed by [`make_room`] on a full
+    /// disk, or by hand), so that they stop costing a miss and count no more toward the limit.
+    fn forget_lost_files(&mut self) -> Result<Eviction, StoreError> {
+        let dir = self.dir.clone();
+        let mut unlink = Vec::new();
+        let lost = self.in_transaction(|tx| {
+            let digests: Vec<Digest> = tx
+                .prepare("SELECT digest FROM blob_meta WHERE in_file")?
+                .query_map([], |row| row.get::<_, Vec<u8>>(0))?
+                .filter_map(|r| r.map(|d| Digest::from_slice(&d)).transpose())
+                .collect::<rusqlite::Result<_>>()?;
+            let mut bytes = meta(tx, "bytes")?;
+            let mut lost = Eviction::default();
+            for digest in digests {
+                if fs::symlink_metadata(value_files::path(&dir, &digest)).is_err() {
+                    let (freed, _) = remove_value(tx, &digest, &mut unlink)?;
+                    bytes -= freed;
+                    lost.entries += 1;
+                    lost.bytes += freed.max(0) as u64;
+                }
             }
-        };
-        if let Err(e) = value_files::sweep(&self.dir, &|d| in_files.contains(d)) {
-            log::debug!("cannot sweep value files: {e}");
+            set_meta(tx, "bytes", bytes)?;
+            add_counters(
+                tx,
+                &Counters {
+                    evictions: lost.entries,
+                    ..Counters::default()
+                },
+            )?;
+            Ok(lost)
+        })?;
+        self.entries -= lost.entries as i64;
+        Ok(lost)
+    }
+
+    /// Removes value files that no row refers to: left by a process killed between its commit
+    /// and its unlink, or by a put whose transaction rolled back. Inside a write transaction:
+    /// a writer writes a value's file only while it holds the write lock, so no file can be
+    /// between its write and its row's commit while the sweep lists and removes.
+    fn sweep_value_files(&mut self) {
+        let dir = self.dir.clone();
+        let swept = self.in_transaction(|tx| {
+            let in_files: HashSet<Digest> = tx
+                .prepare("SELECT digest FROM blob_meta WHERE in_file")?
+                .query_map([], |row| row.get::<_, Vec<u8>>(0))?
+                .filter_map(|r| r.map(|d| Digest::from_slice(&d)).transpose())
+                .collect::<rusqlite::Result<_>>()?;
+            Ok(value_files::sweep(&dir, &|d| in_files.contains(d)))
+        });
+        match swept {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => log::debug!("cannot sweep value files: {e}"),
+            Err(e) => log::debug!("cannot list value files: {e}"),
         }
     }
 
@@ -878,15 +1196,75 @@ impl WriterState {
         Ok(())
     }
 
+    /// Measures [`WriterState::disk_ratio`] (kept between 1 and 4; not measured on a cache too
+    /// small for the fixed size of an empty database to say anything).
+    fn measure_disk_ratio(&mut self) {
+        let accounted = self
+            .conn
+            .query_row("SELECT value FROM meta WHERE name = 'bytes'", [], |row| {
+                row.get::<_, i64>(0)
+            })
+            .unwrap_or(0)
+            .max(0) as u64;
+        if accounted < 1 << 20 {
+            self.disk_ratio = 1.0;
+            return;
+        }
+        // The log is left out: it is checkpointed into the database and removed when the last
+        // process closes it, so it is the database and the value files that stay.
+        use std::os::unix::fs::MetadataExt;
+        let database = fs::symlink_metadata(&self.db_path).map_or(0, |m| m.blocks() * 512);
+        let disk = database + value_files::total_bytes(&self.dir);
+        self.disk_ratio = (disk as f64 / accounted as f64).clamp(1.0, 4.0);
+    }
+
     /// Gives freed pages back to the file system, so that eviction shrinks the file.
     fn vacuum(&mut self) {
-        if let Err(e) = self
+        // incremental_vacuum frees one page per step: it must be stepped to the end (one
+        // `execute_batch` step freed a single page, and the file never shrank).
+        let vacuumed = self
             .conn
-            .execute_batch("PRAGMA incremental_vacuum; PRAGMA wal_checkpoint(PASSIVE);")
-        {
+            .prepare("PRAGMA incremental_vacuum")
+            .and_then(|mut stmt| {
+                let mut rows = stmt.query([])?;
+                while rows.next()?.is_some() {}
+                Ok(())
+            });
+        let checkpointed = vacuumed.and_then(|()| {
+            self.conn
+                .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+        });
+        if let Err(e) = checkpointed {
             log::debug!("incremental vacuum failed: {e}");
         }
     }
+}
+
+/// The cache's byte limit as stored in it (0, never set: the default).
+fn stored_limit(tx: &Transaction<'_>) -> rusqlite::Result<u64> {
+    let stored = tx
+        .prepare_cached("SELECT value FROM meta WHERE name = 'max_bytes'")?
+        .query_row([], |row| row.get::<_, i64>(0))
+        .optional()?
+        .unwrap_or(0);
+    Ok(if stored > 0 {
+        stored as u64
+    } else {
+        crate::config::DEFAULT_MAX_BYTES
+    })
+}
+
+/// Bytes the cache in `dir` takes on disk: the database, its log and index, the value files.
+pub fn disk_bytes(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    for suffix in ["", "-wal", "-shm"] {
+        let path = dir.join(format!("{DB_FILE}{suffix}"));
+        total += fs::symlink_metadata(path)
+            .map(|m| m.blocks() * 512)
+            .unwrap_or(0);
+    }
+    total + value_files::total_bytes(dir)
 }
 
 fn low_water(max_bytes: u64) -> u64 {
@@ -919,7 +1297,9 @@ fn add_counters(tx: &Transaction<'_>, counters: &Counters) -> rusqlite::Result<(
 fn put(
     tx: &Transaction<'_>,
     dir: &Path,
+    shared: bool,
     key: &KeyId,
+    link: &Link,
     digest: &Digest,
     entry: &[u8],
     clock: i64,
@@ -929,7 +1309,7 @@ fn put(
     if in_file {
         // Before the row, so that a committed row always has its file (a file without a row
         // is an orphan that `gc` sweeps); rewritten if it went missing since.
-        value_files::write(dir, digest, &entry[HEADER_LEN..]).map_err(|e| {
+        value_files::write(dir, digest, &entry[HEADER_LEN..], shared).map_err(|e| {
             rusqlite::Error::ToSqlConversionFailure(
                 format!("cannot write the value file: {e}").into(),
             )
@@ -957,19 +1337,27 @@ fn put(
         ])?;
         added += entry.len() as i64 + VALUE_OVERHEAD as i64;
     }
-    let current: Option<Vec<u8>> = tx
-        .prepare_cached("SELECT digest FROM keys WHERE id = ?1")?
-        .query_row([key.0.as_bytes()], |row| row.get(0))
+    let current: Option<(Vec<u8>, Vec<u8>)> = tx
+        .prepare_cached("SELECT digest, link FROM keys WHERE id = ?1")?
+        .query_row([key.0.as_bytes()], |row| Ok((row.get(0)?, row.get(1)?)))
         .optional()?;
     match current {
         None => {
-            tx.prepare_cached("INSERT INTO keys (id, digest) VALUES (?1, ?2)")?
-                .execute(params![key.0.as_bytes(), digest.as_bytes()])?;
+            tx.prepare_cached("INSERT INTO keys (id, digest, link) VALUES (?1, ?2, ?3)")?
+                .execute(params![
+                    key.0.as_bytes(),
+                    digest.as_bytes(),
+                    link.as_bytes()
+                ])?;
             added += KEY_OVERHEAD as i64;
         }
-        Some(current) if current != digest.as_bytes() => {
-            tx.prepare_cached("UPDATE keys SET digest = ?2 WHERE id = ?1")?
-                .execute(params![key.0.as_bytes(), digest.as_bytes()])?;
+        Some((d, l)) if d != digest.as_bytes() || l != link.as_bytes() => {
+            tx.prepare_cached("UPDATE keys SET digest = ?2, link = ?3 WHERE id = ?1")?
+                .execute(params![
+                    key.0.as_bytes(),
+                    digest.as_bytes(),
+                    link.as_bytes()
+                ])?;
         }
         Some(_) => {}
     }

@@ -8,8 +8,10 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use super::{Eviction, Store, StoreError, StoredEntry, Usage, KEY_OVERHEAD, VALUE_OVERHEAD};
-use crate::key::{Digest, KeyId};
+use super::{
+    Eviction, Found, Origin, Store, StoreError, StoredEntry, Usage, KEY_OVERHEAD, VALUE_OVERHEAD,
+};
+use crate::key::{Digest, KeyId, Link};
 use crate::stats::Counters;
 
 #[derive(Debug)]
@@ -20,7 +22,7 @@ pub struct MemoryStore {
 
 #[derive(Debug, Default)]
 struct Inner {
-    keys: HashMap<KeyId, Digest>,
+    keys: HashMap<KeyId, (Digest, Link)>,
     values: HashMap<Digest, Value>,
     /// Use order: tick -> value. The smallest tick is the least recently used.
     by_use: BTreeMap<u64, Digest>,
@@ -61,7 +63,7 @@ impl Inner {
         self.by_use.remove(&value.last_used);
         let mut freed = value.entry.len() as u64 + VALUE_OVERHEAD;
         for key in &value.keys {
-            if self.keys.get(key) == Some(digest) {
+            if self.keys.get(key).is_some_and(|(d, _)| d == digest) {
                 self.keys.remove(key);
                 freed += KEY_OVERHEAD;
             }
@@ -85,27 +87,35 @@ impl Inner {
 }
 
 impl Store for MemoryStore {
-    fn get(&self, key: &KeyId) -> Result<Option<(Digest, StoredEntry)>, StoreError> {
+    fn get(&self, key: &KeyId) -> Result<Option<Found>, StoreError> {
         let mut inner = self.inner.lock();
-        let Some(digest) = inner.keys.get(key).copied() else {
+        let Some((digest, link)) = inner.keys.get(key).copied() else {
             return Ok(None);
         };
         inner.touch(&digest);
-        Ok(inner
-            .values
-            .get(&digest)
-            .map(|v| (digest, StoredEntry::Whole(v.entry.clone()))))
+        Ok(inner.values.get(&digest).map(|v| Found {
+            digest,
+            link,
+            entry: StoredEntry::Whole(v.entry.clone()),
+            origin: Origin::Local,
+        }))
     }
 
-    fn put(&self, key: KeyId, digest: Digest, entry: Arc<[u8]>) -> Result<(), StoreError> {
+    fn put(
+        &self,
+        key: KeyId,
+        link: Link,
+        digest: Digest,
+        entry: Arc<[u8]>,
+    ) -> Result<(), StoreError> {
         let mut inner = self.inner.lock();
         let size = entry.len() as u64 + VALUE_OVERHEAD;
         if size + KEY_OVERHEAD > self.max_bytes {
             return Ok(()); // could never fit; storing it would only evict everything else
         }
-        match inner.keys.insert(key, digest) {
+        match inner.keys.insert(key, (digest, link)) {
             None => inner.bytes += KEY_OVERHEAD,
-            Some(old) if old != digest => {
+            Some((old, _)) if old != digest => {
                 if let Some(v) = inner.values.get_mut(&old) {
                     v.keys.retain(|k| *k != key);
                 }
@@ -132,7 +142,18 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    fn remove(&self, digest: &Digest) -> Result<(), StoreError> {
+    fn remove_key(&self, key: &KeyId) -> Result<(), StoreError> {
+        let mut inner = self.inner.lock();
+        if let Some((digest, _)) = inner.keys.remove(key) {
+            inner.bytes -= KEY_OVERHEAD;
+            if let Some(value) = inner.values.get_mut(&digest) {
+                value.keys.retain(|k| k != key);
+            }
+        }
+        Ok(())
+    }
+
+    fn remove_value(&self, digest: &Digest) -> Result<(), StoreError> {
         self.inner.lock().remove_value(digest);
         Ok(())
     }
@@ -184,6 +205,14 @@ impl Store for MemoryStore {
         Ok(())
     }
 
+    fn for_each_link(&self, visit: &mut dyn FnMut(KeyId, Digest, Link)) -> Result<(), StoreError> {
+        let inner = self.inner.lock();
+        for (key, (digest, link)) in &inner.keys {
+            visit(*key, *digest, *link);
+        }
+        Ok(())
+    }
+
     fn location(&self) -> String {
         "memory".to_string()
     }
@@ -201,7 +230,9 @@ mod tests {
         let key = KeyId(Digest::of(name.as_bytes()));
         let entry: Arc<[u8]> = vec![name.as_bytes()[0]; len].into();
         let digest = Digest::of(&entry);
-        store.put(key, digest, entry).unwrap();
+        store
+            .put(key, Link::new(None, &key, &digest), digest, entry)
+            .unwrap();
         (key, digest)
     }
 
@@ -230,8 +261,9 @@ mod tests {
         let entry: Arc<[u8]> = vec![7u8; 500].into();
         let digest = Digest::of(&entry);
         for i in 0..10u8 {
+            let key = KeyId(Digest::of(&[i]));
             store
-                .put(KeyId(Digest::of(&[i])), digest, entry.clone())
+                .put(key, Link::new(None, &key, &digest), digest, entry.clone())
                 .unwrap();
         }
         let usage = store.usage().unwrap();

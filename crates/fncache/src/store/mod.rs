@@ -24,7 +24,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::entry::HEADER_LEN;
-use crate::key::{Digest, KeyId};
+use crate::key::{Digest, KeyId, Link};
 use crate::stats::Counters;
 pub use value_files::MappedFile;
 
@@ -62,6 +62,27 @@ impl StoredEntry {
     }
 }
 
+/// What a store found under a key: the value's digest, the link that claims the key points at
+/// it, and the entry. Nothing here is trusted until [`Cache`](crate::Cache) has checked the
+/// link and the entry with its secret.
+#[derive(Clone, Debug)]
+pub struct Found {
+    pub digest: Digest,
+    pub link: Link,
+    pub entry: StoredEntry,
+    /// Which tier answered (for the `remote_hits` counter, counted once verified).
+    pub origin: Origin,
+}
+
+/// Where a [`Found`] entry came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// This machine: memory or the local disk.
+    Local,
+    /// A store shared by a fleet (Redis).
+    Remote,
+}
+
 /// Bytes accounted for each stored value on top of its entry bytes (index rows, page slack).
 pub const VALUE_OVERHEAD: u64 = 128;
 /// Bytes accounted for each key.
@@ -87,17 +108,33 @@ pub struct Eviction {
 
 /// The storage interface every backend implements.
 pub trait Store: Send + Sync + std::fmt::Debug {
-    /// The entry `key` points at, with the digest it is stored under.
-    fn get(&self, key: &KeyId) -> Result<Option<(Digest, StoredEntry)>, StoreError>;
+    /// The entry `key` points at, with its digest and the link stored with the key.
+    fn get(&self, key: &KeyId) -> Result<Option<Found>, StoreError>;
 
-    /// Stores `entry`, whose header digest is `digest`, and points `key` at it.
-    fn put(&self, key: KeyId, digest: Digest, entry: Arc<[u8]>) -> Result<(), StoreError>;
+    /// Stores `entry`, whose header digest is `digest`, and points `key` at it with `link`.
+    fn put(
+        &self,
+        key: KeyId,
+        link: Link,
+        digest: Digest,
+        entry: Arc<[u8]>,
+    ) -> Result<(), StoreError>;
+
+    /// Copies what a slower tier `found` under `key`, verified by the cache, into the faster
+    /// tiers. Default: nothing (a store of one tier).
+    fn fill(&self, _key: KeyId, _found: &Found) {}
+
+    /// Removes a key whose link was found false; the value it pointed at is left alone.
+    fn remove_key(&self, key: &KeyId) -> Result<(), StoreError>;
 
     /// Removes a value (found damaged) and every key pointing at it.
-    fn remove(&self, digest: &Digest) -> Result<(), StoreError>;
+    fn remove_value(&self, digest: &Digest) -> Result<(), StoreError>;
 
     /// Adds `delta` to the store's counters (persistent stores keep them across processes).
     fn record(&self, delta: &Counters);
+
+    /// Starts a new time budget for slow tiers (called at the start of each compile).
+    fn renew_budget(&self) {}
 
     /// Waits until everything handed to `put`, `remove` and `record` is stored.
     fn flush(&self) -> Result<(), StoreError>;
@@ -119,6 +156,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Calls `visit` with every stored value, for verification.
     fn for_each_entry(&self, visit: &mut dyn FnMut(Digest, &[u8])) -> Result<(), StoreError>;
 
+    /// Calls `visit` with every key, the digest it points at and its link, for verification.
+    fn for_each_link(&self, visit: &mut dyn FnMut(KeyId, Digest, Link)) -> Result<(), StoreError>;
+
     /// Bytes the store takes on disk, if it lives on disk.
     fn disk_bytes(&self) -> Option<u64> {
         None
@@ -131,21 +171,27 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 }
 
 impl StoreError {
-    /// Whether the store could be read but not written (permissions, a read-only file system).
+    /// Whether the store could be read but not written (permissions, a read-only file system,
+    /// a full disk).
     pub fn is_not_writable(&self) -> bool {
         match self {
             StoreError::Io { source, .. } => matches!(
                 source.kind(),
-                std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem
+                std::io::ErrorKind::PermissionDenied
+                    | std::io::ErrorKind::ReadOnlyFilesystem
+                    | std::io::ErrorKind::StorageFull
             ),
-            StoreError::Database { source, .. } => matches!(
-                source.sqlite_error_code(),
-                Some(
-                    rusqlite::ErrorCode::ReadOnly
-                        | rusqlite::ErrorCode::CannotOpen
-                        | rusqlite::ErrorCode::PermissionDenied
-                )
-            ),
+            StoreError::Database { source, .. } => {
+                matches!(
+                    source.sqlite_error_code(),
+                    Some(
+                        rusqlite::ErrorCode::ReadOnly
+                            | rusqlite::ErrorCode::CannotOpen
+                            | rusqlite::ErrorCode::PermissionDenied
+                            | rusqlite::ErrorCode::DiskFull
+                    )
+                ) || is_failed_write(source)
+            }
             _ => false,
         }
     }
@@ -162,6 +208,23 @@ impl StoreError {
             _ => false,
         }
     }
+}
+
+/// An I/O error of SQLite's that a full disk causes: extending the shared-memory index (the
+/// first thing a process does to a WAL database), or writing, truncating or syncing a file.
+fn is_failed_write(error: &rusqlite::Error) -> bool {
+    use rusqlite::ffi;
+    let rusqlite::Error::SqliteFailure(failure, _) = error else {
+        return false;
+    };
+    matches!(
+        failure.extended_code,
+        ffi::SQLITE_IOERR_SHMSIZE
+            | ffi::SQLITE_IOERR_SHMOPEN
+            | ffi::SQLITE_IOERR_WRITE
+            | ffi::SQLITE_IOERR_TRUNCATE
+            | ffi::SQLITE_IOERR_FSYNC
+    )
 }
 
 /// Why a store could not do what was asked. The compile goes on without the cache.
@@ -185,4 +248,7 @@ pub enum StoreError {
     Incompatible { path: PathBuf, reason: String },
     #[error("the cache's writer thread has stopped")]
     WriterGone,
+    /// The key the user configured cannot be used; going on without it would fail open.
+    #[error(transparent)]
+    Key(#[from] crate::secret::KeyError),
 }

@@ -1,9 +1,10 @@
 //! The remote store: Redis (standalone or Cluster), shared by a fleet of machines.
 //!
-//! Layout: one Redis string per key, `fncache:v1:<hex key id>`, holding a 32-byte link tag and
-//! then the encoded entry. The tag binds the entry to the key it is stored under
+//! Layout: one Redis string per key, `fncache:v1:<hex key id>`, holding the 32-byte [`Link`]
+//! and then the encoded entry. The link binds the entry to the key it is stored under
 //! (BLAKE3-keyed over the key id and the entry's digest, with the cache's secret), so that an
-//! entry copied under another key is rejected like one written without the secret. Entries are
+//! entry copied under another key is rejected like one written without the secret. This store
+//! checks nothing itself: [`Cache`](crate::Cache) checks the link and the entry. Entries are
 //! not shared between keys as on disk: Redis has no transactions across keys worth paying for
 //! here, and its memory is bounded by its own `maxmemory` policy (or the TTL set here).
 //!
@@ -14,7 +15,6 @@
 //!   operation is let through to see whether Redis is back, and sharing resumes by itself;
 //! - writes go to a background thread that sends them in pipelined batches.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -23,11 +23,10 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use redis::ConnectionLike;
 
-use super::{Eviction, Store, StoreError, StoredEntry, Usage};
+use super::{Eviction, Found, Origin, Store, StoreError, StoredEntry, Usage};
 use crate::config::RemoteConfig;
-use crate::entry::{self, HEADER_LEN};
-use crate::key::{Digest, KeyId};
-use crate::secret::Secret;
+use crate::entry;
+use crate::key::{Digest, KeyId, Link};
 use crate::stats::Counters;
 
 /// Failures in a row that open the circuit.
@@ -103,81 +102,172 @@ impl Breaker {
 }
 
 struct Shared {
-    client: Client,
+    client: Arc<Client>,
     timeout: Duration,
-    idle: Mutex<Vec<Connection>>,
+    /// Workers waiting for an operation, each with its own connection.
+    idle: Mutex<Vec<Worker>>,
     breaker: Breaker,
     warned: AtomicBool,
     location: String,
     errors: AtomicU64,
+    /// Time spent waiting for Redis since the budget was last renewed, in microseconds.
+    spent_micros: AtomicU64,
+    budget: Duration,
+    budget_warned: AtomicBool,
 }
 
-impl Shared {
-    fn connect(&self) -> redis::RedisResult<Connection> {
-        if let Some(conn) = self.idle.lock().pop() {
-            return Ok(conn);
-        }
-        Ok(match &self.client {
+/// Idle workers kept for reuse.
+const MAX_IDLE_WORKERS: usize = 16;
+
+type Job = Box<dyn FnOnce(&mut Option<Connection>) + Send>;
+
+/// A thread that owns one connection and runs operations on it. The caller waits for the
+/// answer with a deadline on the whole reply: a socket timeout bounds each read, not a reply
+/// trickled a byte at a time. A worker whose reply is late is abandoned (its thread ends when
+/// the reply does), and its connection with it.
+struct Worker {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl Worker {
+    fn spawn() -> std::io::Result<Worker> {
+        let (jobs, queue) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("fncache-redis".into())
+            .spawn(move || {
+                let mut connection = None;
+                while let Ok(job) = queue.recv() {
+                    job(&mut connection);
+                }
+            })?;
+        Ok(Worker { jobs })
+    }
+}
+
+fn connect<'a>(
+    slot: &'a mut Option<Connection>,
+    client: &Client,
+    timeout: Duration,
+) -> redis::RedisResult<&'a mut Connection> {
+    if slot.is_none() {
+        *slot = Some(match client {
             Client::Single(client) => {
-                let conn = client.get_connection_with_timeout(self.timeout)?;
-                conn.set_read_timeout(Some(self.timeout))?;
-                conn.set_write_timeout(Some(self.timeout))?;
+                let conn = client.get_connection_with_timeout(timeout)?;
+                conn.set_read_timeout(Some(timeout))?;
+                conn.set_write_timeout(Some(timeout))?;
                 Connection::Single(conn)
             }
             Client::Cluster(client) => Connection::Cluster(client.get_connection()?),
-        })
+        });
+    }
+    Ok(slot.as_mut().expect("just connected"))
+}
+
+impl Shared {
+    /// Whether this compile's time for the remote tier is used up (warned about once).
+    fn over_budget(&self) -> bool {
+        let spent = Duration::from_micros(self.spent_micros.load(Ordering::Relaxed));
+        if spent <= self.budget {
+            return false;
+        }
+        if !self.budget_warned.swap(true, Ordering::Relaxed) {
+            log::warn!(
+                "the remote cache {} is slow: this compile waited {:.1} s for it in all, its \
+                 budget; the rest compiles without it",
+                self.location,
+                spent.as_secs_f64()
+            );
+        }
+        true
     }
 
-    /// Runs `op` on a connection, through the breaker; `None` when the breaker is open or the
-    /// operation failed (which is counted, and warned about once).
-    fn run<T>(
+    /// Runs `op` on a connection, through the breaker and the budget, with a deadline on the
+    /// whole operation; `None` when the breaker is open, the budget spent, or the operation
+    /// failed (which is counted, and warned about once). A reply slower than half the timeout
+    /// counts as a failure for the breaker too, though it is used: a Redis that answers just
+    /// under the timeout every time must not slow every lookup down.
+    fn run<T: Send + 'static>(
         &self,
-        op: impl FnOnce(&mut dyn ConnectionLike) -> redis::RedisResult<T>,
+        op: impl FnOnce(&mut dyn ConnectionLike) -> redis::RedisResult<T> + Send + 'static,
     ) -> Option<T> {
-        if !self.breaker.allows() {
+        if self.over_budget() || !self.breaker.allows() {
             return None;
         }
-        let result = self.connect().and_then(|mut conn| {
-            let result = op(conn.as_dyn());
-            if result.is_ok() {
-                self.idle.lock().push(conn); // a connection that failed is dropped
-            }
-            result
-        });
-        match result {
-            Ok(value) => {
+        let start = Instant::now();
+        let result = self.run_on_worker(op);
+        let elapsed = start.elapsed();
+        self.spent_micros
+            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+        let error = match result {
+            Ok(value) if elapsed <= self.timeout / 2 => {
                 self.breaker.succeeded();
-                Some(value)
+                return Some(value);
             }
-            Err(error) => {
-                self.errors.fetch_add(1, Ordering::Relaxed);
-                let opened = self.breaker.failed();
-                if opened && !self.warned.swap(true, Ordering::Relaxed) {
-                    log::warn!(
-                        "the remote cache {} is not answering ({error}); compiling without it, \
-                         and trying it again every {} s",
-                        self.location,
-                        RETRY_AFTER.as_secs()
-                    );
+            Ok(value) => {
+                self.breaker.failed();
+                return Some(value);
+            }
+            Err(error) => error,
+        };
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        let opened = self.breaker.failed();
+        if opened && !self.warned.swap(true, Ordering::Relaxed) {
+            log::warn!(
+                "the remote cache {} is not answering ({error}); compiling without it, \
+                 and trying it again every {} s",
+                self.location,
+                RETRY_AFTER.as_secs()
+            );
+        }
+        None
+    }
+
+    fn run_on_worker<T: Send + 'static>(
+        &self,
+        op: impl FnOnce(&mut dyn ConnectionLike) -> redis::RedisResult<T> + Send + 'static,
+    ) -> redis::RedisResult<T> {
+        let worker = match self.idle.lock().pop() {
+            Some(worker) => worker,
+            None => Worker::spawn()?,
+        };
+        let (reply, answer) = mpsc::sync_channel(1);
+        let client = self.client.clone();
+        let timeout = self.timeout;
+        let job: Job = Box::new(move |slot| {
+            let result = connect(slot, &client, timeout).and_then(|conn| op(conn.as_dyn()));
+            if result.is_err() {
+                *slot = None; // a connection that failed is not trusted with another request
+            }
+            let _ = reply.send(result);
+        });
+        if worker.jobs.send(job).is_err() {
+            return Err(late("the remote cache's worker stopped"));
+        }
+        // Connecting takes up to one timeout, the request and its reply another.
+        match answer.recv_timeout(self.timeout * 2) {
+            Ok(result) => {
+                let mut idle = self.idle.lock();
+                if idle.len() < MAX_IDLE_WORKERS {
+                    idle.push(worker);
                 }
-                None
+                result
             }
+            Err(_) => Err(late("no whole reply within the timeout")),
         }
     }
+}
+
+fn late(what: &'static str) -> redis::RedisError {
+    redis::RedisError::from((redis::ErrorKind::IoError, what))
 }
 
 /// A Redis-backed store. See the module documentation.
 pub struct RedisStore {
     shared: Arc<Shared>,
-    secret: Option<Secret>,
     ttl: Option<Duration>,
     read_only: bool,
-    /// Which keys served which digest, so that a value the cache rejects can be deleted.
-    served: Mutex<HashMap<Digest, KeyId>>,
     writes: Option<mpsc::Sender<WriteOp>>,
     writer: Option<std::thread::JoinHandle<()>>,
-    hits: AtomicU64,
-    rejected_links: AtomicU64,
 }
 
 enum WriteOp {
@@ -196,7 +286,7 @@ impl std::fmt::Debug for RedisStore {
 
 impl RedisStore {
     /// Connects lazily: an unreachable Redis is not an error here, only a store that misses.
-    pub fn open(config: &RemoteConfig, secret: Option<Secret>) -> Result<RedisStore, StoreError> {
+    pub fn open(config: &RemoteConfig) -> Result<RedisStore, StoreError> {
         let urls: Vec<&str> = config.url.split(',').map(str::trim).collect();
         let bad = |e: redis::RedisError| {
             StoreError::Unusable(format!(
@@ -220,13 +310,16 @@ impl RedisStore {
             Client::Single(redis::Client::open(config.url.as_str()).map_err(bad)?)
         };
         let shared = Arc::new(Shared {
-            client,
+            client: Arc::new(client),
             timeout: config.timeout,
             idle: Mutex::new(Vec::new()),
             breaker: Breaker::default(),
             warned: AtomicBool::new(false),
             location: redact(&config.url),
             errors: AtomicU64::new(0),
+            spent_micros: AtomicU64::new(0),
+            budget: config.budget,
+            budget_warned: AtomicBool::new(false),
         });
         let (writes, writer) = if config.read_only {
             (None, None)
@@ -244,20 +337,11 @@ impl RedisStore {
         };
         Ok(RedisStore {
             shared,
-            secret,
             ttl: config.ttl,
             read_only: config.read_only,
-            served: Mutex::new(HashMap::new()),
             writes,
             writer,
-            hits: AtomicU64::new(0),
-            rejected_links: AtomicU64::new(0),
         })
-    }
-
-    /// Hits served from Redis since this store was opened.
-    pub fn hits(&self) -> u64 {
-        self.hits.load(Ordering::Relaxed)
     }
 
     /// Failed operations since this store was opened (timeouts, refused connections).
@@ -275,14 +359,6 @@ impl RedisStore {
         self.ttl
     }
 
-    fn link_tag(&self, key: &KeyId, digest: &Digest) -> [u8; TAG_LEN] {
-        let mut bound = Vec::with_capacity(5 + 64);
-        bound.extend_from_slice(b"link\0");
-        bound.extend_from_slice(key.0.as_bytes());
-        bound.extend_from_slice(digest.as_bytes());
-        Digest::authenticated(self.secret.as_ref(), &bound).0
-    }
-
     fn send(&self, op: WriteOp) {
         if let Some(writes) = &self.writes {
             let _ = writes.send(op);
@@ -295,7 +371,7 @@ fn redis_key(key: &KeyId) -> String {
 }
 
 /// A URL without its password, for messages.
-fn redact(url: &str) -> String {
+pub fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
             format!("{}://…@{}", &url[..scheme], &url[at + 1..])
@@ -332,7 +408,7 @@ fn write_loop(shared: &Shared, ttl: Option<Duration>, rx: mpsc::Receiver<WriteOp
         }
         if pipe.cmd_iter().next().is_some() {
             // A failed batch is dropped: the entries are a cache, compiled again if missing.
-            shared.run(|conn| pipe.query::<()>(conn));
+            shared.run(move |conn| pipe.query::<()>(conn));
         }
         for reply in flushes {
             let _ = reply.send(());
@@ -350,63 +426,55 @@ impl Drop for RedisStore {
 }
 
 impl Store for RedisStore {
-    fn get(&self, key: &KeyId) -> Result<Option<(Digest, StoredEntry)>, StoreError> {
+    fn get(&self, key: &KeyId) -> Result<Option<Found>, StoreError> {
         let name = redis_key(key);
         let Some(found) = self
             .shared
-            .run(|conn| redis::cmd("GET").arg(&name).query::<Option<Vec<u8>>>(conn))
+            .run(move |conn| redis::cmd("GET").arg(name).query::<Option<Vec<u8>>>(conn))
         else {
             return Ok(None);
         };
         let Some(value) = found else {
             return Ok(None);
         };
-        self.hits.fetch_add(1, Ordering::Relaxed);
+        // A value too short for its link is handed on with a link of zeros and whatever digest
+        // its header claims: the cache rejects it, counts it and removes the key.
+        let link = value.get(..TAG_LEN).and_then(Link::from_slice);
         let stored = value.get(TAG_LEN..).unwrap_or_default();
-        let digest = entry::header_digest(stored);
-        let linked = match digest {
-            Some(digest) if value.len() >= TAG_LEN + HEADER_LEN => {
-                value[..TAG_LEN] == self.link_tag(key, &digest)
-            }
-            _ => false,
-        };
-        if !linked {
-            // Not stored here by a holder of the secret (or cut short): delete it, and hand it
-            // on under a name it cannot match, so that the cache rejects and counts it.
-            self.rejected_links.fetch_add(1, Ordering::Relaxed);
-            self.send(WriteOp::Delete(name));
-            return Ok(Some((
-                Digest([0; 32]),
-                StoredEntry::Whole(Arc::from(stored)),
-            )));
-        }
-        let digest = digest.expect("checked above");
-        {
-            let mut served = self.served.lock();
-            if served.len() > 100_000 {
-                served.clear();
-            }
-            served.insert(digest, *key);
-        }
-        Ok(Some((digest, StoredEntry::Whole(Arc::from(stored)))))
+        Ok(Some(Found {
+            digest: entry::header_digest(stored).unwrap_or(Digest([0; 32])),
+            link: link.unwrap_or(Link(Digest([0; 32]))),
+            entry: StoredEntry::Whole(Arc::from(stored)),
+            origin: Origin::Remote,
+        }))
     }
 
-    fn put(&self, key: KeyId, digest: Digest, entry: Arc<[u8]>) -> Result<(), StoreError> {
+    fn put(
+        &self,
+        key: KeyId,
+        link: Link,
+        _digest: Digest,
+        entry: Arc<[u8]>,
+    ) -> Result<(), StoreError> {
         if self.read_only || self.shared.breaker.is_open() {
             return Ok(()); // nothing to send it to; the writer would drop it anyway
         }
         let mut value = Vec::with_capacity(TAG_LEN + entry.len());
-        value.extend_from_slice(&self.link_tag(&key, &digest));
+        value.extend_from_slice(link.as_bytes());
         value.extend_from_slice(&entry);
         self.send(WriteOp::Set(redis_key(&key), value));
         Ok(())
     }
 
-    fn remove(&self, digest: &Digest) -> Result<(), StoreError> {
-        if let Some(key) = self.served.lock().remove(digest) {
-            self.send(WriteOp::Delete(redis_key(&key)));
+    fn remove_key(&self, key: &KeyId) -> Result<(), StoreError> {
+        if !self.read_only {
+            self.send(WriteOp::Delete(redis_key(key)));
         }
         Ok(())
+    }
+
+    fn remove_value(&self, _digest: &Digest) -> Result<(), StoreError> {
+        Ok(()) // one entry per key here: removed with its key
     }
 
     fn record(&self, _delta: &Counters) {}
@@ -415,10 +483,17 @@ impl Store for RedisStore {
         if let Some(writes) = &self.writes {
             let (tx, rx) = mpsc::sync_channel(1);
             if writes.send(WriteOp::Flush(tx)).is_ok() {
-                let _ = rx.recv();
+                // Bounded like everything remote: writes still queued after this are dropped
+                // with the process (they are a cache).
+                let _ = rx.recv_timeout(self.shared.budget + self.shared.timeout * 4);
             }
         }
         Ok(())
+    }
+
+    fn renew_budget(&self) {
+        self.shared.spent_micros.store(0, Ordering::Relaxed);
+        self.shared.budget_warned.store(false, Ordering::Relaxed);
     }
 
     fn counters(&self) -> Result<Counters, StoreError> {
@@ -444,6 +519,10 @@ impl Store for RedisStore {
     }
 
     fn for_each_entry(&self, _visit: &mut dyn FnMut(Digest, &[u8])) -> Result<(), StoreError> {
+        Ok(()) // verified on every read; not scanned
+    }
+
+    fn for_each_link(&self, _visit: &mut dyn FnMut(KeyId, Digest, Link)) -> Result<(), StoreError> {
         Ok(()) // verified on every read; not scanned
     }
 

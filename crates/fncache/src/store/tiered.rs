@@ -1,7 +1,8 @@
 //! Tiers: memory, then the local disk, then a remote store shared by a fleet.
 //!
-//! A read goes down the tiers and fills the faster ones on a hit (a value from Redis is kept on
-//! the local disk, so the next process on this machine reads it locally). A write goes to every
+//! A read goes down the tiers; a remote hit, once the cache has verified it, fills the faster
+//! ones ([`Store::fill`]: a value from Redis is kept on the local disk, so the next process on
+//! this machine reads it locally). A write goes to every
 //! writable tier; none blocks the compile (the disk and Redis both write in the background).
 //! The disk is the tier of record for limits, counters and statistics; the remote tier adds its
 //! own hit and error counts to them.
@@ -12,8 +13,8 @@ use std::sync::Arc;
 use super::memory::MemoryStore;
 use super::redis::RedisStore;
 use super::value_files::FILE_THRESHOLD;
-use super::{Eviction, Store, StoreError, StoredEntry, Usage};
-use crate::key::{Digest, KeyId};
+use super::{Eviction, Found, Store, StoreError, StoredEntry, Usage};
+use crate::key::{Digest, KeyId, Link};
 use crate::stats::Counters;
 
 /// The memory tier's share of the process: hot values for repeated compiles in one process.
@@ -24,8 +25,8 @@ pub struct TieredStore {
     memory: MemoryStore,
     disk: Arc<dyn Store>,
     remote: RedisStore,
-    /// Remote hits and errors already handed to the disk's counters.
-    recorded: parking_lot::Mutex<(u64, u64)>,
+    /// Remote errors already handed to the disk's counters.
+    recorded: parking_lot::Mutex<u64>,
     memory_hits: AtomicU64,
 }
 
@@ -49,65 +50,82 @@ impl TieredStore {
         self.memory_hits.load(Ordering::Relaxed)
     }
 
-    fn remember(&self, key: KeyId, digest: Digest, entry: &StoredEntry) {
+    fn remember(&self, key: KeyId, found: &Found) {
         // Large values are mapped from their files; memory keeps the small, many ones.
-        if let StoredEntry::Whole(bytes) = entry {
+        if let StoredEntry::Whole(bytes) = &found.entry {
             if bytes.len() < FILE_THRESHOLD {
-                let _ = self.memory.put(key, digest, bytes.clone());
+                let _ = self
+                    .memory
+                    .put(key, found.link, found.digest, bytes.clone());
             }
         }
     }
 }
 
 impl Store for TieredStore {
-    fn get(&self, key: &KeyId) -> Result<Option<(Digest, StoredEntry)>, StoreError> {
+    fn get(&self, key: &KeyId) -> Result<Option<Found>, StoreError> {
         if let Ok(Some(found)) = self.memory.get(key) {
             self.memory_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(Some(found));
         }
         // A disk error is the cache's to report; the remote tier may still serve.
         let local = self.disk.get(key);
-        if let Ok(Some((digest, entry))) = &local {
-            self.remember(*key, *digest, entry);
+        if let Ok(Some(found)) = &local {
+            self.remember(*key, found);
             return local;
         }
+        // Not copied to the faster tiers here: the cache does that with `fill` once it has
+        // verified the link and the entry, so that nothing unverified from a shared store
+        // reaches this machine's disk.
         match self.remote.get(key)? {
-            Some((digest, StoredEntry::Whole(bytes))) => {
-                // Filled below only once verified: the cache removes a rejected value from
-                // every tier, and a digest of zeros is a rejected link (see the Redis store).
-                if digest != Digest([0; 32]) {
-                    let _ = self.disk.put(*key, digest, bytes.clone());
-                    self.remember(*key, digest, &StoredEntry::Whole(bytes.clone()));
-                }
-                Ok(Some((digest, StoredEntry::Whole(bytes))))
-            }
-            Some(other) => Ok(Some(other)),
+            Some(found) => Ok(Some(found)),
             None => local,
         }
     }
 
-    fn put(&self, key: KeyId, digest: Digest, entry: Arc<[u8]>) -> Result<(), StoreError> {
-        if entry.len() < FILE_THRESHOLD {
-            let _ = self.memory.put(key, digest, entry.clone());
+    fn fill(&self, key: KeyId, found: &Found) {
+        if let StoredEntry::Whole(bytes) = &found.entry {
+            self.remember(key, found);
+            let _ = self.disk.put(key, found.link, found.digest, bytes.clone());
         }
-        self.remote.put(key, digest, entry.clone())?;
-        self.disk.put(key, digest, entry)
     }
 
-    fn remove(&self, digest: &Digest) -> Result<(), StoreError> {
-        let _ = self.memory.remove(digest);
-        let _ = self.remote.remove(digest);
-        self.disk.remove(digest)
+    fn put(
+        &self,
+        key: KeyId,
+        link: Link,
+        digest: Digest,
+        entry: Arc<[u8]>,
+    ) -> Result<(), StoreError> {
+        if entry.len() < FILE_THRESHOLD {
+            let _ = self.memory.put(key, link, digest, entry.clone());
+        }
+        self.remote.put(key, link, digest, entry.clone())?;
+        self.disk.put(key, link, digest, entry)
+    }
+
+    fn remove_key(&self, key: &KeyId) -> Result<(), StoreError> {
+        let _ = self.memory.remove_key(key);
+        let _ = self.remote.remove_key(key);
+        self.disk.remove_key(key)
+    }
+
+    fn remove_value(&self, digest: &Digest) -> Result<(), StoreError> {
+        let _ = self.memory.remove_value(digest);
+        self.disk.remove_value(digest)
     }
 
     fn record(&self, delta: &Counters) {
-        let (hits, errors) = (self.remote.hits(), self.remote.errors());
+        let errors = self.remote.errors();
         let mut recorded = self.recorded.lock();
         let mut delta = *delta;
-        delta.remote_hits += hits - recorded.0;
-        delta.remote_errors += errors - recorded.1;
-        *recorded = (hits, errors);
+        delta.remote_errors += errors - *recorded;
+        *recorded = errors;
         self.disk.record(&delta);
+    }
+
+    fn renew_budget(&self) {
+        self.remote.renew_budget();
     }
 
     fn flush(&self) -> Result<(), StoreError> {
@@ -138,6 +156,10 @@ impl Store for TieredStore {
 
     fn for_each_entry(&self, visit: &mut dyn FnMut(Digest, &[u8])) -> Result<(), StoreError> {
         self.disk.for_each_entry(visit)
+    }
+
+    fn for_each_link(&self, visit: &mut dyn FnMut(KeyId, Digest, Link)) -> Result<(), StoreError> {
+        self.disk.for_each_link(visit)
     }
 
     fn disk_bytes(&self) -> Option<u64> {

@@ -11,13 +11,16 @@
 //! one name always holds one content, so a reader that mapped it can keep it after an eviction
 //! unlinks it, and two processes storing the same value race harmlessly.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::fs::{File, Metadata};
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
+use rustix::fs::{AtFlags, Mode, OFlags};
+
 use crate::key::Digest;
+use crate::trust;
 
 /// The folder inside the cache directory.
 pub const VALUES_DIR: &str = "values";
@@ -27,11 +30,18 @@ pub const FILE_THRESHOLD: usize = 256 << 10;
 /// Temporary files older than this are left over from a killed writer and are swept by `gc`.
 const STALE_TEMPORARY: Duration = Duration::from_secs(3600);
 
-/// A read-only file mapped into memory. The file stays open, so that the very file that was
-/// verified can be handed on (no window for another file to take its name).
+/// A value file's content: mapped when only this user can change the file, else copied.
 pub struct MappedFile {
     file: File,
-    map: Option<memmap2::Mmap>,
+    content: Content,
+}
+
+enum Content {
+    /// Mapped: the file is private, so what was verified is what stays there.
+    Mapped(memmap2::Mmap),
+    /// Copied into memory before verification: the file is in a shared cache and others can
+    /// write it, so mapping it would let them change the code after its MAC was checked.
+    Copied(Vec<u8>),
 }
 
 impl std::fmt::Debug for MappedFile {
@@ -43,27 +53,91 @@ impl std::fmt::Debug for MappedFile {
 }
 
 impl MappedFile {
-    pub fn open(path: &Path) -> io::Result<MappedFile> {
-        let file = File::open(path)?;
-        let len = file.metadata()?.len();
-        // SAFETY: value files are never written after they are renamed into place (see the
-        // module documentation); a file changed by hand anyway fails verification, or at
-        // worst faults the reader, but is never served unverified.
-        let map = if len == 0 {
-            None
+    /// Opens the value file for `digest` in `dir`: no symbolic link is followed (neither
+    /// `values/` nor the file), only a regular file is read, and a file another user can write
+    /// is refused, or copied rather than mapped in a `shared` cache.
+    pub fn open(dir: &Path, digest: &Digest, shared: bool) -> io::Result<MappedFile> {
+        let values = open_values_dir(dir)?;
+        let fd = rustix::fs::openat(
+            &values,
+            digest.to_hex(),
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| trust::symlink_error(&path(dir, digest), e.into()))?;
+        let mut file = File::from(fd);
+        let meta = file.metadata()?;
+        check_regular(&meta, &path(dir, digest))?;
+        let content = if trust::is_private(&meta) {
+            // SAFETY: the file is this user's alone and is never written after it is renamed
+            // into place (see the module documentation); it is verified after mapping.
+            Content::Mapped(unsafe { memmap2::Mmap::map(&file)? })
+        } else if shared {
+            let mut bytes = Vec::with_capacity(meta.len() as usize);
+            (&mut file).take(meta.len()).read_to_end(&mut bytes)?;
+            Content::Copied(bytes)
         } else {
-            Some(unsafe { memmap2::Mmap::map(&file)? })
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "{} cannot be trusted: {}",
+                    path(dir, digest).display(),
+                    trust::untrusted_reason(&meta).unwrap_or_default()
+                ),
+            ));
         };
-        Ok(MappedFile { file, map })
+        Ok(MappedFile { file, content })
     }
 
     pub fn bytes(&self) -> &[u8] {
-        self.map.as_deref().unwrap_or(&[])
+        match &self.content {
+            Content::Mapped(map) => map,
+            Content::Copied(bytes) => bytes,
+        }
     }
 
-    pub fn file(&self) -> &File {
-        &self.file
+    /// The open file, when what [`MappedFile::bytes`] shows is what the file holds and no
+    /// other user can change it (so that a loader may map it again).
+    pub fn file(&self) -> Option<&File> {
+        match self.content {
+            Content::Mapped(_) => Some(&self.file),
+            Content::Copied(_) => None,
+        }
     }
+}
+
+fn check_regular(meta: &Metadata, path: &Path) -> io::Result<()> {
+    if meta.is_file() {
+        Ok(())
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} is not a regular file", path.display()),
+        ))
+    }
+}
+
+/// `values/` opened as a directory without following a symbolic link: every later operation
+/// is relative to this handle, so that swapping `values/` for a link to elsewhere after a
+/// check cannot lead a write or a removal outside the cache.
+fn open_values_dir(dir: &Path) -> io::Result<OwnedFd> {
+    let values = dir.join(VALUES_DIR);
+    rustix::fs::open(
+        &values,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| {
+        let e: io::Error = e.into();
+        if e.raw_os_error() == Some(rustix::io::Errno::NOTDIR.raw_os_error()) {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} is not a directory (a symbolic link?)", values.display()),
+            )
+        } else {
+            trust::symlink_error(&values, e)
+        }
+    })
 }
 
 /// The directory's path for the value with `digest`.
@@ -71,47 +145,59 @@ pub fn path(dir: &Path, digest: &Digest) -> PathBuf {
     dir.join(VALUES_DIR).join(digest.to_hex())
 }
 
-/// Writes a value's body under its digest, unless a file of the right length is there already.
-pub fn write(dir: &Path, digest: &Digest, body: &[u8]) -> io::Result<()> {
-    let target = path(dir, digest);
-    if fs::metadata(&target).is_ok_and(|m| m.len() == body.len() as u64) {
-        return Ok(());
-    }
-    let values = dir.join(VALUES_DIR);
+/// Writes a value's body under its digest, unless this user's file of the right length is
+/// there already.
+pub fn write(dir: &Path, digest: &Digest, body: &[u8], shared: bool) -> io::Result<()> {
     // Not recursive: a cache directory removed under a running process is not made again
     // here, half empty; the write fails and the compile goes on without the cache.
-    match fs::DirBuilder::new().mode(0o700).create(&values) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(e),
+    let mode = Mode::from_raw_mode(if shared { 0o770 } else { 0o700 });
+    match rustix::fs::mkdir(dir.join(VALUES_DIR), mode) {
+        Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let values = open_values_dir(dir)?;
+    let name = digest.to_hex();
+    if let Ok(stat) = rustix::fs::statat(&values, &name, AtFlags::SYMLINK_NOFOLLOW) {
+        let fd_meta = (
+            stat.st_size as u64 == body.len() as u64,
+            stat.st_uid == trust::euid(),
+            stat.st_mode & 0o022 == 0,
+            rustix::fs::FileType::from_raw_mode(stat.st_mode) == rustix::fs::FileType::RegularFile,
+        );
+        if fd_meta == (true, true, true, true) {
+            return Ok(());
+        }
     }
     let nanos = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or_default()
         .subsec_nanos();
-    let temporary = values.join(format!(
-        "{}.{}.{nanos}.tmp",
-        digest.to_hex(),
-        std::process::id()
-    ));
-    let written = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&temporary)
-        .and_then(|mut file| file.write_all(body));
-    match written.and_then(|()| fs::rename(&temporary, &target)) {
-        Ok(()) => Ok(()),
-        Err(error) => {
-            let _ = fs::remove_file(&temporary);
-            Err(error)
-        }
+    let temporary = format!("{name}.{}.{nanos}.tmp", std::process::id());
+    let file_mode = Mode::from_raw_mode(if shared { 0o640 } else { 0o600 });
+    let written = rustix::fs::openat(
+        &values,
+        &temporary,
+        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        file_mode,
+    )
+    .map_err(io::Error::from)
+    .and_then(|fd| File::from(fd).write_all(body));
+    // rename(2) replaces whatever has the name (a link, another user's file) without following.
+    let renamed = written.and_then(|()| {
+        rustix::fs::renameat(&values, &temporary, &values, &name).map_err(io::Error::from)
+    });
+    if renamed.is_err() {
+        let _ = rustix::fs::unlinkat(&values, &temporary, AtFlags::empty());
     }
+    renamed
 }
 
 /// Removes a value's file; a file already gone is not an error.
 pub fn remove(dir: &Path, digest: &Digest) {
-    match fs::remove_file(path(dir, digest)) {
+    let removed = open_values_dir(dir).and_then(|values| {
+        rustix::fs::unlinkat(&values, digest.to_hex(), AtFlags::empty()).map_err(io::Error::from)
+    });
+    match removed {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => log::debug!("cannot remove cache value file: {e}"),
@@ -119,27 +205,30 @@ pub fn remove(dir: &Path, digest: &Digest) {
 }
 
 /// Removes files no row refers to (`keep` says which digests are referred to) and temporary
-/// files a killed writer left behind. Returns the number of files removed.
+/// files a killed writer left behind. Returns the number of files removed. Only names of ours
+/// inside the real `values/` directory are touched; `values/` as a symbolic link is an error.
 pub fn sweep(dir: &Path, keep: &dyn Fn(&Digest) -> bool) -> io::Result<u64> {
-    let entries = match fs::read_dir(dir.join(VALUES_DIR)) {
-        Ok(entries) => entries,
+    let values = match open_values_dir(dir) {
+        Ok(values) => values,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
         Err(e) => return Err(e),
     };
     let mut removed = 0;
-    for entry in entries {
+    for entry in rustix::fs::Dir::read_from(&values)? {
         let entry = entry?;
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
+        let name = entry.file_name().to_string_lossy().into_owned();
         let orphan = match Digest::from_hex(&name) {
             Some(digest) => !keep(&digest),
-            None if name.ends_with(".tmp") => entry
-                .metadata()
-                .and_then(|m| m.modified())
-                .is_ok_and(|t| t.elapsed().unwrap_or_default() > STALE_TEMPORARY),
+            None if name.ends_with(".tmp") => {
+                rustix::fs::statat(&values, &name, AtFlags::SYMLINK_NOFOLLOW).is_ok_and(|st| {
+                    let modified =
+                        SystemTime::UNIX_EPOCH + Duration::from_secs(st.st_mtime.max(0) as u64);
+                    modified.elapsed().unwrap_or_default() > STALE_TEMPORARY
+                })
+            }
             None => false, // not ours: left alone
         };
-        if orphan && fs::remove_file(entry.path()).is_ok() {
+        if orphan && rustix::fs::unlinkat(&values, &name, AtFlags::empty()).is_ok() {
             removed += 1;
         }
     }
@@ -148,14 +237,18 @@ pub fn sweep(dir: &Path, keep: &dyn Fn(&Digest) -> bool) -> io::Result<u64> {
 
 /// Bytes taken by the value files.
 pub fn total_bytes(dir: &Path) -> u64 {
-    fs::read_dir(dir.join(VALUES_DIR))
-        .map(|entries| {
-            entries
-                .filter_map(|e| e.ok()?.metadata().ok())
-                .map(|m| m.len())
-                .sum()
-        })
-        .unwrap_or(0)
+    let Ok(values) = open_values_dir(dir) else {
+        return 0;
+    };
+    let Ok(entries) = rustix::fs::Dir::read_from(values.as_fd()) else {
+        return 0;
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| rustix::fs::statat(&values, e.file_name(), AtFlags::SYMLINK_NOFOLLOW).ok())
+        .filter(|st| rustix::fs::FileType::from_raw_mode(st.st_mode).is_file())
+        .map(|st| st.st_blocks as u64 * 512)
+        .sum()
 }
 
 /// Removes every value file (for `clear`).
