@@ -1092,34 +1092,39 @@ impl WriterState {
         }
     }
 
+    /// Evicts until the cache takes at most `max_bytes` on disk: a few rounds, since what a
+    /// round frees on disk is only known once the pages are given back.
     fn evict(&mut self, max_bytes: u64) -> Result<Eviction, StoreError> {
-        let ratio = self.disk_ratio;
-        let mut unlink = Vec::new();
-        let eviction = self.in_transaction(|tx| {
-            let mut bytes = meta(tx, "bytes")?;
-            let target = (max_bytes as f64 / ratio) as u64;
-            let eviction = evict_within(tx, &mut bytes, target, &mut unlink)?;
-            set_meta(tx, "bytes", bytes)?;
-            add_counters(
-                tx,
-                &Counters {
-                    evictions: eviction.entries,
-                    ..Counters::default()
-                },
-            )?;
-            Ok(eviction)
-        })?;
-        self.unlink(&unlink);
-        self.entries -= eviction.entries as i64;
-        let lost = self.forget_lost_files()?;
-        let eviction = Eviction {
-            entries: eviction.entries + lost.entries,
-            bytes: eviction.bytes + lost.bytes,
-        };
-        self.sweep_value_files();
-        self.vacuum();
-        self.measure_disk_ratio();
-        Ok(eviction)
+        let mut total = self.forget_lost_files()?;
+        for _ in 0..4 {
+            let ratio = self.disk_ratio;
+            let mut unlink = Vec::new();
+            let eviction = self.in_transaction(|tx| {
+                let mut bytes = meta(tx, "bytes")?;
+                let target = (max_bytes as f64 / ratio) as u64;
+                let eviction = evict_within(tx, &mut bytes, target, &mut unlink)?;
+                set_meta(tx, "bytes", bytes)?;
+                add_counters(
+                    tx,
+                    &Counters {
+                        evictions: eviction.entries,
+                        ..Counters::default()
+                    },
+                )?;
+                Ok(eviction)
+            })?;
+            self.unlink(&unlink);
+            self.entries -= eviction.entries as i64;
+            total.entries += eviction.entries;
+            total.bytes += eviction.bytes;
+            self.sweep_value_files();
+            self.vacuum_now();
+            self.measure_disk_ratio();
+            if eviction.entries == 0 || self.resting_disk_bytes() <= max_bytes {
+                break;
+            }
+        }
+        Ok(total)
     }
 
     /// Removes the rows of values whose files are gone (removed by [`make_room`] on a full
@@ -1196,8 +1201,7 @@ impl WriterState {
         Ok(())
     }
 
-    /// Measures [`WriterState::disk_ratio`] (kept between 1 and 4; not measured on a cache too
-    /// small for the fixed size of an empty database to say anything).
+    /// Measures [`WriterState::disk_ratio`] (kept between 1 and 4).
     fn measure_disk_ratio(&mut self) {
         let accounted = self
             .conn
@@ -1206,20 +1210,35 @@ impl WriterState {
             })
             .unwrap_or(0)
             .max(0) as u64;
-        if accounted < 1 << 20 {
+        // Below this, the fixed size of an empty database says nothing about page slack.
+        if accounted < 64 << 10 {
             self.disk_ratio = 1.0;
             return;
         }
-        // The log is left out: it is checkpointed into the database and removed when the last
-        // process closes it, so it is the database and the value files that stay.
+        self.disk_ratio = (self.resting_disk_bytes() as f64 / accounted as f64).clamp(1.0, 4.0);
+    }
+
+    /// What the cache takes on disk once no process has it open: the database and the value
+    /// files. The log is left out: it is checkpointed into the database and removed when the
+    /// last process closes it.
+    fn resting_disk_bytes(&self) -> u64 {
         use std::os::unix::fs::MetadataExt;
         let database = fs::symlink_metadata(&self.db_path).map_or(0, |m| m.blocks() * 512);
-        let disk = database + value_files::total_bytes(&self.dir);
-        self.disk_ratio = (disk as f64 / accounted as f64).clamp(1.0, 4.0);
+        database + value_files::total_bytes(&self.dir)
     }
 
     /// Gives freed pages back to the file system, so that eviction shrinks the file.
     fn vacuum(&mut self) {
+        self.give_back_pages("PRAGMA wal_checkpoint(PASSIVE)");
+    }
+
+    /// [`WriterState::vacuum`], then a checkpoint that waits for readers, so that the file has
+    /// its new size at once (for `gc`, which measures it; a compile never waits for this).
+    fn vacuum_now(&mut self) {
+        self.give_back_pages("PRAGMA wal_checkpoint(TRUNCATE)");
+    }
+
+    fn give_back_pages(&mut self, checkpoint: &str) {
         // incremental_vacuum frees one page per step: it must be stepped to the end (one
         // `execute_batch` step freed a single page, and the file never shrank).
         let vacuumed = self
@@ -1230,10 +1249,7 @@ impl WriterState {
                 while rows.next()?.is_some() {}
                 Ok(())
             });
-        let checkpointed = vacuumed.and_then(|()| {
-            self.conn
-                .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
-        });
+        let checkpointed = vacuumed.and_then(|()| self.conn.query_row(checkpoint, [], |_| Ok(())));
         if let Err(e) = checkpointed {
             log::debug!("incremental vacuum failed: {e}");
         }
