@@ -97,7 +97,7 @@ impl Secret {
         // must be a private regular file of this user's.
         let mut file = fs::OpenOptions::new()
             .read(true)
-            .custom_flags(crate::trust::libc_flags::O_NONBLOCK)
+            .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32) // a FIFO must not block
             .open(path)
             .map_err(io_error)?;
         let meta = file.metadata().map_err(io_error)?;

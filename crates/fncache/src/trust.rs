@@ -10,9 +10,9 @@
 //! never foreign code, since every entry and link is checked with the reader's key), and its
 //! value files are copied into memory before they are checked instead of being mapped.
 
-use std::fs::{File, Metadata, OpenOptions};
+use std::fs::Metadata;
 use std::io;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 /// The effective user id of this process.
@@ -44,24 +44,6 @@ pub fn is_private(meta: &Metadata) -> bool {
     untrusted_reason(meta).is_none()
 }
 
-/// Opens a regular file for reading without following a symbolic link and without blocking on
-/// a FIFO or a device; anything but a regular file is an error.
-pub fn open_regular(path: &Path) -> io::Result<(File, Metadata)> {
-    let file = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc_flags::O_NOFOLLOW | libc_flags::O_NONBLOCK)
-        .open(path)
-        .map_err(|e| symlink_error(path, e))?;
-    let meta = file.metadata()?;
-    if !meta.is_file() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("{} is not a regular file", path.display()),
-        ));
-    }
-    Ok((file, meta))
-}
-
 /// `O_NOFOLLOW` on a symbolic link fails with `ELOOP`; say what it means.
 pub fn symlink_error(path: &Path, error: io::Error) -> io::Error {
     if error.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) {
@@ -74,11 +56,4 @@ pub fn symlink_error(path: &Path, error: io::Error) -> io::Error {
         );
     }
     error
-}
-
-/// The open(2) flags std does not name.
-pub mod libc_flags {
-    pub const O_NOFOLLOW: i32 = rustix::fs::OFlags::NOFOLLOW.bits() as i32;
-    pub const O_NONBLOCK: i32 = rustix::fs::OFlags::NONBLOCK.bits() as i32;
-    pub const O_DIRECTORY: i32 = rustix::fs::OFlags::DIRECTORY.bits() as i32;
 }

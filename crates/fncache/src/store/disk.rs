@@ -186,17 +186,17 @@ impl DiskStore {
                 .create(dir)
                 .map_err(io)?;
         }
-        // The cache directory itself may be a symbolic link (a cache on another disk); what is
-        // inside it is reached through its real path and never through a link.
-        let dir = &fs::canonicalize(dir).map_err(io)?;
-        check_layout(dir, options.shared)?;
-        let db_path = dir.join(DB_FILE);
-        if read_only && !db_path.exists() {
+        if read_only && !dir.join(DB_FILE).exists() {
             return Err(StoreError::Unusable(format!(
                 "no cache at {} to read (read-only mode creates none)",
                 dir.display()
             )));
         }
+        // The cache directory itself may be a symbolic link (a cache on another disk); what is
+        // inside it is reached through its real path and never through a link.
+        let dir = &fs::canonicalize(dir).map_err(io)?;
+        check_layout(dir, options.shared)?;
+        let db_path = dir.join(DB_FILE);
         let pending: Pending = Arc::default();
         let touch_floor = Arc::new(std::sync::atomic::AtomicI64::new(i64::MIN));
         let writer = if read_only {

@@ -157,14 +157,12 @@ pub fn write(dir: &Path, digest: &Digest, body: &[u8], shared: bool) -> io::Resu
     }
     let values = open_values_dir(dir)?;
     let name = digest.to_hex();
+    // Kept only if it is this user's own regular file of the right length; anything else under
+    // the name (another user's file, a link) is replaced by the rename below.
     if let Ok(stat) = rustix::fs::statat(&values, &name, AtFlags::SYMLINK_NOFOLLOW) {
-        let fd_meta = (
-            stat.st_size as u64 == body.len() as u64,
-            stat.st_uid == trust::euid(),
-            stat.st_mode & 0o022 == 0,
-            rustix::fs::FileType::from_raw_mode(stat.st_mode) == rustix::fs::FileType::RegularFile,
-        );
-        if fd_meta == (true, true, true, true) {
+        let regular = rustix::fs::FileType::from_raw_mode(stat.st_mode).is_file();
+        let private = stat.st_uid == trust::euid() && stat.st_mode & 0o022 == 0;
+        if regular && private && stat.st_size as u64 == body.len() as u64 {
             return Ok(());
         }
     }
