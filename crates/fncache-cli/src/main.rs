@@ -32,7 +32,8 @@ struct Global {
     /// Cache directory [default: $FNCACHE_DIR, else $XDG_CACHE_HOME/fncache, else ~/.cache/fncache]
     #[arg(long, global = true, value_name = "DIR")]
     cache_dir: Option<PathBuf>,
-    /// Byte limit of the cache, e.g. 512MiB or 2G [default: 1GiB]
+    /// Set the cache's byte limit on disk, stored in it for every process, e.g. 512MiB or 2G
+    /// [default: the limit last set; 1GiB for a new cache]
     #[arg(long, global = true, value_name = "SIZE", value_parser = parse_size)]
     max_size: Option<u64>,
     /// Compile without the cache

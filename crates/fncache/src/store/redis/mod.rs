@@ -38,13 +38,17 @@ const TAG_LEN: usize = 32;
 /// Writes sent in one pipeline at most.
 const WRITE_BATCH: usize = 256;
 
+mod connection;
+
+use connection::DeadlineConnection;
+
 enum Client {
-    Single(redis::Client),
+    Single(redis::ConnectionInfo),
     Cluster(redis::cluster::ClusterClient),
 }
 
 enum Connection {
-    Single(redis::Connection),
+    Single(DeadlineConnection),
     Cluster(redis::cluster::ClusterConnection),
 }
 
@@ -102,10 +106,9 @@ impl Breaker {
 }
 
 struct Shared {
-    client: Arc<Client>,
+    client: Client,
     timeout: Duration,
-    /// Workers waiting for an operation, each with its own connection.
-    idle: Mutex<Vec<Worker>>,
+    idle: Mutex<Vec<Connection>>,
     breaker: Breaker,
     warned: AtomicBool,
     location: String,
@@ -114,53 +117,6 @@ struct Shared {
     spent_micros: AtomicU64,
     budget: Duration,
     budget_warned: AtomicBool,
-}
-
-/// Idle workers kept for reuse.
-const MAX_IDLE_WORKERS: usize = 16;
-
-type Job = Box<dyn FnOnce(&mut Option<Connection>) + Send>;
-
-/// A thread that owns one connection and runs operations on it. The caller waits for the
-/// answer with a deadline on the whole reply: a socket timeout bounds each read, not a reply
-/// trickled a byte at a time. A worker whose reply is late is abandoned (its thread ends when
-/// the reply does), and its connection with it.
-struct Worker {
-    jobs: mpsc::Sender<Job>,
-}
-
-impl Worker {
-    fn spawn() -> std::io::Result<Worker> {
-        let (jobs, queue) = mpsc::channel::<Job>();
-        std::thread::Builder::new()
-            .name("fncache-redis".into())
-            .spawn(move || {
-                let mut connection = None;
-                while let Ok(job) = queue.recv() {
-                    job(&mut connection);
-                }
-            })?;
-        Ok(Worker { jobs })
-    }
-}
-
-fn connect<'a>(
-    slot: &'a mut Option<Connection>,
-    client: &Client,
-    timeout: Duration,
-) -> redis::RedisResult<&'a mut Connection> {
-    if slot.is_none() {
-        *slot = Some(match client {
-            Client::Single(client) => {
-                let conn = client.get_connection_with_timeout(timeout)?;
-                conn.set_read_timeout(Some(timeout))?;
-                conn.set_write_timeout(Some(timeout))?;
-                Connection::Single(conn)
-            }
-            Client::Cluster(client) => Connection::Cluster(client.get_connection()?),
-        });
-    }
-    Ok(slot.as_mut().expect("just connected"))
 }
 
 impl Shared {
@@ -181,20 +137,39 @@ impl Shared {
         true
     }
 
-    /// Runs `op` on a connection, through the breaker and the budget, with a deadline on the
-    /// whole operation; `None` when the breaker is open, the budget spent, or the operation
-    /// failed (which is counted, and warned about once). A reply slower than half the timeout
-    /// counts as a failure for the breaker too, though it is used: a Redis that answers just
-    /// under the timeout every time must not slow every lookup down.
-    fn run<T: Send + 'static>(
+    fn connect(&self) -> redis::RedisResult<Connection> {
+        if let Some(conn) = self.idle.lock().pop() {
+            return Ok(conn);
+        }
+        Ok(match &self.client {
+            Client::Single(info) => {
+                Connection::Single(DeadlineConnection::connect(info, self.timeout)?)
+            }
+            // The cluster client's own connections bound each read, not a whole reply.
+            Client::Cluster(client) => Connection::Cluster(client.get_connection()?),
+        })
+    }
+
+    /// Runs `op` on a connection, through the breaker and the budget; `None` when the breaker
+    /// is open, the budget spent, or the operation failed (which is counted, and warned about
+    /// once). A reply slower than half the timeout counts as a failure for the breaker too,
+    /// though it is used: a Redis that answers just under the timeout every time must not slow
+    /// every lookup down.
+    fn run<T>(
         &self,
-        op: impl FnOnce(&mut dyn ConnectionLike) -> redis::RedisResult<T> + Send + 'static,
+        op: impl FnOnce(&mut dyn ConnectionLike) -> redis::RedisResult<T>,
     ) -> Option<T> {
         if self.over_budget() || !self.breaker.allows() {
             return None;
         }
         let start = Instant::now();
-        let result = self.run_on_worker(op);
+        let result = self.connect().and_then(|mut conn| {
+            let result = op(conn.as_dyn());
+            if result.is_ok() {
+                self.idle.lock().push(conn); // a connection that failed is dropped
+            }
+            result
+        });
         let elapsed = start.elapsed();
         self.spent_micros
             .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
@@ -221,44 +196,6 @@ impl Shared {
         }
         None
     }
-
-    fn run_on_worker<T: Send + 'static>(
-        &self,
-        op: impl FnOnce(&mut dyn ConnectionLike) -> redis::RedisResult<T> + Send + 'static,
-    ) -> redis::RedisResult<T> {
-        let worker = match self.idle.lock().pop() {
-            Some(worker) => worker,
-            None => Worker::spawn()?,
-        };
-        let (reply, answer) = mpsc::sync_channel(1);
-        let client = self.client.clone();
-        let timeout = self.timeout;
-        let job: Job = Box::new(move |slot| {
-            let result = connect(slot, &client, timeout).and_then(|conn| op(conn.as_dyn()));
-            if result.is_err() {
-                *slot = None; // a connection that failed is not trusted with another request
-            }
-            let _ = reply.send(result);
-        });
-        if worker.jobs.send(job).is_err() {
-            return Err(late("the remote cache's worker stopped"));
-        }
-        // Connecting takes up to one timeout, the request and its reply another.
-        match answer.recv_timeout(self.timeout * 2) {
-            Ok(result) => {
-                let mut idle = self.idle.lock();
-                if idle.len() < MAX_IDLE_WORKERS {
-                    idle.push(worker);
-                }
-                result
-            }
-            Err(_) => Err(late("no whole reply within the timeout")),
-        }
-    }
-}
-
-fn late(what: &'static str) -> redis::RedisError {
-    redis::RedisError::from((redis::ErrorKind::IoError, what))
 }
 
 /// A Redis-backed store. See the module documentation.
@@ -307,10 +244,11 @@ impl RedisStore {
                     .map_err(bad)?,
             )
         } else {
-            Client::Single(redis::Client::open(config.url.as_str()).map_err(bad)?)
+            let client = redis::Client::open(config.url.as_str()).map_err(bad)?;
+            Client::Single(client.get_connection_info().clone())
         };
         let shared = Arc::new(Shared {
-            client: Arc::new(client),
+            client,
             timeout: config.timeout,
             idle: Mutex::new(Vec::new()),
             breaker: Breaker::default(),
@@ -408,7 +346,7 @@ fn write_loop(shared: &Shared, ttl: Option<Duration>, rx: mpsc::Receiver<WriteOp
         }
         if pipe.cmd_iter().next().is_some() {
             // A failed batch is dropped: the entries are a cache, compiled again if missing.
-            shared.run(move |conn| pipe.query::<()>(conn));
+            shared.run(|conn| pipe.query::<()>(conn));
         }
         for reply in flushes {
             let _ = reply.send(());
@@ -430,7 +368,7 @@ impl Store for RedisStore {
         let name = redis_key(key);
         let Some(found) = self
             .shared
-            .run(move |conn| redis::cmd("GET").arg(name).query::<Option<Vec<u8>>>(conn))
+            .run(|conn| redis::cmd("GET").arg(&name).query::<Option<Vec<u8>>>(conn))
         else {
             return Ok(None);
         };
