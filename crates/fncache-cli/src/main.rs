@@ -254,7 +254,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Gc => {
             let cache = match open_for_maintenance(global) {
-                Err(error) if error.is_not_writable() => bail!(
+                Err(error) if error.is_disk_full() => bail!(
                     "{error}: the disk is full and nothing could be freed without writing; free \
                      some space, or run `fncache clear`, which works on a full disk"
                 ),
@@ -457,7 +457,7 @@ fn clear_unusable(global: &Global, error: anyhow::Error) -> Result<ExitCode> {
     let incompatible = store_error.is_some_and(|e| e.is_incompatible());
     // A database that cannot be written even after its value files went (a full disk): what
     // clear is for is done by removing it whole, statistics included.
-    let full = !global.read_only && store_error.is_some_and(|e| e.is_not_writable());
+    let full = !global.read_only && store_error.is_some_and(|e| e.is_disk_full());
     let dir = cache_config(global).resolved_directory();
     let (true, Some(dir)) = (incompatible || full, dir) else {
         return Err(error);

@@ -179,20 +179,26 @@ impl Cache {
         Ok(Cache::with_store(store, &config))
     }
 
-    /// Opens the cache for maintenance (`gc`, `clear`): like [`Cache::open`], but a cache that
-    /// can only be opened read-only because its disk is full first gets room made without
-    /// writing ([`disk::make_room`](crate::store::disk::make_room)), so that it can be written
-    /// again. Returns the cache and the value files removed to make room.
+    /// Opens the cache for maintenance (`gc`, `clear`): like [`Cache::open`], but a cache whose
+    /// disk is too full to open it for writing first gets room made without writing
+    /// ([`disk::make_room`](crate::store::disk::make_room)). Returns the cache and the number of
+    /// value files removed to make room. A cache that is read-only for any other reason is
+    /// left as it is.
     pub fn open_for_maintenance(config: &CacheConfig) -> Result<(Cache, u64), StoreError> {
-        let cache = Cache::open(config)?;
-        if config.read_only || !cache.store().is_read_only() {
-            return Ok((cache, 0));
+        let mut removed = 0;
+        if let (false, Some(dir)) = (config.read_only, config.resolved_directory()) {
+            let writable = DiskOptions {
+                max_bytes: None,
+                read_only: false,
+                shared: config.shared,
+            };
+            match DiskStore::open_with(&dir, &writable) {
+                Err(error) if error.is_disk_full() => {
+                    removed = crate::store::disk::make_room(&dir, config.shared)?;
+                }
+                _ => {} // opened, or failing for a reason Cache::open reports
+            }
         }
-        let dir = config
-            .resolved_directory()
-            .expect("Cache::open resolved it");
-        drop(cache);
-        let removed = crate::store::disk::make_room(&dir, config.shared)?;
         Ok((Cache::open(config)?, removed))
     }
 

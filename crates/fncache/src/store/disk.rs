@@ -688,7 +688,7 @@ pub fn make_room(dir: &Path, shared: bool) -> Result<u64, StoreError> {
     loop {
         match open_writer(&db_path, &options) {
             Ok(_) => return Ok(removed),
-            Err(error) if error.is_not_writable() => match victims.next() {
+            Err(error) if error.is_disk_full() => match victims.next() {
                 Some(digest) => {
                     value_files::remove(dir, digest);
                     removed += 1;

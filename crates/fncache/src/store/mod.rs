@@ -196,6 +196,18 @@ impl StoreError {
         }
     }
 
+    /// Whether the store could not be written because its disk is full.
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            StoreError::Io { source, .. } => source.kind() == std::io::ErrorKind::StorageFull,
+            StoreError::Database { source, .. } => {
+                source.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull)
+                    || is_failed_write(source)
+            }
+            _ => false,
+        }
+    }
+
     /// Whether the store's files are unreadable as a cache (damaged or foreign), as opposed to
     /// unreachable (permissions, a missing directory).
     pub fn is_incompatible(&self) -> bool {
