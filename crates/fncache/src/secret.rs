@@ -167,6 +167,10 @@ impl Secret {
             return Secret::from_hex(hex).map(Some).ok_or(KeyError::Malformed);
         }
         let Some(path) = default_key_file() else {
+            log::warn!(
+                "no key to authenticate cache entries with (set FNCACHE_KEY, or HOME for a key \
+                 file); entries are checksummed only, and no remote cache is used"
+            );
             return Ok(None);
         };
         match Secret::load_or_create(&path) {
