@@ -66,7 +66,7 @@ fn cached_compiles_give_the_same_code_as_uncached_ones() {
     let (warm, warm_report) = compiler.precompile(MODULE.as_bytes()).unwrap();
     assert!(cold_report.misses > 0);
     // Not all: Cranelift 0.135 leaks a trampoline's exception table into the key of the next
-    // function compiled in the same context (../shared/anchors.md), so a key or two can change
+    // function compiled in the same context (docs/design.md, "Upstream limits"), so a key or two can change
     // from one compile to the next. The code may not.
     assert!(
         warm_report.hits * 2 >= warm_report.lookups(),
