@@ -104,15 +104,18 @@ fn main() -> Result<()> {
     ];
     let mut warm_hits = vec![];
     for run in 0..runs {
-        rows[0]
-            .1
-            .push(time(|| Ok(drop(cold_engine.precompile_module(&wasm)?)))?);
-        rows[1]
-            .1
-            .push(time(|| Ok(drop(discard.precompile_module(&wasm)?)))?);
-        rows[2]
-            .1
-            .push(time(|| Ok(drop(memory.precompile_module(&wasm)?)))?);
+        rows[0].1.push(time(|| {
+            cold_engine.precompile_module(&wasm)?;
+            Ok(())
+        })?);
+        rows[1].1.push(time(|| {
+            discard.precompile_module(&wasm)?;
+            Ok(())
+        })?);
+        rows[2].1.push(time(|| {
+            memory.precompile_module(&wasm)?;
+            Ok(())
+        })?);
         let dir = scratch.path().join(format!("empty{run}"));
         let mut opened = None;
         rows[3].1.push(time(|| {
@@ -121,9 +124,10 @@ fn main() -> Result<()> {
             Ok(())
         })?);
         let (cache, compiler) = opened.take().unwrap();
-        rows[4]
-            .1
-            .push(time(|| Ok(drop(compiler.precompile(&wasm)?)))?);
+        rows[4].1.push(time(|| {
+            compiler.precompile(&wasm)?;
+            Ok(())
+        })?);
         rows[5].1.push(time(|| Ok(cache.flush()?))?);
         rows[6].1.push(time(|| {
             let c = Cache::open(&CacheConfig::new().directory(&warm_dir).read_only(false))?;
@@ -133,11 +137,13 @@ fn main() -> Result<()> {
             Ok(())
         })?);
         let miss = wasmtime_cache(&scratch.path().join(format!("wasmtime-miss{run}")))?;
-        rows[7]
-            .1
-            .push(time(|| Ok(drop(wasmtime::Module::new(&miss, &wasm)?)))?);
+        rows[7].1.push(time(|| {
+            wasmtime::Module::new(&miss, &wasm)?;
+            Ok(())
+        })?);
         rows[8].1.push(time(|| {
-            Ok(drop(wasmtime::Module::new(&wasmtime_warm, &wasm)?))
+            wasmtime::Module::new(&wasmtime_warm, &wasm)?;
+            Ok(())
         })?);
         rows[9].1.push(time(|| {
             let c = Cache::open(&CacheConfig::new().directory(&warm_dir))?;

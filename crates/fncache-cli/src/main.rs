@@ -258,7 +258,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     "{error}: the disk is full and nothing could be freed without writing; free \
                      some space, or run `fncache clear`, which works on a full disk"
                 ),
-                result => result?,
+                result => result.map_err(with_advice)?,
             };
             let target = cache.store().max_bytes();
             let eviction = cache.gc(target)?;
@@ -321,8 +321,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
-/// `clear` on a cache whose database is damaged or foreign: remove the database files (and
-/// nothing else), so that the next compile starts a fresh one.
 /// Where the benchmark's probes run from (this binary) and keep their caches (a scratch
 /// directory, removed when the returned guard is dropped).
 fn bench_options(runs: usize) -> Result<(tempfile::TempDir, fncache_bench::suite::Options)> {
@@ -452,6 +450,9 @@ fn print_saved_bench(saved: &Path) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `clear` on a cache whose database is damaged or foreign, or on a disk too full to write it:
+/// remove the database files (and on a full disk the value files; nothing else), so that the
+/// next compile starts a fresh one.
 fn clear_unusable(global: &Global, error: anyhow::Error) -> Result<ExitCode> {
     let store_error = error.downcast_ref::<fncache::StoreError>();
     let incompatible = store_error.is_some_and(|e| e.is_incompatible());
@@ -590,7 +591,23 @@ fn open_cache(global: &Global) -> Result<Cache> {
     if global.no_cache {
         bail!("--no-cache leaves nothing to inspect");
     }
-    Ok(Cache::open(&cache_config(global))?)
+    Cache::open(&cache_config(global)).map_err(with_advice)
+}
+
+/// A cache error with what to do about it on this command line (the library's messages name
+/// no flags).
+fn with_advice(error: fncache::StoreError) -> anyhow::Error {
+    let advice = match &error {
+        fncache::StoreError::Database { .. } if error.is_incompatible() => {
+            "`fncache clear` starts it afresh"
+        }
+        fncache::StoreError::NotADirectory(_) => "point --cache-dir or FNCACHE_DIR elsewhere",
+        fncache::StoreError::Untrusted { .. } => {
+            "pass --shared-cache if several users share it on purpose"
+        }
+        _ => return error.into(),
+    };
+    anyhow::anyhow!("{error}; {advice}")
 }
 
 /// The compiler for `compile` and `run`, where an unusable cache only costs speed.
@@ -604,15 +621,8 @@ fn compiler(global: &Global) -> Result<Compiler> {
             // unauthenticated entries, so this is an error, not a slower compile.
             Err(error @ fncache::StoreError::Key(_)) => return Err(error.into()),
             Err(error) => {
-                let hint = match &error {
-                    fncache::StoreError::Database { .. } if error.is_incompatible() => {
-                        "; `fncache clear` starts it afresh"
-                    }
-                    _ => "",
-                };
-                log::warn!(
-                    "cannot use the compilation cache ({error}{hint}); compiling without it"
-                );
+                let error = with_advice(error);
+                log::warn!("cannot use the compilation cache ({error}); compiling without it");
                 None
             }
         }

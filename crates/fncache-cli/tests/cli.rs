@@ -40,9 +40,12 @@ fn damage_most_recently_used_entry(cache_dir: &Path, edit: fn(&mut Vec<u8>)) {
     .unwrap();
 }
 
+/// A kind of damage, and what it does to an entry's bytes.
+type Damage = (&'static str, fn(&mut Vec<u8>));
+
 #[test]
 fn damaged_entries_are_detected_recompiled_warned_and_counted() {
-    let cases: [(&str, fn(&mut Vec<u8>)); 3] = [
+    let cases: [Damage; 3] = [
         ("a flipped byte", |data| data[70] ^= 0x04),
         ("a truncated entry", |data| data.truncate(data.len() - 3)),
         ("a zero-length entry", |data| data.clear()),

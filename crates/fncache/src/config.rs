@@ -40,7 +40,7 @@ impl Default for Compression {
 /// let cache = fncache::Cache::open(&config)?;
 /// # Ok::<(), fncache::StoreError>(())
 /// ```
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct CacheConfig {
     pub(crate) directory: Option<PathBuf>,
     pub(crate) max_bytes: Option<u64>,
@@ -79,20 +79,6 @@ impl RemoteConfig {
             read_only: false,
             timeout: std::time::Duration::from_millis(250),
             budget: DEFAULT_REMOTE_BUDGET,
-        }
-    }
-}
-
-impl Default for CacheConfig {
-    fn default() -> Self {
-        CacheConfig {
-            directory: None,
-            max_bytes: None,
-            shared: false,
-            compression: Compression::default(),
-            read_only: false,
-            secret: None,
-            remote: None,
         }
     }
 }

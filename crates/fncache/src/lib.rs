@@ -7,9 +7,12 @@
 //! - [`Cache`] ([`cache`]): the policy. It encodes and verifies every entry ([`entry`]), counts
 //!   hits and misses, warns once when the cache degrades, and never lets an error reach the
 //!   compile: a broken cache is a slower compile, not a failed one.
-//! - [`Store`] ([`store`]): where bytes live. One trait, one file per backend:
-//!   [`MemoryStore`] (bounded, LRU) and [`DiskStore`] (the embedded default: SQLite in WAL mode,
-//!   shared by many processes, content-addressed, LRU-evicted under a byte limit).
+//! - [`Store`] ([`store`]): where bytes live. One trait, one file (or folder) per backend:
+//!   [`MemoryStore`] (bounded, LRU), [`DiskStore`] (the embedded default: SQLite in WAL mode,
+//!   shared by many processes, content-addressed, LRU-evicted under a byte limit, large values
+//!   in files of their own), `RedisStore` (a remote tier shared by a fleet) and `TieredStore`
+//!   (memory, disk, remote, read through in that order).
+//! - [`trust`]: which files the cache may read (owners, modes, no symbolic links).
 //! - [`key`]: digests, namespaces and the key that a store is indexed by.
 //! - [`CacheConfig`] ([`config`]): the knobs an embedder sets, with their defaults.
 

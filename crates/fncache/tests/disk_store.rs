@@ -170,9 +170,12 @@ fn damage(dir: &std::path::Path, edit: impl Fn(&mut Vec<u8>)) {
     }
 }
 
+/// A kind of damage, and what it does to an entry's bytes.
+type Damage = (&'static str, fn(&mut Vec<u8>));
+
 #[test]
 fn damaged_entries_are_rejected_removed_and_counted() {
-    let cases: [(&str, fn(&mut Vec<u8>)); 3] = [
+    let cases: [Damage; 3] = [
         ("flipped byte", |data| data[100] ^= 1),
         ("truncated", |data| {
             data.pop();

@@ -173,10 +173,7 @@ impl DiskStore {
             source,
         };
         if dir.exists() && !dir.is_dir() {
-            return Err(StoreError::Unusable(format!(
-                "cache directory {} is not a directory; point --cache-dir or FNCACHE_DIR elsewhere",
-                dir.display()
-            )));
+            return Err(StoreError::NotADirectory(dir.to_path_buf()));
         }
         if !read_only {
             // Private: other local users must neither read nor plant entries.
@@ -722,12 +719,10 @@ fn check_layout(dir: &Path, shared: bool) -> Result<(), StoreError> {
         path: path.to_path_buf(),
         source,
     };
-    let untrusted = |what: &str, path: &Path, reason: String| {
-        StoreError::Unusable(format!(
-            "{what} {} cannot be trusted: {reason}; use a cache directory of your own, or \
-             --shared-cache if several users share it on purpose (docs/security.md)",
-            path.display()
-        ))
+    let untrusted = |what: &'static str, path: &Path, reason: String| StoreError::Untrusted {
+        what,
+        path: path.to_path_buf(),
+        reason,
     };
     let meta = fs::metadata(dir).map_err(|e| io(dir, e))?;
     if let (false, Some(reason)) = (shared, trust::untrusted_reason(&meta)) {
@@ -1034,8 +1029,8 @@ impl WriterState {
                         entry,
                     } => {
                         clock += 1;
-                        let (added, new_value) =
-                            put(tx, &dir, shared, key, link, digest, entry, clock)?;
+                        let values = ValuesDir { dir: &dir, shared };
+                        let (added, new_value) = put(tx, values, key, link, digest, entry, clock)?;
                         bytes += added;
                         entries += i64::from(new_value);
                     }
@@ -1310,10 +1305,16 @@ fn add_counters(tx: &Transaction<'_>, counters: &Counters) -> rusqlite::Result<(
 
 /// Stores one value under one key; returns the accounted bytes added and whether the value is
 /// new (not only a new key for a value already stored).
+/// Where value files are written, and for whom (see [`value_files::write`]).
+#[derive(Clone, Copy)]
+struct ValuesDir<'a> {
+    dir: &'a Path,
+    shared: bool,
+}
+
 fn put(
     tx: &Transaction<'_>,
-    dir: &Path,
-    shared: bool,
+    values: ValuesDir<'_>,
     key: &KeyId,
     link: &Link,
     digest: &Digest,
@@ -1325,11 +1326,13 @@ fn put(
     if in_file {
         // Before the row, so that a committed row always has its file (a file without a row
         // is an orphan that `gc` sweeps); rewritten if it went missing since.
-        value_files::write(dir, digest, &entry[HEADER_LEN..], shared).map_err(|e| {
-            rusqlite::Error::ToSqlConversionFailure(
-                format!("cannot write the value file: {e}").into(),
-            )
-        })?;
+        value_files::write(values.dir, digest, &entry[HEADER_LEN..], values.shared).map_err(
+            |e| {
+                rusqlite::Error::ToSqlConversionFailure(
+                    format!("cannot write the value file: {e}").into(),
+                )
+            },
+        )?;
     }
     let known = tx
         .prepare_cached("UPDATE blob_meta SET last_used = ?1 WHERE digest = ?2")?

@@ -254,6 +254,21 @@ pub enum StoreError {
     },
     #[error("{0}")]
     Unusable(String),
+    /// Something other than a directory is where the cache directory should be.
+    #[error("cache directory {} is not a directory; choose another one", .0.display())]
+    NotADirectory(PathBuf),
+    /// Another user could change this part of the cache (see [`crate::trust`]); a cache shared
+    /// on purpose is opened with [`CacheConfig::shared`](crate::CacheConfig::shared).
+    #[error(
+        "{what} {} cannot be trusted: {reason}; use a cache directory of your own, or open it \
+         as a cache shared on purpose (docs/security.md)",
+        path.display()
+    )]
+    Untrusted {
+        what: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
     /// The database is of another schema or not a database at all; `fncache clear` (or
     /// [`disk::remove_database`]) starts it afresh.
     #[error("cache database {path} cannot be used ({reason}); `fncache clear` starts it afresh")]
