@@ -549,26 +549,23 @@ fn parse_rate(text: &str) -> Result<f64, String> {
 
 fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: u64 = number
-        .parse()
-        .map_err(|_| format!("'{text}' is not a duration; use e.g. 3600s, 90m, 12h or 7d"))?;
-    let scale = match unit {
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86400,
-        _ => return Err(format!("'{text}': the unit must be s, m, h or d")),
+    // A bare number is seconds, as Redis' EX takes it.
+    let with_unit = if text.bytes().all(|b| b.is_ascii_digit()) {
+        format!("{text}s")
+    } else {
+        text.to_string()
     };
-    // Ten years: Redis takes no longer expiry than that in any useful sense, and the product
-    // must not overflow.
-    const MAX_SECONDS: u64 = 10 * 365 * 86400;
-    match number.checked_mul(scale) {
-        Some(seconds) if seconds <= MAX_SECONDS => Ok(std::time::Duration::from_secs(seconds)),
-        _ => Err(format!("'{text}' is longer than the longest expiry, 3650d")),
+    // Ten years: Redis takes no longer expiry in any useful sense.
+    const MAX: std::time::Duration = std::time::Duration::from_secs(10 * 365 * 86400);
+    match humantime::parse_duration(&with_unit) {
+        Ok(duration) if duration <= MAX => Ok(duration),
+        Ok(_) => Err(format!("'{text}' is longer than the longest expiry, 3650d")),
+        Err(humantime::DurationError::NumberOverflow) => {
+            Err(format!("'{text}' is longer than the longest expiry, 3650d"))
+        }
+        Err(_) => Err(format!(
+            "'{text}' is not a duration; use e.g. 3600s, 90m, 12h or 7d"
+        )),
     }
 }
 

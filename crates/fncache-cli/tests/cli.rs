@@ -245,7 +245,7 @@ fn an_unusable_cache_directory_compiles_without_the_cache_with_one_warning() {
 fn a_directory_without_write_permission_compiles_without_the_cache_with_one_warning() {
     use std::os::unix::fs::PermissionsExt;
     let env = Env::new();
-    let root = unsafe { libc_geteuid() } == 0;
+    let root = common::is_root();
     assert!(
         !root || Path::new("/usr/bin/setpriv").exists(),
         "as root, this test needs setpriv (util-linux) to run the other side as nobody"
@@ -316,11 +316,6 @@ fn a_directory_without_write_permission_compiles_without_the_cache_with_one_warn
     }
     // The cache is intact for its owner.
     assert!(env.fncache(&["verify"]).status.success());
-}
-
-extern "C" {
-    #[link_name = "geteuid"]
-    fn libc_geteuid() -> u32;
 }
 
 #[test]

@@ -47,7 +47,7 @@ impl Secret {
     /// A new random secret (from the operating system).
     pub fn random() -> io::Result<Secret> {
         let mut bytes = [0; 32];
-        fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+        getrandom::fill(&mut bytes).map_err(io::Error::other)?;
         Ok(Secret(bytes))
     }
 

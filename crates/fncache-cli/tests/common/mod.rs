@@ -171,13 +171,8 @@ pub fn check_second_process_hits(env: &Env, module: &Path, min_hit_rate: f64) {
     assert!(n(&env.stats(), "hits") >= n(&warm, "hits"));
 }
 
-extern "C" {
-    fn geteuid() -> u32;
-}
-
 /// Whether the tests run as root (CI does): permission bits stop nothing then, so tests of
 /// permissions run the other side as `nobody` through setpriv.
 pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { geteuid() == 0 }
+    rustix::process::geteuid().is_root()
 }
