@@ -1,5 +1,5 @@
 //! One measurement, run in the process that calls [`Probe::run`]. The suite runs each probe in
-//! a fresh process (`fncache bench-probe`), so that nothing is warm that a user's new process
+//! a fresh process (`fncache-bench --probe`), so that nothing is warm that a user's new process
 //! would not have warm: no engine, no open database, no page of the cache in this process.
 //!
 //! Every probe times the same span: from nothing (the wasm bytes already read) to a loaded

@@ -1,4 +1,4 @@
-//! The benchmark suite behind `fncache bench`: every configuration side by side, in one run,
+//! The benchmark suite behind `fncache-bench`: every configuration side by side, in one run,
 //! each sample in a fresh process, medians of `runs`, on real modules.
 //!
 //! For each module, and each run in turn (interleaved, so that drift hits all rows alike):
@@ -31,7 +31,7 @@ pub struct Subject {
 
 /// How to run the suite.
 pub struct Options {
-    /// The command that runs one probe given as a JSON argument, e.g. `fncache bench-probe`.
+    /// The command that runs one probe given as a JSON argument, e.g. `fncache-bench --probe`.
     pub probe_command: Vec<OsString>,
     pub runs: usize,
     pub scratch: PathBuf,
@@ -252,6 +252,11 @@ pub struct RemoteReport {
     pub remote_warm_to_local_warm: f64,
     /// What a dead Redis adds to a compile into an empty cache, in ms (median difference).
     pub redis_down_added_ms: f64,
+}
+
+/// Probes [`measure_remote`] runs per module: `runs` times its seven rows.
+pub fn remote_probe_count(runs: usize) -> usize {
+    runs * 7
 }
 
 /// Cold; fncache into an empty disk, then warm from that disk; the same through Redis: the
@@ -545,7 +550,7 @@ fn copy_dir(from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The modules `fncache bench CORPUS` measures: the newest release of each package, with the
+/// The modules `fncache-bench CORPUS` measures: the newest release of each package, with the
 /// newest older release whose module differs as its previous release; and each package of many
 /// modules as a family (the shared-library scenario).
 pub fn discover(corpus: &Path) -> Result<(Vec<Subject>, Vec<Family>)> {

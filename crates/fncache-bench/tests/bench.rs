@@ -1,0 +1,106 @@
+//! The `fncache-bench` binary end to end, on a small generated corpus.
+
+use std::process::{Command, Output};
+
+use fncache_bench::synthetic::generated_module;
+use serde_json::Value;
+
+/// `fncache-bench ARGS`, with the key every probe authenticates entries with.
+fn bench(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_fncache-bench"))
+        .env(
+            "FNCACHE_KEY",
+            "6a1f0c3e9b2d4f5a8c7e6d5b4a39281706f5e4d3c2b1a09f8e7d6c5b4a392817",
+        )
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// `fncache-bench` on a small corpus laid out like scripts/fetch-corpus's: a package with two
+/// releases and a family of modules sharing functions. One run each; what is checked is that
+/// every configuration ran in its own process and that the caches did what the rows say.
+#[test]
+fn bench_measures_every_configuration_and_the_family() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = dir.path().join("corpus");
+    let write = |dir: &str, name: &str, wat: &str| {
+        let dir = corpus.join(dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(name), wat::parse_str(wat).unwrap()).unwrap();
+    };
+    write("pkg-1.0.0", "m.wasm", &generated_module(40, 1));
+    write("pkg-1.1.0", "m.wasm", &generated_module(41, 1));
+    // Family members: the first 30 functions are the same in all three.
+    for (name, count) in [("a.wasm", 30), ("b.wasm", 33), ("c.wasm", 36)] {
+        write("fam-2.0.0", name, &generated_module(count, 5));
+    }
+    let out = bench(&["--runs", "1", "--json", corpus.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let module = &run["modules"][0];
+    assert_eq!(module["module"], "pkg@1.1.0");
+    let rows = &module["rows"];
+    for row in [
+        "cold",
+        "wasmtime-cache-miss",
+        "wasmtime-cache-hit",
+        "ceiling",
+        "fncache-empty",
+        "fncache-warm-function-level",
+        "fncache-unchanged",
+        "edit-const/fncache",
+        "prepend-function/ceiling",
+        "previous-release/fncache",
+    ] {
+        assert!(
+            rows[row]["median_ms"].as_f64().unwrap() > 0.0,
+            "{row}: {rows}"
+        );
+    }
+    assert_eq!(rows["fncache-unchanged"]["level"], "module");
+    assert_eq!(rows["edit-const/fncache"]["level"], "function");
+    // One function of 41 changed: nearly everything else hits.
+    assert!(
+        rows["edit-const/fncache"]["hit_rate"].as_f64().unwrap() > 0.8,
+        "{rows}"
+    );
+    // The previous release has 40 of these 41 functions.
+    assert!(
+        rows["previous-release/fncache"]["hits"].as_u64().unwrap() >= 35,
+        "{rows}"
+    );
+    // Not applicable to a module without imports or globals: left out, not faked.
+    assert!(rows.get("add-import/fncache").is_none());
+    let targets = module["targets"].as_array().unwrap();
+    assert!(targets
+        .iter()
+        .any(|t| t["name"] == "unchanged module / Wasmtime module-cache hit"));
+    assert!(
+        module["disk_bytes"].as_u64().unwrap() > module["module_entry_bytes"].as_u64().unwrap()
+    );
+
+    let family = &run["families"][0];
+    assert_eq!(family["family"], "fam@2.0.0");
+    let members = family["members"].as_array().unwrap();
+    assert_eq!(members.len(), 3);
+    for member in members {
+        // Each member's first 30 functions are in the others' code.
+        assert!(member["hit_rate"].as_f64().unwrap() > 0.7, "{member}");
+    }
+
+    // The saved run prints as tables.
+    let saved = dir.path().join("run.json");
+    std::fs::write(&saved, &out.stdout).unwrap();
+    let table = bench(&["--report", saved.to_str().unwrap()]);
+    assert!(table.status.success());
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        text.contains("pkg@1.1.0") && text.contains("fam@2.0.0"),
+        "{text}"
+    );
+}
