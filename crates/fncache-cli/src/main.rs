@@ -1,7 +1,7 @@
 //! The `fncache` command: a thin layer over `fncache` and `fncache-wasmtime`.
 //!
 //! Exit codes: 0 success; 1 an error (bad input, unusable cache for `stats`/`gc`/`clear`);
-//! 2 bad command-line usage; 3 `compile --verify` found cached code that differs from a fresh
+//! 2 bad command-line usage; 3 `compile --cross-check` found cached code that differs from a fresh
 //! compile; for `run`, the guest's own exit code, or 134 when it traps.
 
 mod logger;
@@ -59,12 +59,13 @@ struct Global {
     /// How long Redis keeps each entry, e.g. 7d, 12h, 3600s [default: until maxmemory evicts it]
     #[arg(long, global = true, value_name = "DURATION", value_parser = parse_duration)]
     remote_ttl: Option<std::time::Duration>,
-    /// Verify mode: recompile RATE (0 to 1, default 1) of the function-level hits and compare
-    /// them with their entries; a difference is an error (exit code 3) and the fresh code is used
+    /// Cross-check the cache against the compiler: recompile RATE (0 to 1, default 1) of the
+    /// function-level hits and compare them with their entries; a difference is an error (exit
+    /// code 3) and the fresh code is used. (`fncache verify` checks the stored entries instead.)
     #[arg(long, global = true, value_name = "RATE", num_args = 0..=1, require_equals = true,
-          default_missing_value = "1",
+          default_missing_value = "1", alias = "verify",
           value_parser = parse_rate)]
-    verify: Option<f64>,
+    cross_check: Option<f64>,
     /// Print machine-readable JSON on stdout (`run`: the summary on stderr)
     #[arg(long, global = true)]
     json: bool,
@@ -178,7 +179,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             if report.mismatches > 0 {
                 eprintln!(
-                    "fncache: error: verify found {} cached functions that differ from a fresh \
+                    "fncache: error: the cross-check found {} cached functions that differ from a fresh \
                      compile (the fresh code was used)",
                     report.mismatches
                 );
@@ -457,8 +458,10 @@ fn compiler(global: &Global) -> Result<Compiler> {
             }
         }
     };
-    match (global.verify, cache) {
-        (Some(rate), Some(cache)) => Compiler::with_verify(wasmtime::Config::new(), cache, rate),
+    match (global.cross_check, cache) {
+        (Some(rate), Some(cache)) => {
+            Compiler::with_cross_check(wasmtime::Config::new(), cache, rate)
+        }
         (_, cache) => Ok(
             Compiler::new(wasmtime::Config::new(), cache)?.module_level(!global.no_module_level)
         ),

@@ -43,7 +43,7 @@ fn a_second_process_reuses_sql_js() {
     assert!(std::fs::read(&out).unwrap() == reference);
 }
 
-/// Verify mode over the real corpus: every function-level hit of sql.js recompiled and
+/// Cross-check mode over the real corpus: every function-level hit of sql.js recompiled and
 /// compared with its entry. Any difference fails (exit code 3).
 #[test]
 fn verify_mode_over_sql_js_finds_no_mismatch() {
@@ -53,7 +53,7 @@ fn verify_mode_over_sql_js_finds_no_mismatch() {
     let reference = env.dir.path().join("reference.cwasm");
     env.compile(&module, &reference, &["--no-cache"]);
     env.compile(&module, &out, &[]);
-    let (report, stderr) = env.compile(&module, &out, &["--verify"]);
+    let (report, stderr) = env.compile(&module, &out, &["--cross-check"]);
     assert_eq!(common::n(&report, "mismatches"), 0, "{stderr}");
     assert!(common::n(&report, "verified") > 1500, "{report}");
     assert!(std::fs::read(&out).unwrap() == std::fs::read(&reference).unwrap());

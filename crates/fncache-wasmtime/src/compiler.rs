@@ -14,7 +14,7 @@ use fncache::{Cache, Namespace, Value};
 use wasmtime::{Config, Engine, Module};
 
 use crate::fingerprint::engine_fingerprint;
-use crate::function_store::{enable, enable_with_verify, FunctionCounters, FunctionStore};
+use crate::function_store::{enable, enable_with_cross_check, FunctionCounters, FunctionStore};
 
 /// Which level of the cache a compile was served from.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -56,9 +56,9 @@ pub struct CompileReport {
     pub hit_bytes: u64,
     /// Bytes of compiled code compiled afresh (function-level misses).
     pub inserted_bytes: u64,
-    /// Verify mode: hits recompiled and found identical to their entries.
+    /// Cross-check mode: hits recompiled and found identical to their entries.
     pub verified: u64,
-    /// Verify mode: entries that differed from a fresh compile.
+    /// Cross-check mode: entries that differed from a fresh compile.
     pub mismatches: u64,
     /// Wall time of the compile alone, in seconds.
     pub seconds: f64,
@@ -137,16 +137,16 @@ impl Compiler {
         self.functions.as_ref().map(|f| f.cache())
     }
 
-    /// Builds the engine with verify mode: `verify_rate` (0.0 to 1.0) of the function-level
+    /// Builds the engine with cross-check mode: `cross_check_rate` (0.0 to 1.0) of the function-level
     /// hits are recompiled and compared with the cached entry; a difference is an error in the
     /// log and in [`CompileReport::mismatches`], and the fresh code is used. The module level
-    /// is off in verify mode, so that every function goes through the check.
-    pub fn with_verify(
+    /// is off in cross-check mode, so that every function goes through the check.
+    pub fn with_cross_check(
         mut config: Config,
         cache: Cache,
-        verify_rate: f64,
+        cross_check_rate: f64,
     ) -> anyhow::Result<Compiler> {
-        let functions = enable_with_verify(&mut config, &cache, verify_rate)?;
+        let functions = enable_with_cross_check(&mut config, &cache, cross_check_rate)?;
         let engine = Engine::new(&config)?;
         if engine_fingerprint(&engine) != *functions.namespace() {
             bail!("internal error: the engine's fingerprint changed when the cache was enabled");

@@ -5,7 +5,7 @@
 //! cache, which verifies every value before it reaches Cranelift and stores new ones in the
 //! background, so a compile thread never waits for a disk write.
 //!
-//! Verify mode ([`FunctionStore::verify`], `fncache --verify[=RATE]`) checks the cache against
+//! Cross-check mode ([`FunctionStore::cross_check`], `fncache --cross-check[=RATE]`) checks the cache against
 //! the compiler: a sampled share of hits is answered as a miss, so that Cranelift compiles the
 //! function afresh, and the fresh code is compared with the cached entry when Cranelift hands it
 //! to [`CacheStore::insert`]. A difference is reported as an error and counted, and the fresh
@@ -31,7 +31,7 @@ pub struct FunctionStore {
     inserts: AtomicU64,
     hit_bytes: AtomicU64,
     inserted_bytes: AtomicU64,
-    /// Share of hits recompiled and compared, in millionths (0: verify mode off).
+    /// Share of hits recompiled and compared, in millionths (0: cross-check mode off).
     verify_per_million: u64,
     /// Cached values of sampled hits, until Cranelift's fresh compile of the same key arrives.
     awaiting_check: Mutex<HashMap<Vec<u8>, Vec<u8>>>,
@@ -50,9 +50,9 @@ pub struct FunctionCounters {
     pub hit_bytes: u64,
     /// Bytes of compiled code that missed and were compiled and stored.
     pub inserted_bytes: u64,
-    /// Verify mode: hits recompiled and compared with the entry.
+    /// Cross-check mode: hits recompiled and compared with the entry.
     pub verified: u64,
-    /// Verify mode: entries that differed from a fresh compile (each an error).
+    /// Cross-check mode: entries that differed from a fresh compile (each an error).
     pub mismatches: u64,
 }
 
@@ -74,8 +74,8 @@ impl FunctionStore {
         }
     }
 
-    /// Verify mode: recompile this share of hits (0.0 to 1.0) and compare. Default: 0.
-    pub fn verify(mut self, rate: f64) -> FunctionStore {
+    /// Cross-check mode: recompile this share of hits (0.0 to 1.0) and compare. Default: 0.
+    pub fn cross_check(mut self, rate: f64) -> FunctionStore {
         self.verify_per_million = (rate.clamp(0.0, 1.0) * 1e6) as u64;
         self
     }
@@ -161,19 +161,20 @@ impl CacheStore for FunctionStore {
 /// this after every other setting; [`Compiler::new`](crate::Compiler::new) does it in the
 /// right order and checks it.
 pub fn enable(config: &mut Config, cache: &Cache) -> anyhow::Result<Arc<FunctionStore>> {
-    enable_with_verify(config, cache, 0.0)
+    enable_with_cross_check(config, cache, 0.0)
 }
 
-/// [`enable`], with verify mode recompiling `verify_rate` of the hits (see the module
+/// [`enable`], with cross-check mode recompiling `cross_check_rate` of the hits (see the module
 /// documentation).
-pub fn enable_with_verify(
+pub fn enable_with_cross_check(
     config: &mut Config,
     cache: &Cache,
-    verify_rate: f64,
+    cross_check_rate: f64,
 ) -> anyhow::Result<Arc<FunctionStore>> {
     let probe = Engine::new(config)?;
-    let store =
-        Arc::new(FunctionStore::new(cache.clone(), engine_fingerprint(&probe)).verify(verify_rate));
+    let store = Arc::new(
+        FunctionStore::new(cache.clone(), engine_fingerprint(&probe)).cross_check(cross_check_rate),
+    );
     config.enable_incremental_compilation(store.clone())?;
     Ok(store)
 }

@@ -21,4 +21,4 @@ pub mod function_store;
 
 pub use compiler::{CompileReport, Compiler, Level};
 pub use fingerprint::engine_fingerprint;
-pub use function_store::{enable, enable_with_verify, FunctionStore};
+pub use function_store::{enable, enable_with_cross_check, FunctionStore};

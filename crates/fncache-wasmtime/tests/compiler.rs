@@ -123,7 +123,7 @@ fn verify_mode_recompiles_hits_and_reports_an_entry_that_differs() {
     let namespace = fncache::Namespace::from_parts([("test", b"verify".as_slice())]);
     cache.insert(&namespace, b"good", b"compiled code");
     cache.insert(&namespace, b"bad", b"stale code");
-    let store = fncache_wasmtime::FunctionStore::new(cache, namespace).verify(1.0);
+    let store = fncache_wasmtime::FunctionStore::new(cache, namespace).cross_check(1.0);
     // Every hit is answered as a miss so that Cranelift compiles it afresh...
     assert!(store.get(b"good").is_none());
     assert!(store.get(b"bad").is_none());
@@ -146,7 +146,7 @@ fn verify_mode_finds_no_mismatch_on_a_real_compile() {
         .unwrap()
         .precompile(&wasm)
         .unwrap();
-    let verifying = Compiler::with_verify(Config::new(), cache, 1.0).unwrap();
+    let verifying = Compiler::with_cross_check(Config::new(), cache, 1.0).unwrap();
     let (code, report) = verifying.precompile(&wasm).unwrap();
     assert!(report.verified > 0, "{report:?}");
     assert_eq!(report.mismatches, 0);
