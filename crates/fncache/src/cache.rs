@@ -14,8 +14,6 @@ use crate::entry;
 use crate::key::{Digest, KeyId, Link, Namespace};
 use crate::secret::Secret;
 use crate::stats::{Counters, Stats};
-use crate::store::redis::RedisStore;
-use crate::store::tiered::TieredStore;
 use crate::store::{
     disk::{DiskOptions, DiskStore},
     Eviction, Found, MappedFile, Origin, Store, StoreError, StoredEntry,
@@ -119,62 +117,15 @@ impl Cache {
     /// (a read-only mount, a cache baked into an image for another user) is opened read-only,
     /// with one warning.
     pub fn open(config: &CacheConfig) -> Result<Cache, StoreError> {
-        let dir = config.resolved_directory().ok_or_else(|| {
-            StoreError::Unusable(
-                "no cache directory: set FNCACHE_DIR, XDG_CACHE_HOME or HOME, or pass one".into(),
-            )
-        })?;
         // The key first: a malformed one is an error before anything is created.
         let secret = match &config.secret {
             Some(secret) => Some(secret.clone()),
             None => Secret::from_environment()?,
         };
-        let options = DiskOptions {
-            max_bytes: config.max_bytes,
-            read_only: config.read_only,
-            shared: config.shared,
-        };
-        let store = match DiskStore::open_with(&dir, &options) {
-            Err(error) if !config.read_only && error.is_not_writable() => {
-                let read_only = DiskOptions {
-                    read_only: true,
-                    ..options
-                };
-                let store = DiskStore::open_with(&dir, &read_only).map_err(|_| error)?;
-                log::warn!(
-                    "the cache in {} is not writable (read-only, or the disk is full); using \
-                     its entries without storing new ones",
-                    dir.display()
-                );
-                store
-            }
-            result => result?,
-        };
+        let store = crate::store::build::build(config, secret.is_some())?;
         let config = CacheConfig {
             secret,
             ..config.clone()
-        };
-        let remote = match (config.resolved_remote(), &config.secret) {
-            (Some(remote), None) => {
-                log::warn!(
-                    "not using the remote cache {}: without a key its entries cannot be \
-                     authenticated (set FNCACHE_KEY, the same on every machine)",
-                    crate::store::redis::redact(&remote.url)
-                );
-                None
-            }
-            (Some(remote), Some(_)) => match RedisStore::open(&remote) {
-                Ok(remote) => Some(remote),
-                Err(error) => {
-                    log::warn!("{error}; using the local cache only");
-                    None
-                }
-            },
-            (None, _) => None,
-        };
-        let store: Arc<dyn Store> = match remote {
-            Some(remote) => Arc::new(TieredStore::new(Arc::new(store), remote)),
-            None => Arc::new(store),
         };
         Ok(Cache::with_store(store, &config))
     }
@@ -261,6 +212,8 @@ impl Cache {
                     .fetch_add(found.entry.len() as u64, Ordering::Relaxed);
                 if found.origin == Origin::Remote {
                     session.remote_hits.fetch_add(1, Ordering::Relaxed);
+                }
+                if found.tier > 0 {
                     self.inner.store.fill(key, &found);
                 }
                 Some(value)

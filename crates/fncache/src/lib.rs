@@ -10,8 +10,10 @@
 //! - [`Store`] ([`store`]): where bytes live. One trait, one file (or folder) per backend:
 //!   [`MemoryStore`] (bounded, LRU), [`DiskStore`] (the embedded default: SQLite in WAL mode,
 //!   shared by many processes, content-addressed, LRU-evicted under a byte limit, large values
-//!   in files of their own), `RedisStore` (a remote tier shared by a fleet) and `TieredStore`
-//!   (memory, disk, remote, read through in that order).
+//!   in files of their own), `RedisStore` (a remote tier shared by a fleet; cargo feature
+//!   `redis`), and two made of others: `TieredStore` (a list of stores, fastest first) and
+//!   `ReadOnlyStore` (serves, writes nothing). `store::build` composes them from a
+//!   [`CacheConfig`].
 //! - [`trust`]: which files the cache may read (owners, modes, no symbolic links).
 //! - [`key`]: digests, namespaces and the key that a store is indexed by.
 //! - [`CacheConfig`] ([`config`]): the knobs an embedder sets, with their defaults.

@@ -375,6 +375,7 @@ impl Store for DiskStore {
                 link: *link,
                 entry: StoredEntry::Whole(entry.clone()),
                 origin: Origin::Local,
+                tier: 0,
             }));
         }
         let found = self.with_reader(|conn| {
@@ -420,6 +421,7 @@ impl Store for DiskStore {
             link,
             entry,
             origin: Origin::Local,
+            tier: 0,
         }))
     }
 

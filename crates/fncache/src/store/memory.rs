@@ -17,6 +17,8 @@ use crate::stats::Counters;
 #[derive(Debug)]
 pub struct MemoryStore {
     max_bytes: u64,
+    /// Values longer than this are not kept (see [`MemoryStore::max_value`]).
+    max_value: u64,
     inner: Mutex<Inner>,
 }
 
@@ -42,8 +44,18 @@ impl MemoryStore {
     pub fn new(max_bytes: u64) -> MemoryStore {
         MemoryStore {
             max_bytes,
+            max_value: u64::MAX,
             inner: Mutex::new(Inner::default()),
         }
+    }
+}
+
+impl MemoryStore {
+    /// Keeps no value longer than `bytes` (as a tier in front of a disk, whose large values
+    /// load fastest mapped from their files). Default: any that fits.
+    pub fn max_value(mut self, bytes: u64) -> MemoryStore {
+        self.max_value = bytes;
+        self
     }
 }
 
@@ -98,6 +110,7 @@ impl Store for MemoryStore {
             link,
             entry: StoredEntry::Whole(v.entry.clone()),
             origin: Origin::Local,
+            tier: 0,
         }))
     }
 
@@ -110,7 +123,7 @@ impl Store for MemoryStore {
     ) -> Result<(), StoreError> {
         let mut inner = self.inner.lock();
         let size = entry.len() as u64 + VALUE_OVERHEAD;
-        if size + KEY_OVERHEAD > self.max_bytes {
+        if size + KEY_OVERHEAD > self.max_bytes || entry.len() as u64 > self.max_value {
             return Ok(()); // could never fit; storing it would only evict everything else
         }
         match inner.keys.insert(key, (digest, link)) {

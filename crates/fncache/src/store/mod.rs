@@ -14,8 +14,11 @@
 //! - `bytes` in [`Usage`] is held under the store's limit after every write, by evicting the
 //!   least recently used values first.
 
+pub mod build;
 pub mod disk;
 pub mod memory;
+pub mod read_only;
+#[cfg(feature = "redis")]
 pub mod redis;
 pub mod tiered;
 pub mod value_files;
@@ -70,8 +73,11 @@ pub struct Found {
     pub digest: Digest,
     pub link: Link,
     pub entry: StoredEntry,
-    /// Which tier answered (for the `remote_hits` counter, counted once verified).
+    /// Whether a local or a shared store answered (for `remote_hits`, counted once verified).
     pub origin: Origin,
+    /// The position, among a [`TieredStore`](tiered::TieredStore)'s tiers, of the one that
+    /// answered (0 for a store of one tier): the faster ones are filled once it is verified.
+    pub tier: usize,
 }
 
 /// Where a [`Found`] entry came from.
@@ -123,6 +129,12 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Copies what a slower tier `found` under `key`, verified by the cache, into the faster
     /// tiers. Default: nothing (a store of one tier).
     fn fill(&self, _key: KeyId, _found: &Found) {}
+
+    /// Counts this store kept itself since they were last taken (a remote tier's errors), for
+    /// the tier of record to persist. Default: none.
+    fn take_counters(&self) -> Counters {
+        Counters::default()
+    }
 
     /// Removes a key whose link was found false; the value it pointed at is left alone.
     fn remove_key(&self, key: &KeyId) -> Result<(), StoreError>;

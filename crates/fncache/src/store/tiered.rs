@@ -1,92 +1,70 @@
-//! Tiers: memory, then the local disk, then a remote store shared by a fleet.
+//! Tiers: a list of stores, fastest first (in practice memory, the local disk, a remote store
+//! shared by a fleet), that together are one store.
 //!
-//! A read goes down the tiers; a remote hit, once the cache has verified it, fills the faster
-//! ones ([`Store::fill`]: a value from Redis is kept on the local disk, so the next process on
-//! this machine reads it locally). A write goes to every
-//! writable tier; none blocks the compile (the disk and Redis both write in the background).
-//! The disk is the tier of record for limits, counters and statistics; the remote tier adds its
-//! own hit and error counts to them.
+//! A read goes down the tiers and returns the first hit, marked with the tier it came from;
+//! once the cache has verified it, [`Store::fill`] copies it into the faster tiers (a value from
+//! Redis is kept on the local disk, so the next process on this machine reads it locally). A
+//! write goes to every tier; each decides what it keeps (the memory tier keeps no large values,
+//! a read-only tier nothing). One tier is the tier of record: its limits, counters and
+//! statistics are the cache's, and the other tiers' own counts (a remote tier's errors) are
+//! added to it.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use super::memory::MemoryStore;
-use super::redis::RedisStore;
-use super::value_files::FILE_THRESHOLD;
 use super::{Eviction, Found, Store, StoreError, StoredEntry, Usage};
 use crate::key::{Digest, KeyId, Link};
 use crate::stats::Counters;
 
-/// The memory tier's share of the process: hot values for repeated compiles in one process.
-pub const MEMORY_TIER_BYTES: u64 = 64 << 20;
-
+/// See the module documentation.
 #[derive(Debug)]
 pub struct TieredStore {
-    memory: MemoryStore,
-    disk: Arc<dyn Store>,
-    remote: RedisStore,
-    /// Remote errors already handed to the disk's counters.
-    recorded: parking_lot::Mutex<u64>,
-    memory_hits: AtomicU64,
+    tiers: Vec<Arc<dyn Store>>,
+    of_record: usize,
 }
 
 impl TieredStore {
-    pub fn new(disk: Arc<dyn Store>, remote: RedisStore) -> TieredStore {
-        TieredStore {
-            memory: MemoryStore::new(MEMORY_TIER_BYTES),
-            disk,
-            remote,
-            recorded: Default::default(),
-            memory_hits: AtomicU64::new(0),
-        }
+    /// `tiers`, fastest first; `tiers[of_record]` keeps the limits, counters and statistics.
+    pub fn new(tiers: Vec<Arc<dyn Store>>, of_record: usize) -> TieredStore {
+        assert!(
+            of_record < tiers.len(),
+            "the tier of record is one of the tiers"
+        );
+        TieredStore { tiers, of_record }
     }
 
-    pub fn remote(&self) -> &RedisStore {
-        &self.remote
-    }
-
-    /// Hits served by the memory tier since this store was opened.
-    pub fn memory_hits(&self) -> u64 {
-        self.memory_hits.load(Ordering::Relaxed)
-    }
-
-    fn remember(&self, key: KeyId, found: &Found) {
-        // Large values are mapped from their files; memory keeps the small, many ones.
-        if let StoredEntry::Whole(bytes) = &found.entry {
-            if bytes.len() < FILE_THRESHOLD {
-                let _ = self
-                    .memory
-                    .put(key, found.link, found.digest, bytes.clone());
-            }
-        }
+    fn record_tier(&self) -> &Arc<dyn Store> {
+        &self.tiers[self.of_record]
     }
 }
 
 impl Store for TieredStore {
     fn get(&self, key: &KeyId) -> Result<Option<Found>, StoreError> {
-        if let Ok(Some(found)) = self.memory.get(key) {
-            self.memory_hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(Some(found));
+        // An error in one tier is the cache's to report, but a slower tier may still serve.
+        let mut first_error = None;
+        for (index, tier) in self.tiers.iter().enumerate() {
+            match tier.get(key) {
+                Ok(Some(found)) => {
+                    return Ok(Some(Found {
+                        tier: index,
+                        ..found
+                    }))
+                }
+                Ok(None) => {}
+                Err(error) => {
+                    first_error.get_or_insert(error);
+                }
+            }
         }
-        // A disk error is the cache's to report; the remote tier may still serve.
-        let local = self.disk.get(key);
-        if let Ok(Some(found)) = &local {
-            self.remember(*key, found);
-            return local;
-        }
-        // Not copied to the faster tiers here: the cache does that with `fill` once it has
-        // verified the link and the entry, so that nothing unverified from a shared store
-        // reaches this machine's disk.
-        match self.remote.get(key)? {
-            Some(found) => Ok(Some(found)),
-            None => local,
-        }
+        first_error.map_or(Ok(None), Err)
     }
 
+    /// Puts what a slower tier found, verified by the cache, into every faster tier.
     fn fill(&self, key: KeyId, found: &Found) {
-        if let StoredEntry::Whole(bytes) = &found.entry {
-            self.remember(key, found);
-            let _ = self.disk.put(key, found.link, found.digest, bytes.clone());
+        let StoredEntry::Whole(bytes) = &found.entry else {
+            return; // a mapped value file lives on the local disk already
+        };
+        for tier in &self.tiers[..found.tier.min(self.tiers.len())] {
+            let _ = tier.put(key, found.link, found.digest, bytes.clone());
         }
     }
 
@@ -97,80 +75,199 @@ impl Store for TieredStore {
         digest: Digest,
         entry: Arc<[u8]>,
     ) -> Result<(), StoreError> {
-        if entry.len() < FILE_THRESHOLD {
-            let _ = self.memory.put(key, link, digest, entry.clone());
+        let mut result = Ok(());
+        for (index, tier) in self.tiers.iter().enumerate() {
+            let put = tier.put(key, link, digest, entry.clone());
+            if index == self.of_record {
+                result = put;
+            }
         }
-        self.remote.put(key, link, digest, entry.clone())?;
-        self.disk.put(key, link, digest, entry)
+        result
     }
 
     fn remove_key(&self, key: &KeyId) -> Result<(), StoreError> {
-        let _ = self.memory.remove_key(key);
-        let _ = self.remote.remove_key(key);
-        self.disk.remove_key(key)
+        self.each(|tier| tier.remove_key(key))
     }
 
     fn remove_value(&self, digest: &Digest) -> Result<(), StoreError> {
-        let _ = self.memory.remove_value(digest);
-        self.disk.remove_value(digest)
+        self.each(|tier| tier.remove_value(digest))
     }
 
     fn record(&self, delta: &Counters) {
-        let errors = self.remote.errors();
-        let mut recorded = self.recorded.lock();
         let mut delta = *delta;
-        delta.remote_errors += errors - *recorded;
-        *recorded = errors;
-        self.disk.record(&delta);
+        for (index, tier) in self.tiers.iter().enumerate() {
+            if index != self.of_record {
+                delta.add(&tier.take_counters());
+            }
+        }
+        self.record_tier().record(&delta);
     }
 
     fn renew_budget(&self) {
-        self.remote.renew_budget();
+        for tier in &self.tiers {
+            tier.renew_budget();
+        }
     }
 
     fn flush(&self) -> Result<(), StoreError> {
-        self.remote.flush()?;
-        self.disk.flush()
+        self.each(|tier| tier.flush())
     }
 
     fn counters(&self) -> Result<Counters, StoreError> {
-        self.disk.counters()
+        self.record_tier().counters()
     }
 
     fn usage(&self) -> Result<Usage, StoreError> {
-        self.disk.usage()
+        self.record_tier().usage()
     }
 
     fn max_bytes(&self) -> u64 {
-        self.disk.max_bytes()
+        self.record_tier().max_bytes()
     }
 
     fn evict_to(&self, max_bytes: u64) -> Result<Eviction, StoreError> {
-        self.disk.evict_to(max_bytes)
+        self.record_tier().evict_to(max_bytes)
     }
 
+    /// Clears the tiers up to the tier of record; those behind it are shared with other
+    /// machines and are not cleared from one of them.
     fn clear(&self) -> Result<(), StoreError> {
-        self.memory.clear()?;
-        self.disk.clear() // the remote tier is shared: not cleared from one machine
+        let mut result = Ok(());
+        for (index, tier) in self.tiers[..=self.of_record].iter().enumerate() {
+            let cleared = tier.clear();
+            if index == self.of_record {
+                result = cleared;
+            }
+        }
+        result
     }
 
     fn for_each_entry(&self, visit: &mut dyn FnMut(Digest, &[u8])) -> Result<(), StoreError> {
-        self.disk.for_each_entry(visit)
+        self.record_tier().for_each_entry(visit)
     }
 
     fn for_each_link(&self, visit: &mut dyn FnMut(KeyId, Digest, Link)) -> Result<(), StoreError> {
-        self.disk.for_each_link(visit)
+        self.record_tier().for_each_link(visit)
     }
 
     fn disk_bytes(&self) -> Option<u64> {
-        self.disk.disk_bytes()
+        self.record_tier().disk_bytes()
     }
 
     fn location(&self) -> String {
-        format!("{} + {}", self.disk.location(), self.remote.location())
+        self.tiers[self.of_record..]
+            .iter()
+            .map(|tier| tier.location())
+            .collect::<Vec<_>>()
+            .join(" + ")
     }
 
     fn is_read_only(&self) -> bool {
-        self.disk.is_read_only() && self.remote.is_read_only()
+        self.tiers.iter().all(|tier| tier.is_read_only())
+    }
+}
+
+impl TieredStore {
+    /// Runs `op` on every tier; the result is the tier of record's.
+    fn each(
+        &self,
+        op: impl Fn(&Arc<dyn Store>) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let mut result = Ok(());
+        for (index, tier) in self.tiers.iter().enumerate() {
+            let done = op(tier);
+            if index == self.of_record {
+                result = done;
+            }
+        }
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::memory::MemoryStore;
+    use crate::store::read_only::ReadOnlyStore;
+
+    fn entry(seed: u8) -> (KeyId, Link, Digest, Arc<[u8]>) {
+        let key = KeyId(Digest::of(&[seed, 1]));
+        let bytes: Arc<[u8]> = vec![seed; 100].into();
+        let digest = Digest::of(&bytes);
+        (key, Link::new(None, &key, &digest), digest, bytes)
+    }
+
+    fn three() -> (Vec<Arc<MemoryStore>>, TieredStore) {
+        let stores: Vec<Arc<MemoryStore>> = (0..3)
+            .map(|_| Arc::new(MemoryStore::new(1 << 20)))
+            .collect();
+        let tiers = stores.iter().map(|s| s.clone() as Arc<dyn Store>).collect();
+        (stores, TieredStore::new(tiers, 1))
+    }
+
+    #[test]
+    fn a_read_goes_down_the_tiers_and_says_which_one_served() {
+        let (stores, tiered) = three();
+        let (key, link, digest, bytes) = entry(7);
+        stores[2].put(key, link, digest, bytes).unwrap();
+        let found = tiered.get(&key).unwrap().expect("the slowest tier has it");
+        assert_eq!(found.tier, 2);
+        assert!(
+            stores[0].get(&key).unwrap().is_none(),
+            "no fill before the cache verifies"
+        );
+        tiered.fill(key, &found);
+        assert!(stores[0].get(&key).unwrap().is_some());
+        assert!(stores[1].get(&key).unwrap().is_some());
+        assert_eq!(tiered.get(&key).unwrap().unwrap().tier, 0);
+    }
+
+    #[test]
+    fn writes_reach_every_tier_and_removals_too() {
+        let (stores, tiered) = three();
+        let (key, link, digest, bytes) = entry(3);
+        tiered.put(key, link, digest, bytes).unwrap();
+        assert!(stores.iter().all(|s| s.get(&key).unwrap().is_some()));
+        tiered.remove_key(&key).unwrap();
+        assert!(stores.iter().all(|s| s.get(&key).unwrap().is_none()));
+    }
+
+    #[test]
+    fn the_tier_of_record_keeps_the_counts_and_clear_spares_the_tiers_behind_it() {
+        let (stores, tiered) = three();
+        tiered.record(&Counters {
+            hits: 5,
+            ..Counters::default()
+        });
+        assert_eq!(stores[1].counters().unwrap().hits, 5);
+        assert_eq!(stores[0].counters().unwrap().hits, 0);
+        let (key, link, digest, bytes) = entry(9);
+        tiered.put(key, link, digest, bytes).unwrap();
+        tiered.clear().unwrap();
+        assert!(stores[0].get(&key).unwrap().is_none());
+        assert!(stores[1].get(&key).unwrap().is_none());
+        assert!(
+            stores[2].get(&key).unwrap().is_some(),
+            "a shared tier is not cleared"
+        );
+    }
+
+    #[test]
+    fn a_read_only_tier_serves_and_keeps_nothing_new() {
+        let memory = Arc::new(MemoryStore::new(1 << 20));
+        let behind = Arc::new(MemoryStore::new(1 << 20));
+        let (key, link, digest, bytes) = entry(1);
+        behind.put(key, link, digest, bytes.clone()).unwrap();
+        let tiered = TieredStore::new(
+            vec![memory.clone(), Arc::new(ReadOnlyStore::new(behind.clone()))],
+            0,
+        );
+        assert_eq!(tiered.get(&key).unwrap().unwrap().tier, 1);
+        let (other, link, digest, bytes) = entry(2);
+        tiered.put(other, link, digest, bytes).unwrap();
+        assert!(behind.get(&other).unwrap().is_none());
+        assert!(memory.get(&other).unwrap().is_some());
+        tiered.remove_key(&key).unwrap();
+        assert!(behind.get(&key).unwrap().is_some());
     }
 }

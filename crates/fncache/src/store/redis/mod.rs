@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use redis::ConnectionLike;
 
+use super::build::redact;
 use super::{Eviction, Found, Origin, Store, StoreError, StoredEntry, Usage};
 use crate::config::RemoteConfig;
 use crate::entry;
@@ -202,7 +203,8 @@ impl Shared {
 pub struct RedisStore {
     shared: Arc<Shared>,
     ttl: Option<Duration>,
-    read_only: bool,
+    /// Errors already handed on by [`Store::take_counters`].
+    errors_taken: AtomicU64,
     writes: Option<mpsc::Sender<WriteOp>>,
     writer: Option<std::thread::JoinHandle<()>>,
 }
@@ -259,24 +261,18 @@ impl RedisStore {
             budget: config.budget,
             budget_warned: AtomicBool::new(false),
         });
-        let (writes, writer) = if config.read_only {
-            (None, None)
-        } else {
-            let (tx, rx) = mpsc::channel();
-            let writer_shared = shared.clone();
-            let ttl = config.ttl;
-            let thread = std::thread::Builder::new()
-                .name("fncache-remote".into())
-                .spawn(move || write_loop(&writer_shared, ttl, rx))
-                .map_err(|e| {
-                    StoreError::Unusable(format!("cannot start the remote writer: {e}"))
-                })?;
-            (Some(tx), Some(thread))
-        };
+        let (tx, rx) = mpsc::channel();
+        let writer_shared = shared.clone();
+        let ttl = config.ttl;
+        let thread = std::thread::Builder::new()
+            .name("fncache-remote".into())
+            .spawn(move || write_loop(&writer_shared, ttl, rx))
+            .map_err(|e| StoreError::Unusable(format!("cannot start the remote writer: {e}")))?;
+        let (writes, writer) = (Some(tx), Some(thread));
         Ok(RedisStore {
             shared,
             ttl: config.ttl,
-            read_only: config.read_only,
+            errors_taken: AtomicU64::new(0),
             writes,
             writer,
         })
@@ -306,16 +302,6 @@ impl RedisStore {
 
 fn redis_key(key: &KeyId) -> String {
     format!("{KEY_PREFIX}{}", key.0.to_hex())
-}
-
-/// A URL without its password, for messages.
-pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}://…@{}", &url[..scheme], &url[at + 1..])
-        }
-        _ => url.to_string(),
-    }
 }
 
 fn write_loop(shared: &Shared, ttl: Option<Duration>, rx: mpsc::Receiver<WriteOp>) {
@@ -384,6 +370,7 @@ impl Store for RedisStore {
             link: link.unwrap_or(Link(Digest([0; 32]))),
             entry: StoredEntry::Whole(Arc::from(stored)),
             origin: Origin::Remote,
+            tier: 0,
         }))
     }
 
@@ -394,7 +381,7 @@ impl Store for RedisStore {
         _digest: Digest,
         entry: Arc<[u8]>,
     ) -> Result<(), StoreError> {
-        if self.read_only || self.shared.breaker.is_open() {
+        if self.shared.breaker.is_open() {
             return Ok(()); // nothing to send it to; the writer would drop it anyway
         }
         let mut value = Vec::with_capacity(TAG_LEN + entry.len());
@@ -405,9 +392,7 @@ impl Store for RedisStore {
     }
 
     fn remove_key(&self, key: &KeyId) -> Result<(), StoreError> {
-        if !self.read_only {
-            self.send(WriteOp::Delete(redis_key(key)));
-        }
+        self.send(WriteOp::Delete(redis_key(key)));
         Ok(())
     }
 
@@ -416,6 +401,15 @@ impl Store for RedisStore {
     }
 
     fn record(&self, _delta: &Counters) {}
+
+    fn take_counters(&self) -> Counters {
+        let errors = self.errors();
+        let taken = self.errors_taken.swap(errors, Ordering::Relaxed);
+        Counters {
+            remote_errors: errors.saturating_sub(taken),
+            ..Counters::default()
+        }
+    }
 
     fn flush(&self) -> Result<(), StoreError> {
         if let Some(writes) = &self.writes {
@@ -469,6 +463,73 @@ impl Store for RedisStore {
     }
 
     fn is_read_only(&self) -> bool {
-        self.read_only
+        false // a read-only remote tier is this store inside a ReadOnlyStore
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_breaker_opens_after_failures_in_a_row_and_lets_one_through_later() {
+        let breaker = Breaker::default();
+        for _ in 1..FAILURES_TO_OPEN {
+            assert!(!breaker.failed());
+            assert!(breaker.allows(), "still closed");
+        }
+        assert!(breaker.failed(), "this failure opens it");
+        assert!(!breaker.allows());
+        // RETRY_AFTER later: half open, one operation tries.
+        *breaker.open_until.lock() = Some(Instant::now() - Duration::from_millis(1));
+        assert!(breaker.allows(), "one operation tries again");
+        assert!(!breaker.allows(), "and only one per period");
+        breaker.succeeded();
+        assert!(!breaker.is_open());
+        assert!(breaker.allows());
+    }
+
+    #[test]
+    fn a_success_between_failures_keeps_the_breaker_closed() {
+        let breaker = Breaker::default();
+        for _ in 0..10 {
+            breaker.failed();
+            breaker.succeeded();
+        }
+        assert!(!breaker.is_open());
+    }
+
+    /// A server that trickles its reply a byte every 50 ms: a 200 ms deadline on the whole
+    /// reply ends the request, though every single read would have been in time.
+    #[test]
+    fn a_trickled_reply_runs_out_of_time() {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            let (mut client, _) = listener.accept().unwrap();
+            let mut request = [0u8; 64];
+            let _ = client.read(&mut request);
+            for byte in b"+PONG-PONG-PONG-PONG\r\n" {
+                std::thread::sleep(Duration::from_millis(50));
+                if client.write_all(&[*byte]).is_err() {
+                    break;
+                }
+            }
+        });
+        let info = redis::Client::open(format!("redis://127.0.0.1:{port}"))
+            .unwrap()
+            .get_connection_info()
+            .clone();
+        let mut conn = DeadlineConnection::connect(&info, Duration::from_millis(200)).unwrap();
+        let started = Instant::now();
+        let reply = redis::cmd("PING").query::<String>(&mut conn);
+        assert!(reply.is_err(), "{reply:?}");
+        assert!(
+            started.elapsed() < Duration::from_millis(600),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(!redis::ConnectionLike::is_open(&conn), "not used again");
     }
 }
