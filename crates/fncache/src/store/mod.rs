@@ -21,7 +21,6 @@ pub mod read_only;
 #[cfg(feature = "redis")]
 pub mod redis;
 pub mod tiered;
-pub mod value_files;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -29,7 +28,7 @@ use std::sync::Arc;
 use crate::entry::HEADER_LEN;
 use crate::key::{Digest, KeyId, Link};
 use crate::stats::Counters;
-pub use value_files::MappedFile;
+pub use disk::value_files::{self, MappedFile};
 
 /// An encoded entry as a store hands it back.
 #[derive(Clone, Debug)]

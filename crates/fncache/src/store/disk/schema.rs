@@ -1,0 +1,302 @@
+//! The database's schema, and opening it: the checks before anything is opened (owners,
+//! modes, no links), the writer's connection, migration from an older fncache, and what
+//! `gc` and `clear` do on a full disk.
+
+use std::fs;
+use std::path::Path;
+
+use rusqlite::{Connection, OpenFlags, TransactionBehavior};
+
+use super::value_files;
+use super::{DiskOptions, BUSY_TIMEOUT, DB_FILE, MAX_LIMIT, SCHEMA_VERSION};
+use crate::key::Digest;
+use crate::store::StoreError;
+use crate::trust;
+
+pub(super) const SCHEMA: &str = "
+    CREATE TABLE meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+    CREATE TABLE keys (id BLOB PRIMARY KEY, digest BLOB NOT NULL, link BLOB NOT NULL)
+        WITHOUT ROWID;
+    CREATE INDEX keys_by_digest ON keys(digest);
+    CREATE TABLE blob_meta (
+        digest BLOB PRIMARY KEY, data_id INTEGER NOT NULL,
+        size INTEGER NOT NULL, last_used INTEGER NOT NULL, in_file INTEGER NOT NULL)
+        WITHOUT ROWID;
+    CREATE TABLE blob_data (id INTEGER PRIMARY KEY, data BLOB NOT NULL);
+    INSERT INTO meta VALUES ('bytes', 0), ('clock', 0), ('hits', 0), ('misses', 0),
+        ('inserts', 0), ('evictions', 0), ('bytes_read', 0), ('bytes_written', 0),
+        ('rejected', 0), ('remote_hits', 0), ('remote_errors', 0), ('max_bytes', 0);
+";
+
+/// Turns off SQLite's memory statistics before its first use in this process: they take one
+/// process-wide mutex on every allocation, which serialises the compile threads' lookups.
+pub(super) fn configure_sqlite() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: sqlite3_config is only valid before SQLite initialises; afterwards it returns
+        // SQLITE_MISUSE and changes nothing, which is harmless here.
+        let _ = unsafe {
+            rusqlite::ffi::sqlite3_config(
+                rusqlite::ffi::SQLITE_CONFIG_MEMSTATUS,
+                0 as std::os::raw::c_int,
+            )
+        };
+    });
+}
+
+/// `file:` URI of `path` with `immutable=1`, every byte but unreserved ones percent-encoded.
+pub(super) fn immutable_uri(path: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let mut uri = String::from("file:");
+    for &byte in path.as_os_str().as_bytes() {
+        if byte.is_ascii_alphanumeric() || b"/-._~".contains(&byte) {
+            uri.push(byte as char);
+        } else {
+            uri.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    uri.push_str("?mode=ro&immutable=1");
+    uri
+}
+
+pub(super) fn check_schema_version(db_path: &Path, version: i64) -> Result<(), StoreError> {
+    if version == SCHEMA_VERSION {
+        return Ok(());
+    }
+    Err(StoreError::Incompatible {
+        path: db_path.to_path_buf(),
+        reason: format!("schema version {version}, this fncache uses {SCHEMA_VERSION}"),
+    })
+}
+
+/// A cache written by an older fncache holds nothing this one can use (the entry format and the
+/// fingerprint changed with it): start it afresh rather than leave the user without a cache.
+/// A newer schema is left alone (a newer fncache may be using it) and refused by `open_writer`.
+pub(super) fn replace_older_schema(dir: &Path, db_path: &Path) -> Result<(), StoreError> {
+    if !db_path.exists() {
+        return Ok(());
+    }
+    let found = Connection::open_with_flags(db_path, open_flags(OpenFlags::SQLITE_OPEN_READ_ONLY))
+        .and_then(|conn| {
+            let version = conn.query_row("PRAGMA user_version", [], |row| row.get::<_, i64>(0))?;
+            let ours = conn.query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE name IN ('meta', 'keys', 'blob_meta')",
+                [],
+                |row| row.get::<_, i64>(0),
+            )? == 3;
+            Ok((version, ours))
+        });
+    match found {
+        Ok((version, true)) if version > 0 && version < SCHEMA_VERSION => {
+            log::info!(
+                "the cache in {} was written by an older fncache (schema {version}); starting it afresh",
+                dir.display()
+            );
+            remove_database(dir)?;
+            value_files::remove_all(dir).map_err(|source| StoreError::Io {
+                path: dir.join(value_files::VALUES_DIR),
+                source,
+            })
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Frees disk space without writing to the database, so that a cache on a full disk can be
+/// opened for writing again (by `gc` and `clear`): removes value files, least recently used
+/// first, until the database opens for writing. Their rows become misses, which the next
+/// eviction removes. Returns how many files were removed; an error if the database still cannot
+/// be written when none are left.
+pub fn make_room(dir: &Path, shared: bool) -> Result<u64, StoreError> {
+    configure_sqlite();
+    let dir = &fs::canonicalize(dir).map_err(|source| StoreError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    check_layout(dir, shared)?;
+    let db_path = dir.join(DB_FILE);
+    let db_error = |source| StoreError::Database {
+        path: db_path.clone(),
+        source,
+    };
+    let conn = Connection::open_with_flags(
+        immutable_uri(&db_path),
+        open_flags(OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_URI),
+    )
+    .map_err(db_error)?;
+    let in_files: Vec<Digest> = conn
+        .prepare("SELECT digest FROM blob_meta WHERE in_file ORDER BY last_used")
+        .and_then(|mut stmt| {
+            stmt.query_map([], |row| row.get::<_, Vec<u8>>(0))?
+                .filter_map(|r| r.map(|d| Digest::from_slice(&d)).transpose())
+                .collect::<rusqlite::Result<Vec<_>>>()
+        })
+        .map_err(db_error)?;
+    drop(conn);
+    let options = DiskOptions {
+        shared,
+        ..DiskOptions::default()
+    };
+    let mut removed = 0;
+    let mut victims = in_files.iter();
+    loop {
+        match open_writer(&db_path, &options) {
+            Ok(_) => return Ok(removed),
+            Err(error) if error.is_disk_full() => match victims.next() {
+                Some(digest) => {
+                    value_files::remove(dir, digest);
+                    removed += 1;
+                }
+                None => return Err(error),
+            },
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+/// Removes the cache database in `dir` (and its WAL files), and nothing else: for a database
+/// that is damaged or of another schema. Returns whether there was one.
+pub fn remove_database(dir: &Path) -> Result<bool, StoreError> {
+    let mut found = false;
+    for suffix in ["", "-wal", "-shm"] {
+        let path = dir.join(format!("{DB_FILE}{suffix}"));
+        match fs::remove_file(&path) {
+            Ok(()) => found = true,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(StoreError::Io { path, source }),
+        }
+    }
+    Ok(found)
+}
+
+/// Refuses a cache whose parts another user could change (unless `shared`), and anything but
+/// a real directory at `values/` and regular files where the database files should be.
+pub(super) fn check_layout(dir: &Path, shared: bool) -> Result<(), StoreError> {
+    let io = |path: &Path, source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let untrusted = |what: &'static str, path: &Path, reason: String| StoreError::Untrusted {
+        what,
+        path: path.to_path_buf(),
+        reason,
+    };
+    let meta = fs::metadata(dir).map_err(|e| io(dir, e))?;
+    if let (false, Some(reason)) = (shared, trust::untrusted_reason(&meta)) {
+        return Err(untrusted("cache directory", dir, reason));
+    }
+    let values = dir.join(value_files::VALUES_DIR);
+    match fs::symlink_metadata(&values) {
+        Ok(meta) if !meta.is_dir() => {
+            return Err(StoreError::Unusable(format!(
+                "{} is not a directory (a symbolic link?); fncache does not follow it: \
+                 remove it and the cache makes a new one",
+                values.display()
+            )))
+        }
+        Ok(meta) => {
+            if let (false, Some(reason)) = (shared, trust::untrusted_reason(&meta)) {
+                return Err(untrusted("cache directory", &values, reason));
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(&values, e)),
+    }
+    for suffix in ["", "-wal", "-shm"] {
+        let path = dir.join(format!("{DB_FILE}{suffix}"));
+        match fs::symlink_metadata(&path) {
+            Ok(meta) if !meta.is_file() => {
+                return Err(StoreError::Incompatible {
+                    path,
+                    reason: "not a regular file (a symbolic link, a FIFO or a device), which \
+                             fncache does not open"
+                        .into(),
+                })
+            }
+            Ok(meta) => {
+                if let (false, Some(reason)) = (shared, trust::untrusted_reason(&meta)) {
+                    return Err(untrusted("cache database", &path, reason));
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(&path, e)),
+        }
+    }
+    Ok(())
+}
+
+/// SQLite's open flags for fncache's database: never through a symbolic link.
+pub(super) fn open_flags(access: OpenFlags) -> OpenFlags {
+    access | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_NOFOLLOW
+}
+
+pub(super) fn open_writer(db_path: &Path, options: &DiskOptions) -> Result<Connection, StoreError> {
+    let err = |source| StoreError::Database {
+        path: db_path.to_path_buf(),
+        source,
+    };
+    let mut conn = Connection::open_with_flags(
+        db_path,
+        open_flags(OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE),
+    )
+    .map_err(err)?;
+    // Private like its directory; SQLite gives the -wal and -shm files the same mode. Before the
+    // journal mode is set, so that those are created after this. (`check_layout` made sure the
+    // path is a regular file and no link.)
+    if !options.shared {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = fs::set_permissions(db_path, fs::Permissions::from_mode(0o600));
+    }
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(err)?;
+    // auto_vacuum only takes effect before the first table exists, so it comes first.
+    conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL")
+        .map_err(err)?;
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
+        .map_err(err)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::Unusable(format!(
+            "cache database {} cannot use write-ahead logging (journal mode {mode}); \
+             put the cache on a local file system",
+            db_path.display()
+        )));
+    }
+    // A checkpointed write-ahead log is cut back to this, so that it does not keep the size of
+    // the largest transaction ever (the limit is about the disk, the log included).
+    conn.execute_batch("PRAGMA synchronous = NORMAL; PRAGMA journal_size_limit = 4194304")
+        .map_err(err)?;
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(err)?;
+    let version: i64 = tx
+        .query_row("PRAGMA user_version", [], |row| row.get(0))
+        .map_err(err)?;
+    if version == 0 {
+        // Never adopt another program's database: only an empty one becomes fncache's.
+        let tables: i64 = tx
+            .query_row("SELECT COUNT(*) FROM sqlite_master", [], |row| row.get(0))
+            .map_err(err)?;
+        if tables > 0 {
+            return Err(StoreError::Incompatible {
+                path: db_path.to_path_buf(),
+                reason: "it is not an fncache database (it holds another program's tables)".into(),
+            });
+        }
+        tx.execute_batch(SCHEMA).map_err(err)?;
+        tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))
+            .map_err(err)?;
+    } else {
+        check_schema_version(db_path, version)?;
+    }
+    if let Some(limit) = options.max_bytes {
+        let limit = limit.min(MAX_LIMIT) as i64;
+        // Written only when it changes, so that opening a cache costs no write.
+        tx.execute(
+            "UPDATE meta SET value = ?1 WHERE name = 'max_bytes' AND value != ?1",
+            [limit],
+        )
+        .map_err(err)?;
+    }
+    tx.commit().map_err(err)?;
+    Ok(conn)
+}

@@ -1,0 +1,454 @@
+//! The writer thread: operations gather in a queue and are committed together (group commit),
+//! with eviction under the cache's limit, in one transaction at a time.
+
+use std::collections::{HashMap, HashSet};
+use std::fs;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::SyncSender;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use rusqlite::{params, Connection, Transaction, TransactionBehavior};
+
+use super::sql::{
+    add_counters, evict_within, low_water, meta, put, remove_value, set_meta, stored_limit,
+    ValuesDir,
+};
+use super::value_files;
+use super::KEY_OVERHEAD;
+use crate::key::{Digest, KeyId, Link};
+use crate::stats::Counters;
+use crate::store::{Eviction, StoreError};
+
+pub(super) type Pending = Arc<Mutex<HashMap<KeyId, (Digest, Link, Arc<[u8]>)>>>;
+
+pub(super) struct Writer {
+    pub(super) queue: Arc<Queue>,
+    pub(super) thread: JoinHandle<()>,
+}
+
+pub(super) enum Op {
+    Put {
+        key: KeyId,
+        link: Link,
+        digest: Digest,
+        entry: Arc<[u8]>,
+    },
+    Touch(Digest),
+    RemoveKey(KeyId),
+    RemoveValue(Digest),
+    Record(Counters),
+    Flush(SyncSender<Result<(), StoreError>>),
+    Evict(u64, SyncSender<Result<Eviction, StoreError>>),
+    Clear(SyncSender<Result<(), StoreError>>),
+}
+
+pub(super) struct WriterState {
+    pub(super) conn: Connection,
+    pub(super) dir: PathBuf,
+    /// Values stored, as this writer counts them (other processes' writes are seen at open).
+    pub(super) entries: i64,
+    /// Bytes on disk (database, log, value files) per accounted byte, measured after each
+    /// eviction: SQLite's pages hold rows with slack, so the accounted total alone would let
+    /// the directory grow past the limit. Eviction keeps the accounted bytes times this under
+    /// the limit.
+    pub(super) disk_ratio: f64,
+    pub(super) touch_floor: Arc<std::sync::atomic::AtomicI64>,
+    pub(super) db_path: PathBuf,
+    pub(super) shared: bool,
+    pub(super) pending: Pending,
+    pub(super) warned: AtomicBool,
+}
+
+/// How long the writer lets operations gather before it commits them (group commit), unless
+/// someone waits for it (`flush`, `evict_to`, `clear`).
+pub(super) const GROUP_COMMIT: Duration = Duration::from_millis(20);
+
+/// Operations waiting for the writer. Pushing wakes the writer only when the queue was empty
+/// or someone waits for an answer: a compile's thousands of puts and touches cost a lock and a
+/// vector push each, not a thread wake-up and a transaction each.
+#[derive(Default)]
+pub(super) struct Queue {
+    ops: Mutex<Vec<Op>>,
+    ready: parking_lot::Condvar,
+    closed: AtomicBool,
+}
+
+impl Queue {
+    pub(super) fn push(&self, op: Op) -> Result<(), StoreError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(StoreError::WriterGone);
+        }
+        let mut ops = self.ops.lock();
+        let wake = ops.is_empty() || op.is_awaited();
+        ops.push(op);
+        drop(ops);
+        if wake {
+            self.ready.notify_one();
+        }
+        Ok(())
+    }
+
+    pub(super) fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        let _guard = self.ops.lock();
+        self.ready.notify_one();
+    }
+
+    /// The next batch, after letting it gather; `None` once closed and drained.
+    fn next_batch(&self) -> Option<Vec<Op>> {
+        let mut ops = self.ops.lock();
+        while ops.is_empty() {
+            if self.closed.load(Ordering::Acquire) {
+                return None;
+            }
+            self.ready.wait(&mut ops);
+        }
+        let deadline = Instant::now() + GROUP_COMMIT;
+        while !self.closed.load(Ordering::Acquire) && !ops.iter().any(Op::is_awaited) {
+            if self.ready.wait_until(&mut ops, deadline).timed_out() {
+                break;
+            }
+        }
+        Some(std::mem::take(&mut *ops))
+    }
+}
+
+impl Op {
+    /// Whether a caller is blocked waiting for this operation's answer.
+    fn is_awaited(&self) -> bool {
+        matches!(self, Op::Flush(_) | Op::Evict(..) | Op::Clear(_))
+    }
+}
+
+impl WriterState {
+    pub(super) fn run(mut self, queue: &Queue) {
+        while let Some(batch) = queue.next_batch() {
+            self.apply(batch);
+        }
+    }
+
+    fn db_error(&self, source: rusqlite::Error) -> StoreError {
+        StoreError::Database {
+            path: self.db_path.clone(),
+            source,
+        }
+    }
+
+    fn apply(&mut self, batch: Vec<Op>) {
+        let mut data = Vec::new();
+        let mut control = Vec::new();
+        for op in batch {
+            match op {
+                Op::Flush(_) | Op::Evict(..) | Op::Clear(_) => control.push(op),
+                _ => data.push(op),
+            }
+        }
+        let committed = if data.is_empty() {
+            Ok(())
+        } else {
+            self.commit(&data)
+        };
+        if let Err(error) = &committed {
+            if !self.warned.swap(true, Ordering::Relaxed) {
+                log::warn!(
+                    "cannot write to the cache ({error}); compiling without storing results"
+                );
+            }
+        }
+        // Committed or not, these values are no longer waiting: a failed write is a miss later.
+        {
+            let mut pending = self.pending.lock();
+            for op in &data {
+                if let Op::Put { key, digest, .. } = op {
+                    if pending.get(key).is_some_and(|(d, _, _)| d == digest) {
+                        pending.remove(key);
+                    }
+                }
+            }
+        }
+        for op in control {
+            match op {
+                Op::Flush(reply) => {
+                    let result = match &committed {
+                        Ok(()) => Ok(()),
+                        Err(e) => Err(StoreError::Unusable(e.to_string())),
+                    };
+                    let _ = reply.send(result);
+                }
+                Op::Evict(max_bytes, reply) => {
+                    let _ = reply.send(self.evict(max_bytes));
+                }
+                Op::Clear(reply) => {
+                    let _ = reply.send(self.clear());
+                }
+                _ => unreachable!("data ops were split off above"),
+            }
+        }
+    }
+
+    /// Runs `body` in one `BEGIN IMMEDIATE` transaction: committed whole, or rolled back.
+    fn in_transaction<T>(
+        &mut self,
+        body: impl FnOnce(&Transaction<'_>) -> rusqlite::Result<T>,
+    ) -> Result<T, StoreError> {
+        let path = &self.db_path;
+        let db_error = |source| StoreError::Database {
+            path: path.clone(),
+            source,
+        };
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db_error)?;
+        let value = body(&tx).map_err(db_error)?; // dropping `tx` rolls back
+        tx.commit().map_err(db_error)?;
+        Ok(value)
+    }
+
+    fn commit(&mut self, ops: &[Op]) -> Result<(), StoreError> {
+        let ratio = self.disk_ratio;
+        let dir = self.dir.clone();
+        let shared = self.shared;
+        let mut unlink = Vec::new();
+        let evicted = self.in_transaction(|tx| {
+            // The limit is the cache's, read in the transaction: a process that was started
+            // with another one does not evict down to it.
+            let max_bytes = stored_limit(tx)?;
+            let mut bytes = meta(tx, "bytes")?;
+            let mut clock = meta(tx, "clock")?;
+            let mut entries = 0;
+            let mut counters = Counters::default();
+            for op in ops {
+                match op {
+                    Op::Put {
+                        key,
+                        link,
+                        digest,
+                        entry,
+                    } => {
+                        clock += 1;
+                        let values = ValuesDir { dir: &dir, shared };
+                        let (added, new_value) = put(tx, values, key, link, digest, entry, clock)?;
+                        bytes += added;
+                        entries += i64::from(new_value);
+                    }
+                    Op::Touch(digest) => {
+                        clock += 1;
+                        tx.prepare_cached("UPDATE blob_meta SET last_used = ?1 WHERE digest = ?2")?
+                            .execute(params![clock, digest.as_bytes()])?;
+                    }
+                    Op::RemoveKey(key) => {
+                        let removed = tx
+                            .prepare_cached("DELETE FROM keys WHERE id = ?1")?
+                            .execute([key.0.as_bytes()])?;
+                        bytes -= removed as i64 * KEY_OVERHEAD as i64;
+                    }
+                    Op::RemoveValue(digest) => {
+                        let (freed, removed) = remove_value(tx, digest, &mut unlink)?;
+                        bytes -= freed;
+                        entries -= i64::from(removed);
+                    }
+                    Op::Record(delta) => counters.add(delta),
+                    _ => {}
+                }
+            }
+            let mut evicted = false;
+            if bytes as f64 * ratio > max_bytes as f64 {
+                let target = (low_water(max_bytes) as f64 / ratio) as u64;
+                let eviction = evict_within(tx, &mut bytes, target, &mut unlink)?;
+                counters.evictions += eviction.entries;
+                entries -= eviction.entries as i64;
+                evicted = eviction.entries > 0;
+            }
+            set_meta(tx, "bytes", bytes)?;
+            set_meta(tx, "clock", clock)?;
+            add_counters(tx, &counters)?;
+            Ok((evicted, clock, entries))
+        })?;
+        let (evicted, clock, added_entries) = evicted;
+        self.entries += added_entries;
+        self.touch_floor
+            .store(clock - self.entries.max(0) / 2, Ordering::Relaxed);
+        self.unlink(&unlink);
+        if evicted {
+            self.vacuum();
+            self.measure_disk_ratio();
+        }
+        Ok(())
+    }
+
+    /// Removes the files of values whose rows are gone: after the commit, so that a rolled
+    /// back removal never leaves a row without its file.
+    fn unlink(&self, digests: &[Digest]) {
+        for digest in digests {
+            value_files::remove(&self.dir, digest);
+        }
+    }
+
+    /// Evicts until the cache takes at most `max_bytes` on disk: a few rounds, since what a
+    /// round frees on disk is only known once the pages are given back.
+    fn evict(&mut self, max_bytes: u64) -> Result<Eviction, StoreError> {
+        let mut total = self.forget_lost_files()?;
+        for _ in 0..4 {
+            let ratio = self.disk_ratio;
+            let mut unlink = Vec::new();
+            let eviction = self.in_transaction(|tx| {
+                let mut bytes = meta(tx, "bytes")?;
+                let target = (max_bytes as f64 / ratio) as u64;
+                let eviction = evict_within(tx, &mut bytes, target, &mut unlink)?;
+                set_meta(tx, "bytes", bytes)?;
+                add_counters(
+                    tx,
+                    &Counters {
+                        evictions: eviction.entries,
+                        ..Counters::default()
+                    },
+                )?;
+                Ok(eviction)
+            })?;
+            self.unlink(&unlink);
+            self.entries -= eviction.entries as i64;
+            total.entries += eviction.entries;
+            total.bytes += eviction.bytes;
+            self.sweep_value_files();
+            self.vacuum_now();
+            self.measure_disk_ratio();
+            if eviction.entries == 0 || self.resting_disk_bytes() <= max_bytes {
+                break;
+            }
+        }
+        Ok(total)
+    }
+
+    /// Removes the rows of values whose files are gone (removed by [`make_room`] on a full
+    /// disk, or by hand), so that they stop costing a miss and count no more toward the limit.
+    fn forget_lost_files(&mut self) -> Result<Eviction, StoreError> {
+        let dir = self.dir.clone();
+        let mut unlink = Vec::new();
+        let lost = self.in_transaction(|tx| {
+            let digests: Vec<Digest> = tx
+                .prepare("SELECT digest FROM blob_meta WHERE in_file")?
+                .query_map([], |row| row.get::<_, Vec<u8>>(0))?
+                .filter_map(|r| r.map(|d| Digest::from_slice(&d)).transpose())
+                .collect::<rusqlite::Result<_>>()?;
+            let mut bytes = meta(tx, "bytes")?;
+            let mut lost = Eviction::default();
+            for digest in digests {
+                if fs::symlink_metadata(value_files::path(&dir, &digest)).is_err() {
+                    let (freed, _) = remove_value(tx, &digest, &mut unlink)?;
+                    bytes -= freed;
+                    lost.entries += 1;
+                    lost.bytes += freed.max(0) as u64;
+                }
+            }
+            set_meta(tx, "bytes", bytes)?;
+            add_counters(
+                tx,
+                &Counters {
+                    evictions: lost.entries,
+                    ..Counters::default()
+                },
+            )?;
+            Ok(lost)
+        })?;
+        self.entries -= lost.entries as i64;
+        Ok(lost)
+    }
+
+    /// Removes value files that no row refers to: left by a process killed between its commit
+    /// and its unlink, or by a put whose transaction rolled back. Inside a write transaction:
+    /// a writer writes a value's file only while it holds the write lock, so no file can be
+    /// between its write and its row's commit while the sweep lists and removes.
+    fn sweep_value_files(&mut self) {
+        let dir = self.dir.clone();
+        let swept = self.in_transaction(|tx| {
+            let in_files: HashSet<Digest> = tx
+                .prepare("SELECT digest FROM blob_meta WHERE in_file")?
+                .query_map([], |row| row.get::<_, Vec<u8>>(0))?
+                .filter_map(|r| r.map(|d| Digest::from_slice(&d)).transpose())
+                .collect::<rusqlite::Result<_>>()?;
+            Ok(value_files::sweep(&dir, &|d| in_files.contains(d)))
+        });
+        match swept {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => log::debug!("cannot sweep value files: {e}"),
+            Err(e) => log::debug!("cannot list value files: {e}"),
+        }
+    }
+
+    fn clear(&mut self) -> Result<(), StoreError> {
+        self.conn
+            .execute_batch(
+                "BEGIN IMMEDIATE;
+                 DELETE FROM keys; DELETE FROM blob_meta; DELETE FROM blob_data;
+                 UPDATE meta SET value = 0 WHERE name = 'bytes';
+                 COMMIT;",
+            )
+            .map_err(|e| self.db_error(e))?;
+        self.entries = 0;
+        value_files::remove_all(&self.dir).map_err(|source| StoreError::Io {
+            path: self.dir.join(value_files::VALUES_DIR),
+            source,
+        })?;
+        self.vacuum();
+        Ok(())
+    }
+
+    /// Measures [`WriterState::disk_ratio`] (kept between 1 and 4).
+    pub(super) fn measure_disk_ratio(&mut self) {
+        let accounted = self
+            .conn
+            .query_row("SELECT value FROM meta WHERE name = 'bytes'", [], |row| {
+                row.get::<_, i64>(0)
+            })
+            .unwrap_or(0)
+            .max(0) as u64;
+        // Below this, the fixed size of an empty database says nothing about page slack.
+        if accounted < 64 << 10 {
+            self.disk_ratio = 1.0;
+            return;
+        }
+        self.disk_ratio = (self.resting_disk_bytes() as f64 / accounted as f64).clamp(1.0, 4.0);
+    }
+
+    /// What the cache takes on disk once no process has it open: the database and the value
+    /// files. The log is left out: it is checkpointed into the database and removed when the
+    /// last process closes it.
+    fn resting_disk_bytes(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        let database = fs::symlink_metadata(&self.db_path).map_or(0, |m| m.blocks() * 512);
+        database + value_files::total_bytes(&self.dir)
+    }
+
+    /// Gives freed pages back to the file system, so that eviction shrinks the file.
+    fn vacuum(&mut self) {
+        self.give_back_pages("PRAGMA wal_checkpoint(PASSIVE)");
+    }
+
+    /// [`WriterState::vacuum`], then a checkpoint that waits for readers, so that the file has
+    /// its new size at once (for `gc`, which measures it; a compile never waits for this).
+    fn vacuum_now(&mut self) {
+        self.give_back_pages("PRAGMA wal_checkpoint(TRUNCATE)");
+    }
+
+    fn give_back_pages(&mut self, checkpoint: &str) {
+        // incremental_vacuum frees one page per step: it must be stepped to the end (one
+        // `execute_batch` step freed a single page, and the file never shrank).
+        let vacuumed = self
+            .conn
+            .prepare("PRAGMA incremental_vacuum")
+            .and_then(|mut stmt| {
+                let mut rows = stmt.query([])?;
+                while rows.next()?.is_some() {}
+                Ok(())
+            });
+        let checkpointed = vacuumed.and_then(|()| self.conn.query_row(checkpoint, [], |_| Ok(())));
+        if let Err(e) = checkpointed {
+            log::debug!("incremental vacuum failed: {e}");
+        }
+    }
+}
