@@ -1,0 +1,86 @@
+//! What `fncache` prints: the one-line compile summary, `--json` reports, `stats`.
+
+use bytesize::ByteSize;
+use fncache_wasmtime::{CompileReport, Compiler, Level};
+use serde_json::json;
+
+pub fn summary(report: &CompileReport, compiler: &Compiler) -> String {
+    let cache = match (compiler.cache(), report.level) {
+        (None, _) => "no cache".to_string(),
+        (Some(_), Level::Module) => "whole module from the cache".to_string(),
+        (Some(_), _) => format!(
+            "{} lookups, {} hits, {} misses ({:.1}% hit)",
+            report.lookups(),
+            report.hits,
+            report.misses,
+            report.hit_rate() * 100.0
+        ),
+    };
+    format!(
+        "{} functions, {cache}, {:.3} s",
+        report.functions, report.seconds
+    )
+}
+
+pub fn report_json(report: &CompileReport, cached: bool) -> serde_json::Value {
+    json!({
+        "level": report.level.as_str(),
+        "functions": report.functions,
+        "lookups": report.lookups(),
+        "hits": report.hits,
+        "misses": report.misses,
+        "inserts": report.inserts,
+        "verified": report.verified,
+        "mismatches": report.mismatches,
+        "seconds": report.seconds,
+        "cache": cached,
+    })
+}
+
+pub fn print_stats(stats: &fncache::Stats) {
+    let c = &stats.counters;
+    let lookups = c.hits + c.misses;
+    let rate = if lookups == 0 {
+        0.0
+    } else {
+        c.hits as f64 * 100.0 / lookups as f64
+    };
+    println!(
+        "cache directory  {}{}",
+        stats.location,
+        if stats.read_only { " (read-only)" } else { "" }
+    );
+    println!(
+        "entries          {} values under {} keys",
+        stats.entries, stats.keys
+    );
+    println!(
+        "size             {} of {} limit{}",
+        ByteSize(stats.bytes),
+        ByteSize(stats.max_bytes),
+        stats
+            .disk_bytes
+            .map(|d| format!(" ({} on disk)", ByteSize(d)))
+            .unwrap_or_default()
+    );
+    println!(
+        "lookups          {lookups}: {} hits, {} misses ({rate:.1}% hit)",
+        c.hits, c.misses
+    );
+    println!(
+        "inserts          {} ({} written)",
+        c.inserts,
+        ByteSize(c.bytes_written)
+    );
+    println!("read on hits     {}", ByteSize(c.bytes_read));
+    println!("evictions        {}", c.evictions);
+    println!("damaged entries  {} (discarded and recompiled)", c.rejected);
+    if c.remote_hits + c.remote_errors > 0 {
+        println!(
+            "by tier          {} hits local, {} from the remote tier ({} remote errors)",
+            c.hits.saturating_sub(c.remote_hits),
+            c.remote_hits,
+            c.remote_errors
+        );
+    }
+}
