@@ -1,0 +1,267 @@
+//! The benchmark suite behind `fncache-bench`: every configuration side by side, in one run,
+//! each sample in a fresh process, medians of `runs`, on real modules.
+//!
+//! For each module, and each run in turn (interleaved, so that drift hits all rows alike):
+//! cold; Wasmtime's module cache, miss then hit; the in-memory ceiling, and cold in a process
+//! as warm as the ceiling's (what running in a warm process alone gains); fncache with an empty
+//! cache, then warm with the function level only, then the unchanged module (module level);
+//! then every edit scenario and the module's previous release, each compiled by fncache into
+//! a copy of the cache warmed by the original, next to the ceiling warmed the same way.
+//!
+//! The parts: [`module`] (one module, its edits and its previous release), [`remote`] (the
+//! Redis tier), [`family`] (modules sharing code), [`corpus`] (what a corpus directory holds);
+//! here, what they share: samples, medians, probes in fresh processes, progress.
+
+mod corpus;
+mod family;
+mod module;
+mod remote;
+
+pub use corpus::discover;
+pub use family::{family_steps, measure_family, render_family, Family, FamilyReport, MemberReport};
+pub use module::{measure, probe_count, render, ModuleReport};
+pub use remote::{measure_remote, remote_probe_count, render_remote, RemoteReport};
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::fs;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::probe::{Probe, Sample};
+
+/// A module to measure, with its previous release if the corpus has one.
+#[derive(Clone, Debug, Serialize)]
+pub struct Subject {
+    pub name: String,
+    pub path: PathBuf,
+    pub previous: Option<PathBuf>,
+}
+
+/// How to run the suite.
+pub struct Options {
+    /// The command that runs one probe given as a JSON argument, e.g. `fncache-bench --probe`.
+    pub probe_command: Vec<OsString>,
+    pub runs: usize,
+    pub scratch: PathBuf,
+}
+
+/// One configuration's samples and medians.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Row {
+    pub median_ms: f64,
+    /// The median over cold's median.
+    pub ratio_to_cold: f64,
+    pub samples_ms: Vec<f64>,
+    pub level: String,
+    pub lookups: u64,
+    pub hits: u64,
+    /// Hits over lookups (functions and trampolines alike).
+    pub hit_rate: f64,
+    /// Compiled-code bytes served by hits over all compiled-code bytes.
+    pub code_hit_rate: f64,
+    /// fncache rows: the median time of the flush that stores what the compile produced.
+    pub flush_ms: f64,
+}
+
+/// A target of issue 3, checked on one module.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Target {
+    pub name: String,
+    pub ratio: f64,
+    pub limit: f64,
+    pub met: bool,
+}
+
+/// The rows, in the order tables print them.
+pub const COLD: &str = "cold";
+
+pub const WASMTIME_MISS: &str = "wasmtime-cache-miss";
+
+pub const WASMTIME_HIT: &str = "wasmtime-cache-hit";
+
+pub const CEILING: &str = "ceiling";
+
+pub const COLD_WARM_PROCESS: &str = "cold-in-warm-process";
+
+pub const EMPTY: &str = "fncache-empty";
+
+pub const WARM_FUNCTIONS: &str = "fncache-warm-function-level";
+
+pub const UNCHANGED: &str = "fncache-unchanged";
+
+pub const PREVIOUS: &str = "previous-release";
+
+/// Samples by row, each taken in a fresh process.
+#[derive(Default)]
+pub(crate) struct Samples(BTreeMap<String, Vec<Sample>>);
+
+impl Samples {
+    /// Runs `probe` for `row`, showing `what` it is part of.
+    fn take(
+        &mut self,
+        options: &Options,
+        progress: &mut Progress,
+        what: &str,
+        row: &str,
+        probe: Probe,
+    ) -> Result<Sample> {
+        progress.step(&format!("{what}: {row}"));
+        let sample = run_probe(&options.probe_command, &probe)?;
+        self.0
+            .entry(row.to_string())
+            .or_default()
+            .push(sample.clone());
+        Ok(sample)
+    }
+
+    /// Each row's medians, with ratios to the median of [`COLD`].
+    fn rows(&self) -> BTreeMap<String, Row> {
+        let cold = median(self.0[COLD].iter().map(|s| s.seconds).collect());
+        self.0
+            .iter()
+            .map(|(name, samples)| (name.clone(), row(samples, cold)))
+            .collect()
+    }
+}
+
+pub(crate) fn row(samples: &[Sample], cold: f64) -> Row {
+    let median_s = median(samples.iter().map(|s| s.seconds).collect());
+    // Counts come from the sample nearest the median: hit counts vary from run to run (the
+    // upstream key non-determinism), and a median of each count would mix runs.
+    let typical = samples
+        .iter()
+        .min_by(|a, b| {
+            (a.seconds - median_s)
+                .abs()
+                .total_cmp(&(b.seconds - median_s).abs())
+        })
+        .expect("at least one sample");
+    let ratio = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+    Row {
+        median_ms: median_s * 1000.0,
+        ratio_to_cold: median_s / cold,
+        samples_ms: samples.iter().map(|s| s.seconds * 1000.0).collect(),
+        level: typical.level.clone(),
+        lookups: typical.lookups,
+        hits: typical.hits,
+        hit_rate: ratio(typical.hits, typical.lookups),
+        code_hit_rate: ratio(
+            typical.hit_bytes,
+            typical.hit_bytes + typical.inserted_bytes,
+        ),
+        flush_ms: median(samples.iter().map(|s| s.flush_seconds).collect()) * 1000.0,
+    }
+}
+
+pub fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    if n == 0 {
+        return 0.0;
+    }
+    if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    }
+}
+
+/// Runs one probe in a fresh process and reads its sample.
+pub fn run_probe(command: &[OsString], probe: &Probe) -> Result<Sample> {
+    let (program, args) = command.split_first().context("empty probe command")?;
+    let output = Command::new(program)
+        .args(args)
+        .arg(serde_json::to_string(probe)?)
+        .output()
+        .with_context(|| format!("cannot run {}", Path::new(program).display()))?;
+    if !output.status.success() {
+        bail!(
+            "probe {probe:?} failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    serde_json::from_slice(&output.stdout).context("the probe printed no sample")
+}
+
+pub(crate) fn dir_bytes(dir: &Path) -> Result<u64> {
+    let mut total = 0;
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        total += if entry.file_type()?.is_dir() {
+            dir_bytes(&entry.path())?
+        } else {
+            entry.metadata()?.len()
+        };
+    }
+    Ok(total)
+}
+
+pub(crate) fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    fs::create_dir_all(to)?;
+    for entry in fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            fs::copy(entry.path(), &target)?;
+        }
+    }
+    Ok(())
+}
+
+/// A one-line progress display on standard error (redrawn in place on a terminal).
+pub struct Progress {
+    done: usize,
+    total: usize,
+    tty: bool,
+    started: std::time::Instant,
+}
+
+impl Progress {
+    pub fn new(total: usize) -> Progress {
+        Progress {
+            done: 0,
+            total,
+            tty: std::io::stderr().is_terminal(),
+            started: std::time::Instant::now(),
+        }
+    }
+
+    pub fn step(&mut self, what: &str) {
+        self.done += 1;
+        let line = format!(
+            "[{:>4}/{}] {:>5.0}s  {what}",
+            self.done.min(self.total),
+            self.total,
+            self.started.elapsed().as_secs_f64()
+        );
+        let mut err = std::io::stderr().lock();
+        if self.tty {
+            let _ = write!(err, "\r\x1b[2K{line}");
+        } else {
+            let _ = writeln!(err, "{line}");
+        }
+    }
+
+    pub fn finish(&mut self) {
+        if self.tty {
+            let _ = writeln!(std::io::stderr());
+        }
+    }
+}
+
+pub(crate) fn fncache_probe(dir: &Path, module: PathBuf, module_level: bool) -> Probe {
+    Probe::Fncache {
+        dir: dir.to_path_buf(),
+        module,
+        module_level,
+        remote: None,
+    }
+}

@@ -1,0 +1,305 @@
+//! One module: cold, Wasmtime's caches, the ceiling, fncache empty, warm and unchanged, every
+//! edit scenario and the previous release; the targets and the tables.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::edits::{self, Edit};
+use crate::probe::Probe;
+
+use super::*;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ModuleReport {
+    pub module: String,
+    pub path: PathBuf,
+    pub wasm_bytes: u64,
+    pub functions: u64,
+    pub runs: usize,
+    pub rows: BTreeMap<String, Row>,
+    /// Bytes the fncache directory takes after the first compile (both levels).
+    pub disk_bytes: u64,
+    /// The whole-module entry alone (the precompiled module).
+    pub module_entry_bytes: u64,
+    /// Function-level entries per defined function (module entry excluded).
+    pub disk_bytes_per_function: f64,
+    pub targets: Vec<Target>,
+}
+
+/// Measures `subject`.
+pub fn measure(
+    subject: &Subject,
+    options: &Options,
+    progress: &mut Progress,
+) -> Result<ModuleReport> {
+    let scratch = options.scratch.join(&subject.name);
+    fs::create_dir_all(&scratch)?;
+    let wasm = fs::read(&subject.path)
+        .with_context(|| format!("cannot read {}", subject.path.display()))?;
+    // The scenarios: (row name, module to compile, module the cache was warmed with).
+    let mut scenarios: Vec<(String, PathBuf, PathBuf)> = Vec::new();
+    for edit in Edit::ALL {
+        if !edits::applies(edit, &wasm)? {
+            continue;
+        }
+        let edited = scratch.join(format!("{}.wasm", edit.name()));
+        fs::write(&edited, edits::apply(edit, &wasm)?)?;
+        scenarios.push((edit.name().into(), edited, subject.path.clone()));
+    }
+    if let Some(previous) = &subject.previous {
+        scenarios.push((PREVIOUS.into(), subject.path.clone(), previous.clone()));
+    }
+
+    let mut samples = Samples::default();
+    let mut disk = (0, 0);
+    for run in 0..options.runs {
+        let dir = |name: &str| scratch.join(format!("{name}-{run}"));
+        let module = || subject.path.clone();
+        let what = format!("{} run {}/{}", subject.name, run + 1, options.runs);
+        let mut probe =
+            |row: &str, probe: Probe| samples.take(options, progress, &what, row, probe);
+        probe(COLD, Probe::Cold { module: module() })?;
+        let wasmtime = dir("wasmtime");
+        probe(
+            WASMTIME_MISS,
+            Probe::WasmtimeCache {
+                dir: wasmtime.clone(),
+                module: module(),
+            },
+        )?;
+        let hit = probe(
+            WASMTIME_HIT,
+            Probe::WasmtimeCache {
+                dir: wasmtime.clone(),
+                module: module(),
+            },
+        )?;
+        if hit.wasmtime_cache_hits == 0 {
+            bail!(
+                "Wasmtime's module cache did not hit on its second compile of {}",
+                subject.name
+            );
+        }
+        probe(
+            CEILING,
+            Probe::Ceiling {
+                warm_with: vec![module()],
+                module: module(),
+            },
+        )?;
+        let warm_process = Probe::ColdInWarmProcess {
+            warm_with: vec![module()],
+            module: module(),
+        };
+        probe(COLD_WARM_PROCESS, warm_process)?;
+        let cache = dir("fncache");
+        probe(EMPTY, fncache_probe(&cache, module(), true))?;
+        let base = dir("base");
+        copy_dir(&cache, &base)?;
+        // Measured here, after the probe's process closed the database (and SQLite folded
+        // its write-ahead log back in), which is what the cache takes at rest.
+        disk = (dir_bytes(&cache)?, module_entry_bytes(&cache));
+
+        probe(WARM_FUNCTIONS, fncache_probe(&cache, module(), false))?;
+        let unchanged = probe(UNCHANGED, fncache_probe(&cache, module(), true))?;
+        if unchanged.level != "module" {
+            bail!(
+                "fncache's module level missed an unchanged {}",
+                subject.name
+            );
+        }
+        for (name, target, warm_with) in &scenarios {
+            let warmed = dir(&format!("{name}-cache"));
+            if warm_with == &subject.path {
+                copy_dir(&base, &warmed)?;
+            } else {
+                run_probe(
+                    &options.probe_command,
+                    &fncache_probe(&warmed, warm_with.clone(), true),
+                )?;
+            }
+            probe(
+                &format!("{name}/ceiling"),
+                Probe::Ceiling {
+                    warm_with: vec![warm_with.clone()],
+                    module: target.clone(),
+                },
+            )?;
+            probe(
+                &format!("{name}/fncache"),
+                fncache_probe(&warmed, target.clone(), true),
+            )?;
+            fs::remove_dir_all(&warmed)?;
+        }
+        for d in [wasmtime, cache, base] {
+            fs::remove_dir_all(d)?;
+        }
+    }
+
+    let rows = samples.rows();
+    let functions = samples.0[EMPTY][0].functions;
+    let mut report = ModuleReport {
+        module: subject.name.clone(),
+        path: subject.path.clone(),
+        wasm_bytes: wasm.len() as u64,
+        functions,
+        runs: options.runs,
+        rows,
+        disk_bytes: disk.0,
+        module_entry_bytes: disk.1,
+        disk_bytes_per_function: disk.0.saturating_sub(disk.1) as f64 / functions.max(1) as f64,
+        targets: vec![],
+    };
+    report.targets = targets(&report, &scenarios);
+    Ok(report)
+}
+
+/// Issue 3's targets, as ratios measured in this run.
+pub(crate) fn targets(
+    report: &ModuleReport,
+    scenarios: &[(String, PathBuf, PathBuf)],
+) -> Vec<Target> {
+    let ms = |row: &str| report.rows.get(row).map(|r| r.median_ms);
+    let mut out = Vec::new();
+    let mut check = |name: String, ratio: Option<f64>, limit: f64| {
+        if let Some(ratio) = ratio {
+            out.push(Target {
+                name,
+                ratio,
+                limit,
+                met: ratio <= limit,
+            });
+        }
+    };
+    let cold = ms(COLD);
+    let over = |a: Option<f64>, b: Option<f64>| Some(a? / b?);
+    check(
+        "unchanged module / Wasmtime module-cache hit".into(),
+        over(ms(UNCHANGED), ms(WASMTIME_HIT)),
+        0.5,
+    );
+    check(
+        "unchanged module / cold".into(),
+        over(ms(UNCHANGED), cold),
+        0.01,
+    );
+    check(
+        format!("{} / in-memory ceiling", Edit::ChangeConstant.name()),
+        over(
+            ms(&format!("{}/fncache", Edit::ChangeConstant.name())),
+            ms(&format!("{}/ceiling", Edit::ChangeConstant.name())),
+        ),
+        1.1,
+    );
+    check("empty cache / cold".into(), over(ms(EMPTY), cold), 1.05);
+    for (name, ..) in scenarios {
+        check(
+            format!("{name} / cold"),
+            over(ms(&format!("{name}/fncache")), cold),
+            1.03,
+        );
+    }
+    out
+}
+
+/// The size of the whole-module value file (the largest file in `values/`).
+pub(crate) fn module_entry_bytes(cache: &Path) -> u64 {
+    fs::read_dir(cache.join("values"))
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok()?.metadata().ok())
+                .map(|m| m.len())
+                .max()
+                .unwrap_or(0)
+        })
+        .unwrap_or(0)
+}
+
+/// How many probes [`measure`] runs for `subject` (for the progress display).
+pub fn probe_count(subject: &Subject, runs: usize) -> Result<usize> {
+    let wasm = fs::read(&subject.path)?;
+    let mut scenarios = 0;
+    for edit in Edit::ALL {
+        scenarios += edits::applies(edit, &wasm)? as usize;
+    }
+    scenarios += subject.previous.is_some() as usize;
+    Ok(runs * (8 + 2 * scenarios))
+}
+
+/// The reports as a table for people.
+pub fn render(reports: &[ModuleReport]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    for r in reports {
+        let _ = writeln!(
+            out,
+            "\n{} ({}, {} functions), medians of {} runs, each in a fresh process",
+            r.module,
+            bytesize::ByteSize(r.wasm_bytes).display().si(),
+            r.functions,
+            r.runs
+        );
+        let _ = writeln!(
+            out,
+            "  {:<44} {:>10} {:>9} {:>14} {:>10}",
+            "configuration", "ms", "x cold", "lookups hit", "code hit"
+        );
+        let mut names: Vec<&String> = r.rows.keys().collect();
+        let order = [
+            COLD,
+            COLD_WARM_PROCESS,
+            WASMTIME_MISS,
+            WASMTIME_HIT,
+            CEILING,
+            EMPTY,
+            WARM_FUNCTIONS,
+            UNCHANGED,
+        ];
+        names.sort_by_key(|n| {
+            (
+                order.iter().position(|o| o == n).unwrap_or(order.len()),
+                n.as_str(),
+            )
+        });
+        for name in names {
+            let row = &r.rows[name];
+            let hits = if row.lookups > 0 {
+                format!("{:.1}% of {}", row.hit_rate * 100.0, row.lookups)
+            } else {
+                "-".into()
+            };
+            let code = if row.lookups > 0 {
+                format!("{:.1}%", row.code_hit_rate * 100.0)
+            } else {
+                "-".into()
+            };
+            let _ = writeln!(
+                out,
+                "  {:<44} {:>10.1} {:>9.4} {:>14} {:>10}",
+                name, row.median_ms, row.ratio_to_cold, hits, code
+            );
+        }
+        let _ = writeln!(
+            out,
+            "  disk after the first compile: {} ({} module entry, {:.0} B per function for the rest)",
+            bytesize::ByteSize(r.disk_bytes).display().si(),
+            bytesize::ByteSize(r.module_entry_bytes).display().si(),
+            r.disk_bytes_per_function
+        );
+        for t in &r.targets {
+            let _ = writeln!(
+                out,
+                "  target {:<52} {:>8.4} (limit {}) {}",
+                t.name,
+                t.ratio,
+                t.limit,
+                if t.met { "met" } else { "MISSED" }
+            );
+        }
+    }
+    out
+}
