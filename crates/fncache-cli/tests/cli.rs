@@ -119,43 +119,92 @@ fn an_unchanged_module_is_served_whole_and_a_damaged_one_is_rebuilt() {
     );
 }
 
-/// Compiles killed with SIGKILL at random instants leave a cache that opens, verifies whole and
-/// serves the right code. A short run here (24 trials); the full run is
+/// Whether the write-ahead log `wal` ends in the middle of a transaction: its last frame of the
+/// current generation (the salts in the log's header) is not a commit frame. Read after a kill,
+/// this says whether the kill landed while a transaction was being written.
+fn log_ends_mid_transaction(wal: &Path) -> bool {
+    let Ok(log) = std::fs::read(wal) else {
+        return false;
+    };
+    if log.len() < 32 {
+        return false;
+    }
+    let word = |at: usize| u32::from_be_bytes(log[at..at + 4].try_into().unwrap());
+    let page_size = word(8) as usize;
+    let salts = (word(16), word(20));
+    let mut last_commit_field = None;
+    let mut at = 32;
+    while page_size > 0 && at + 24 + page_size <= log.len() {
+        if (word(at + 8), word(at + 12)) != salts {
+            break; // a frame of an older generation: the current one ended before it
+        }
+        last_commit_field = Some(word(at + 4)); // the database size after a commit, else 0
+        at += 24 + page_size;
+    }
+    last_commit_field == Some(0)
+}
+
+/// Compiles killed with SIGKILL at progress points leave a cache that opens, verifies whole and
+/// serves the right code. Each compile (function level only, so that it writes all along) is
+/// killed once its write-ahead log has changed a random 1 to 6 times, that is, while its writer
+/// commits; the test says how many kills landed in the middle of a transaction. A short run
+/// here (24 trials); the full run is
 /// `FNCACHE_CRASH_TRIALS=1000 cargo test --release -p fncache-cli --test cli compiles_killed`.
 #[test]
-fn compiles_killed_at_random_instants_leave_no_damaged_entry() {
+fn compiles_killed_mid_write_leave_no_damaged_entry() {
     let env = Env::new();
     let modules: Vec<PathBuf> = (0..3)
         .map(|i| env.file(&format!("k{i}.wat"), generated_module(400, 300 + i)))
         .collect();
+    let wal = env.cache_dir().join("fncache.db-wal");
     let mut seed = 0x2545_f491_4f6c_dd1du64;
-    let mut killed = 0;
+    let (mut killed, mut mid_transaction) = (0, 0);
     let trials: usize = std::env::var("FNCACHE_CRASH_TRIALS")
         .ok()
         .and_then(|t| t.parse().ok())
         .unwrap_or(24);
+    let log_state = || {
+        std::fs::metadata(&wal)
+            .ok()
+            .map(|m| (m.len(), m.modified().ok()))
+    };
     for trial in 0..trials {
         seed ^= seed << 13;
         seed ^= seed >> 7;
         seed ^= seed << 17;
+        let changes_before_kill = 1 + seed % 6;
         let module = &modules[trial % modules.len()];
         let mut child = common::fncache_command()
             .arg("--cache-dir")
             .arg(env.cache_dir())
-            .args(["compile", module.to_str().unwrap()])
+            .args(["--no-module-level", "compile", module.to_str().unwrap()])
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(seed % 150));
-        let _ = child.kill(); // SIGKILL; may land after it finished, which is fine too
+        let (mut last, mut changes) = (log_state(), 0);
+        while child.try_wait().unwrap().is_none() {
+            let now = log_state();
+            if now != last {
+                (last, changes) = (now, changes + 1);
+                if changes >= changes_before_kill {
+                    let _ = child.kill(); // SIGKILL, while the writer is writing
+                    break;
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
         let status = child.wait().unwrap();
         if std::os::unix::process::ExitStatusExt::signal(&status) == Some(9) {
             killed += 1;
+            mid_transaction += usize::from(log_ends_mid_transaction(&wal));
         }
     }
-    eprintln!("{killed} of {trials} compiles killed before they ended");
+    eprintln!(
+        "{killed} of {trials} compiles killed while writing; {mid_transaction} of the kills \
+         left a transaction half written in the log"
+    );
     assert!(
-        killed >= trials / 6,
+        killed >= trials / 2,
         "only {killed} of {trials} compiles were killed before they ended"
     );
     let verify = env.fncache(&["verify", "--json"]);
