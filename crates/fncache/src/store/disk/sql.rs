@@ -77,6 +77,17 @@ pub(super) struct ValuesDir<'a> {
     pub(super) shared: bool,
 }
 
+/// Counts `entries` evictions in the cache's persistent counters.
+pub(super) fn add_evictions(tx: &Transaction<'_>, entries: u64) -> rusqlite::Result<()> {
+    add_counters(
+        tx,
+        &Counters {
+            evictions: entries,
+            ..Counters::default()
+        },
+    )
+}
+
 /// Stores one value under one key; returns the accounted bytes added and whether the value is
 /// new (not only a new key for a value already stored).
 pub(super) fn put(

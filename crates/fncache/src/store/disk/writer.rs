@@ -14,8 +14,8 @@ use parking_lot::Mutex;
 use rusqlite::{params, Connection, Transaction, TransactionBehavior};
 
 use super::sql::{
-    add_counters, evict_within, low_water, meta, put, remove_value, set_meta, stored_limit,
-    ValuesDir,
+    add_counters, add_evictions, evict_within, low_water, meta, put, remove_value, set_meta,
+    stored_limit, ValuesDir,
 };
 use super::value_files;
 use super::KEY_OVERHEAD;
@@ -301,13 +301,7 @@ impl WriterState {
                 let target = (max_bytes as f64 / ratio) as u64;
                 let eviction = evict_within(tx, &mut bytes, target, &mut unlink)?;
                 set_meta(tx, "bytes", bytes)?;
-                add_counters(
-                    tx,
-                    &Counters {
-                        evictions: eviction.entries,
-                        ..Counters::default()
-                    },
-                )?;
+                add_evictions(tx, eviction.entries)?;
                 Ok(eviction)
             })?;
             self.unlink(&unlink);
@@ -346,13 +340,7 @@ impl WriterState {
                 }
             }
             set_meta(tx, "bytes", bytes)?;
-            add_counters(
-                tx,
-                &Counters {
-                    evictions: lost.entries,
-                    ..Counters::default()
-                },
-            )?;
+            add_evictions(tx, lost.entries)?;
             Ok(lost)
         })?;
         self.entries -= lost.entries as i64;
