@@ -170,12 +170,19 @@ impl CacheConfig {
 
 /// `$FNCACHE_DIR`, else `$XDG_CACHE_HOME/fncache`, else `$HOME/.cache/fncache`.
 pub fn default_directory() -> Option<PathBuf> {
-    let non_empty = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
-    if let Some(dir) = non_empty(DIR_ENV) {
-        return Some(PathBuf::from(dir));
+    user_path(DIR_ENV, ("XDG_CACHE_HOME", ".cache"), "fncache")
+}
+
+/// `$override_var` if set, else `name` inside the XDG base directory `xdg.0` (or `$HOME/xdg.1`
+/// when that is unset): the one rule for where fncache keeps a user's files. Empty variables
+/// count as unset, as the XDG specification says.
+pub(crate) fn user_path(override_var: &str, xdg: (&str, &str), name: &str) -> Option<PathBuf> {
+    let non_empty = |var: &str| std::env::var_os(var).filter(|v| !v.is_empty());
+    if let Some(path) = non_empty(override_var) {
+        return Some(PathBuf::from(path));
     }
-    if let Some(xdg) = non_empty("XDG_CACHE_HOME") {
-        return Some(Path::new(&xdg).join("fncache"));
-    }
-    non_empty("HOME").map(|home| Path::new(&home).join(".cache").join("fncache"))
+    let base = non_empty(xdg.0)
+        .map(PathBuf::from)
+        .or_else(|| non_empty("HOME").map(|home| Path::new(&home).join(xdg.1)))?;
+    Some(base.join(name))
 }

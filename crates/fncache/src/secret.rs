@@ -208,14 +208,11 @@ pub enum KeyError {
 
 /// `$FNCACHE_KEY_FILE`, else `$XDG_CONFIG_HOME/fncache/key`, else `~/.config/fncache/key`.
 pub fn default_key_file() -> Option<PathBuf> {
-    let non_empty = |name| std::env::var_os(name).filter(|v| !v.is_empty());
-    if let Some(file) = non_empty("FNCACHE_KEY_FILE") {
-        return Some(PathBuf::from(file));
-    }
-    if let Some(config) = non_empty("XDG_CONFIG_HOME") {
-        return Some(PathBuf::from(config).join("fncache").join("key"));
-    }
-    non_empty("HOME").map(|home| PathBuf::from(home).join(".config/fncache/key"))
+    crate::config::user_path(
+        "FNCACHE_KEY_FILE",
+        ("XDG_CONFIG_HOME", ".config"),
+        "fncache/key",
+    )
 }
 
 #[cfg(test)]
