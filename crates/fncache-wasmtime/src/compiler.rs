@@ -2,9 +2,10 @@
 //!
 //! Two levels, one cache. An unchanged module is served whole: its precompiled form is stored
 //! under a key made of the engine fingerprint and the digest of the module's bytes, and loaded
-//! with `Module::deserialize` (0.2-0.4% of a cold compile, where a 100% function-level hit still
-//! costs 21-30%; docs/performance.md). A changed module misses that key and compiles with the
-//! function level; its finished form is then stored for next time.
+//! from its value file with `Module::deserialize_open_file`: a small fraction of what even a
+//! 100% function-level hit costs, since that still translates every function
+//! (docs/performance.md has the figures). A changed module misses that key and compiles with
+//! the function level; its finished form is then stored for next time.
 
 use std::sync::Arc;
 use std::time::Instant;

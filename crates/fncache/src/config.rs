@@ -22,9 +22,8 @@ pub enum Compression {
 }
 
 impl Default for Compression {
-    /// None: on sql.js, zstd level 1 saved 24% of disk but made a first compile 1.10-1.13x and
-    /// a warm one 1.2x slower on a 2-core machine (docs/design.md). Turn it on where disk is
-    /// scarcer than CPU.
+    /// None: zstd saves a quarter of the disk but makes compiles measurably slower
+    /// (docs/design.md, "Choosing compression"). Turn it on where disk is scarcer than CPU.
     fn default() -> Self {
         Compression::None
     }

@@ -1,9 +1,9 @@
 //! Large values in files of their own, beside the database.
 //!
-//! A whole compiled module is megabytes. Read out of SQLite it costs a copy through the pager
-//! (3.3-4.2 ms for sql.js's 2.8 MB module, more than Wasmtime takes to load it), while a file
-//! can be mapped, verified where it lies, and handed to `Module::deserialize_open_file`, which
-//! maps it again without a copy (0.4 ms against 1.5 ms for `Module::deserialize`). So the disk
+//! A whole compiled module is megabytes. Read out of SQLite it costs a copy through the pager,
+//! more than Wasmtime takes to load it, while a file can be mapped, verified where it lies, and
+//! handed to `Module::deserialize_open_file`, which maps it again without a copy
+//! (docs/design.md, "The disk store", has the measurements). So the disk
 //! store keeps the header of a large entry in the database and its body here, named by the
 //! value's digest: `values/<64 hex digits>`.
 //!
