@@ -60,8 +60,13 @@ pub fn with_advice(error: fncache::StoreError) -> anyhow::Error {
             "`fncache clear` starts it afresh"
         }
         fncache::StoreError::NotADirectory(_) => "point --cache-dir or FNCACHE_DIR elsewhere",
-        fncache::StoreError::Untrusted { .. } => {
-            "pass --shared-cache if several users share it on purpose"
+        fncache::StoreError::Untrusted { what, path, reason } => {
+            // Said whole here: the library's own advice names no flag.
+            return anyhow::anyhow!(
+                "{what} {} cannot be trusted: {reason}; use a cache directory of your own, or \
+                 pass --shared-cache if several users share it on purpose (docs/security.md)",
+                path.display()
+            );
         }
         _ => return error.into(),
     };

@@ -59,7 +59,7 @@ impl Secret {
         // cannot be opened (a dangling symbolic link) is an error, not a loop.
         for _ in 0..5 {
             match Secret::load(path) {
-                Err(KeyError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {}
+                Err(KeyError::Io { cause, .. }) if cause.kind() == io::ErrorKind::NotFound => {}
                 result => return result,
             }
             if fs::symlink_metadata(path).is_ok() {
@@ -69,9 +69,7 @@ impl Secret {
                 });
             }
             match Secret::create(path) {
-                Err(KeyError::Io { source, .. })
-                    if source.kind() == io::ErrorKind::AlreadyExists =>
-                {
+                Err(KeyError::Io { cause, .. }) if cause.kind() == io::ErrorKind::AlreadyExists => {
                     // Another process is creating it; let it finish writing its 32 bytes.
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 }
@@ -85,9 +83,9 @@ impl Secret {
     }
 
     fn load(path: &Path) -> Result<Secret, KeyError> {
-        let io_error = |source| KeyError::Io {
+        let io_error = |cause| KeyError::Io {
             path: path.to_path_buf(),
-            source,
+            cause,
         };
         let unsafe_key = |reason: String| KeyError::Unsafe {
             path: path.to_path_buf(),
@@ -132,9 +130,9 @@ impl Secret {
     }
 
     fn create(path: &Path) -> Result<Secret, KeyError> {
-        let io_error = |source| KeyError::Io {
+        let io_error = |cause| KeyError::Io {
             path: path.to_path_buf(),
-            source,
+            cause,
         };
         if let Some(parent) = path.parent() {
             fs::DirBuilder::new()
@@ -175,9 +173,9 @@ impl Secret {
         };
         match Secret::load_or_create(&path) {
             Ok(secret) => Ok(Some(secret)),
-            Err(KeyError::Io { path, source }) => {
+            Err(KeyError::Io { path, cause }) => {
                 log::warn!(
-                    "no key to authenticate cache entries with (key file {}: {source}); \
+                    "no key to authenticate cache entries with (key file {}: {cause}); \
                      entries are checksummed only, and no remote cache is used",
                     path.display()
                 );
@@ -202,8 +200,8 @@ pub enum KeyError {
     Malformed,
     #[error("key file {path} cannot be used: {reason}")]
     Unsafe { path: PathBuf, reason: String },
-    #[error("key file {path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
+    #[error("key file {path}: {cause}")]
+    Io { path: PathBuf, cause: io::Error },
 }
 
 /// `$FNCACHE_KEY_FILE`, else `$XDG_CONFIG_HOME/fncache/key`, else `~/.config/fncache/key`.

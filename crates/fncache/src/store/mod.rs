@@ -186,22 +186,22 @@ impl StoreError {
     /// a full disk).
     pub fn is_not_writable(&self) -> bool {
         match self {
-            StoreError::Io { source, .. } => matches!(
-                source.kind(),
+            StoreError::Io { cause, .. } => matches!(
+                cause.kind(),
                 std::io::ErrorKind::PermissionDenied
                     | std::io::ErrorKind::ReadOnlyFilesystem
                     | std::io::ErrorKind::StorageFull
             ),
-            StoreError::Database { source, .. } => {
+            StoreError::Database { cause, .. } => {
                 matches!(
-                    source.sqlite_error_code(),
+                    cause.sqlite_error_code(),
                     Some(
                         rusqlite::ErrorCode::ReadOnly
                             | rusqlite::ErrorCode::CannotOpen
                             | rusqlite::ErrorCode::PermissionDenied
                             | rusqlite::ErrorCode::DiskFull
                     )
-                ) || is_failed_write(source)
+                ) || is_failed_write(cause)
             }
             _ => false,
         }
@@ -210,10 +210,10 @@ impl StoreError {
     /// Whether the store could not be written because its disk is full.
     pub fn is_disk_full(&self) -> bool {
         match self {
-            StoreError::Io { source, .. } => source.kind() == std::io::ErrorKind::StorageFull,
-            StoreError::Database { source, .. } => {
-                source.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull)
-                    || is_failed_write(source)
+            StoreError::Io { cause, .. } => cause.kind() == std::io::ErrorKind::StorageFull,
+            StoreError::Database { cause, .. } => {
+                cause.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull)
+                    || is_failed_write(cause)
             }
             _ => false,
         }
@@ -224,8 +224,8 @@ impl StoreError {
     pub fn is_incompatible(&self) -> bool {
         match self {
             StoreError::Incompatible { .. } => true,
-            StoreError::Database { source, .. } => matches!(
-                source.sqlite_error_code(),
+            StoreError::Database { cause, .. } => matches!(
+                cause.sqlite_error_code(),
                 Some(rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt)
             ),
             _ => false,
@@ -251,17 +251,20 @@ fn is_failed_write(error: &rusqlite::Error) -> bool {
 }
 
 /// Why a store could not do what was asked. The compile goes on without the cache.
+///
+/// The messages carry their causes (`cause`, not a `source` chain), so that one `{}` or
+/// anyhow's `{:#}` says all of it once.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
-    #[error("cache database {path}: {source}")]
+    #[error("cache database {path}: {cause}")]
     Database {
         path: PathBuf,
-        source: rusqlite::Error,
+        cause: rusqlite::Error,
     },
     #[error("{0}")]
     Unusable(String),

@@ -134,9 +134,9 @@ impl DiskStore {
     pub fn open_with(dir: &Path, options: &DiskOptions) -> Result<DiskStore, StoreError> {
         configure_sqlite();
         let read_only = options.read_only;
-        let io = |source| StoreError::Io {
+        let io = |cause| StoreError::Io {
             path: dir.to_path_buf(),
-            source,
+            cause,
         };
         if dir.exists() && !dir.is_dir() {
             return Err(StoreError::NotADirectory(dir.to_path_buf()));
@@ -174,9 +174,9 @@ impl DiskStore {
                     [],
                     |row| Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?)),
                 )
-                .map_err(|source| StoreError::Database {
+                .map_err(|cause| StoreError::Database {
                     path: db_path.clone(),
-                    source,
+                    cause,
                 })?;
             touch_floor.store(clock - entries / 2, Ordering::Relaxed);
             let queue = Arc::new(Queue::default());
@@ -235,10 +235,10 @@ impl DiskStore {
         &self.dir
     }
 
-    fn db_error(&self, source: rusqlite::Error) -> StoreError {
+    fn db_error(&self, cause: rusqlite::Error) -> StoreError {
         StoreError::Database {
             path: self.db_path.clone(),
-            source,
+            cause,
         }
     }
 
@@ -373,7 +373,7 @@ impl Store for DiskStore {
                 // Evicted by another process since the row was read, or removed by hand: a
                 // miss, and the next put of this value writes the file again.
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-                Err(source) => return Err(StoreError::Io { path, source }),
+                Err(cause) => return Err(StoreError::Io { path, cause }),
             }
         } else {
             StoredEntry::Whole(stored)

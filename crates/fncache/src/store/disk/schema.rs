@@ -93,9 +93,9 @@ pub(super) fn replace_older_schema(dir: &Path, db_path: &Path) -> Result<(), Sto
                 dir.display()
             );
             remove_database(dir)?;
-            value_files::remove_all(dir).map_err(|source| StoreError::Io {
+            value_files::remove_all(dir).map_err(|cause| StoreError::Io {
                 path: dir.join(value_files::VALUES_DIR),
-                source,
+                cause,
             })
         }
         _ => Ok(()),
@@ -109,15 +109,15 @@ pub(super) fn replace_older_schema(dir: &Path, db_path: &Path) -> Result<(), Sto
 /// be written when none are left.
 pub fn make_room(dir: &Path, shared: bool) -> Result<u64, StoreError> {
     configure_sqlite();
-    let dir = &fs::canonicalize(dir).map_err(|source| StoreError::Io {
+    let dir = &fs::canonicalize(dir).map_err(|cause| StoreError::Io {
         path: dir.to_path_buf(),
-        source,
+        cause,
     })?;
     check_layout(dir, shared)?;
     let db_path = dir.join(DB_FILE);
-    let db_error = |source| StoreError::Database {
+    let db_error = |cause| StoreError::Database {
         path: db_path.clone(),
-        source,
+        cause,
     };
     let conn = Connection::open_with_flags(
         immutable_uri(&db_path),
@@ -163,7 +163,7 @@ pub fn remove_database(dir: &Path) -> Result<bool, StoreError> {
         match fs::remove_file(&path) {
             Ok(()) => found = true,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => return Err(StoreError::Io { path, source }),
+            Err(cause) => return Err(StoreError::Io { path, cause }),
         }
     }
     Ok(found)
@@ -172,9 +172,9 @@ pub fn remove_database(dir: &Path) -> Result<bool, StoreError> {
 /// Refuses a cache whose parts another user could change (unless `shared`), and anything but
 /// a real directory at `values/` and regular files where the database files should be.
 pub(super) fn check_layout(dir: &Path, shared: bool) -> Result<(), StoreError> {
-    let io = |path: &Path, source| StoreError::Io {
+    let io = |path: &Path, cause| StoreError::Io {
         path: path.to_path_buf(),
-        source,
+        cause,
     };
     let untrusted = |what: &'static str, path: &Path, reason: String| StoreError::Untrusted {
         what,
@@ -231,9 +231,9 @@ pub(super) fn open_flags(access: OpenFlags) -> OpenFlags {
 }
 
 pub(super) fn open_writer(db_path: &Path, options: &DiskOptions) -> Result<Connection, StoreError> {
-    let err = |source| StoreError::Database {
+    let err = |cause| StoreError::Database {
         path: db_path.to_path_buf(),
-        source,
+        cause,
     };
     let mut conn = Connection::open_with_flags(
         db_path,

@@ -131,10 +131,10 @@ impl WriterState {
         }
     }
 
-    fn db_error(&self, source: rusqlite::Error) -> StoreError {
+    fn db_error(&self, cause: rusqlite::Error) -> StoreError {
         StoreError::Database {
             path: self.db_path.clone(),
-            source,
+            cause,
         }
     }
 
@@ -196,9 +196,9 @@ impl WriterState {
         body: impl FnOnce(&Transaction<'_>) -> rusqlite::Result<T>,
     ) -> Result<T, StoreError> {
         let path = &self.db_path;
-        let db_error = |source| StoreError::Database {
+        let db_error = |cause| StoreError::Database {
             path: path.clone(),
-            source,
+            cause,
         };
         let tx = self
             .conn
@@ -378,9 +378,9 @@ impl WriterState {
             )
             .map_err(|e| self.db_error(e))?;
         self.entries = 0;
-        value_files::remove_all(&self.dir).map_err(|source| StoreError::Io {
+        value_files::remove_all(&self.dir).map_err(|cause| StoreError::Io {
             path: self.dir.join(value_files::VALUES_DIR),
-            source,
+            cause,
         })?;
         self.vacuum();
         Ok(())
