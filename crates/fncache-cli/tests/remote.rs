@@ -582,3 +582,158 @@ fn remote_hits_count_only_verified_entries() {
     assert_eq!(n(&s, "remote_hits"), 0, "{s}");
     assert!(n(&s, "rejected") > 0, "{s}");
 }
+
+/// Three redis-servers joined into a Redis Cluster (`redis-cli --cluster create`); killed when
+/// dropped.
+struct Cluster {
+    nodes: Vec<Child>,
+    ports: Vec<u16>,
+    _dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    fn start() -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let ports: Vec<u16> = (0..3)
+            .map(|_| {
+                TcpListener::bind("127.0.0.1:0")
+                    .unwrap()
+                    .local_addr()
+                    .unwrap()
+                    .port()
+            })
+            .collect();
+        let nodes = ports
+            .iter()
+            .map(|port| {
+                Command::new("redis-server")
+                    .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                    .args([
+                        "--cluster-enabled",
+                        "yes",
+                        "--save",
+                        "",
+                        "--appendonly",
+                        "no",
+                    ])
+                    .arg("--cluster-config-file")
+                    .arg(dir.path().join(format!("nodes-{port}.conf")))
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("this test needs redis-server")
+            })
+            .collect();
+        let cluster = Cluster {
+            nodes,
+            ports,
+            _dir: dir,
+        };
+        let addresses: Vec<String> = cluster
+            .ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let created = Command::new("redis-cli")
+                .args(["--cluster", "create"])
+                .args(&addresses)
+                .args(["--cluster-replicas", "0", "--cluster-yes"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .expect("this test needs redis-cli (redis-tools)");
+            if created.success() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the cluster did not form");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        while !cluster.is_ok() {
+            assert!(Instant::now() < deadline, "the cluster did not become ok");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        cluster
+    }
+
+    fn is_ok(&self) -> bool {
+        self.ports.iter().all(|port| {
+            redis::Client::open(format!("redis://127.0.0.1:{port}"))
+                .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(1)))
+                .and_then(|mut c| redis::cmd("CLUSTER").arg("INFO").query::<String>(&mut c))
+                .is_ok_and(|info| info.contains("cluster_state:ok"))
+        })
+    }
+
+    fn url(&self) -> String {
+        self.ports
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn keys_per_node(&self) -> Vec<u64> {
+        self.ports
+            .iter()
+            .map(|port| {
+                redis::Client::open(format!("redis://127.0.0.1:{port}"))
+                    .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(1)))
+                    .and_then(|mut c| redis::cmd("DBSIZE").query::<u64>(&mut c))
+                    .unwrap_or(0)
+            })
+            .collect()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            let _ = node.kill();
+            let _ = node.wait();
+        }
+    }
+}
+
+/// A comma-separated list of nodes is a Redis Cluster (README). Every write used to fail with
+/// "This connection does not support pipelining" and nothing was shared; now one machine's
+/// entries spread over the nodes and another machine's compile is served from them.
+#[test]
+#[ignore = "needs redis-server and redis-cli"]
+fn a_redis_cluster_is_shared_for_real() {
+    let cluster = Cluster::start();
+    let env = Env::new();
+    let module = env.file("gen.wat", generated_module(200, 27));
+    let expected = reference(&env, &module);
+    let out = env.dir.path().join("out.cwasm");
+    let run = |machine: &str, extra: &[&str]| {
+        let output = common::fncache_in(&env.dir.path().join(machine))
+            .args(["--remote", &cluster.url(), "compile", "--json"])
+            .arg(&module)
+            .args(["-o", out.to_str().unwrap()])
+            .args(extra)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr).to_string();
+        assert!(output.status.success(), "{stderr}");
+        assert_eq!(warnings(&stderr), 0, "{stderr}");
+        let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+        report
+    };
+    run("a", &[]);
+    let spread = cluster.keys_per_node();
+    assert!(
+        spread.iter().filter(|&&keys| keys > 0).count() >= 2,
+        "keys on the nodes: {spread:?}"
+    );
+    let whole = run("b", &[]);
+    assert_eq!(whole["level"], "module", "{whole}");
+    assert_eq!(std::fs::read(&out).unwrap(), expected);
+    let functions = run("c", &["--no-module-level"]);
+    assert!(
+        n(&functions, "hits") * 10 >= n(&functions, "lookups") * 9,
+        "{functions}"
+    );
+    assert_eq!(std::fs::read(&out).unwrap(), expected);
+}

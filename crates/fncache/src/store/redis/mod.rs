@@ -332,7 +332,16 @@ fn write_loop(shared: &Shared, ttl: Option<Duration>, rx: mpsc::Receiver<WriteOp
         }
         if pipe.cmd_iter().next().is_some() {
             // A failed batch is dropped: the entries are a cache, compiled again if missing.
-            shared.run(|conn| pipe.query::<()>(conn));
+            // The cluster client takes no pipeline (its keys live on several nodes): there,
+            // the batch goes one command at a time, still off the compile's threads.
+            if matches!(shared.client, Client::Cluster(_)) {
+                shared.run(|conn| {
+                    pipe.cmd_iter()
+                        .try_for_each(|cmd| cmd.query::<()>(&mut *conn))
+                });
+            } else {
+                shared.run(|conn| pipe.query::<()>(conn));
+            }
         }
         for reply in flushes {
             let _ = reply.send(());
