@@ -687,6 +687,13 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    fn kill_node(&mut self, index: usize) {
+        let _ = self.nodes[index].kill();
+        let _ = self.nodes[index].wait();
+    }
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
         for node in &mut self.nodes {
@@ -698,7 +705,8 @@ impl Drop for Cluster {
 
 /// A comma-separated list of nodes is a Redis Cluster (README). Every write used to fail with
 /// "This connection does not support pipelining" and nothing was shared; now one machine's
-/// entries spread over the nodes and another machine's compile is served from them.
+/// entries spread over the nodes (pipelined per node), another machine's compile is served from
+/// them, and a node killed mid-compile costs a warning at most.
 #[test]
 #[ignore = "needs redis-server and redis-cli"]
 fn a_redis_cluster_is_shared_for_real() {
@@ -736,4 +744,23 @@ fn a_redis_cluster_is_shared_for_real() {
         "{functions}"
     );
     assert_eq!(std::fs::read(&out).unwrap(), expected);
+
+    // One node killed while a compile runs: a warning at most, never a failure, the right code.
+    let mut cluster = cluster;
+    let other = env.file("other.wat", generated_module(400, 28));
+    let other_expected = reference(&env, &other);
+    let child = common::fncache_in(&env.dir.path().join("d"))
+        .args(["--remote", &cluster.url(), "--no-module-level", "compile"])
+        .arg(&other)
+        .args(["-o", out.to_str().unwrap()])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    cluster.kill_node(1);
+    let finished = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&finished.stderr);
+    assert!(finished.status.success(), "{stderr}");
+    assert!(warnings(&stderr) <= 1, "{stderr}");
+    assert_eq!(std::fs::read(&out).unwrap(), other_expected);
 }

@@ -160,12 +160,17 @@ impl Shared {
         &self,
         op: impl FnOnce(&mut dyn ConnectionLike) -> redis::RedisResult<T>,
     ) -> Option<T> {
+        self.run_on(|conn| op(conn.as_dyn()))
+    }
+
+    /// [`Shared::run`], for an operation that needs to know which kind of connection it has.
+    fn run_on<T>(&self, op: impl FnOnce(&mut Connection) -> redis::RedisResult<T>) -> Option<T> {
         if self.over_budget() || !self.breaker.allows() {
             return None;
         }
         let start = Instant::now();
         let result = self.connect().and_then(|mut conn| {
-            let result = op(conn.as_dyn());
+            let result = op(&mut conn);
             if result.is_ok() {
                 self.idle.lock().push(conn); // a connection that failed is dropped
             }
@@ -313,38 +318,53 @@ fn write_loop(shared: &Shared, ttl: Option<Duration>, rx: mpsc::Receiver<WriteOp
                 Err(_) => break,
             }
         }
-        let mut pipe = redis::pipe();
+        let mut commands = Vec::new();
         let mut flushes = Vec::new();
         for op in batch {
             match op {
                 WriteOp::Set(key, value) => {
-                    let cmd = pipe.cmd("SET").arg(key).arg(value);
+                    let mut cmd = redis::cmd("SET");
+                    cmd.arg(key).arg(value);
                     if let Some(ttl) = ttl {
                         cmd.arg("EX").arg(ttl.as_secs().max(1));
                     }
-                    cmd.ignore();
+                    commands.push(cmd);
                 }
                 WriteOp::Delete(key) => {
-                    pipe.cmd("DEL").arg(key).ignore();
+                    let mut cmd = redis::cmd("DEL");
+                    cmd.arg(key);
+                    commands.push(cmd);
                 }
                 WriteOp::Flush(reply) => flushes.push(reply),
             }
         }
-        if pipe.cmd_iter().next().is_some() {
+        if !commands.is_empty() {
             // A failed batch is dropped: the entries are a cache, compiled again if missing.
-            // The cluster client takes no pipeline (its keys live on several nodes): there,
-            // the batch goes one command at a time, still off the compile's threads.
-            if matches!(shared.client, Client::Cluster(_)) {
-                shared.run(|conn| {
-                    pipe.cmd_iter()
-                        .try_for_each(|cmd| cmd.query::<()>(&mut *conn))
-                });
-            } else {
-                shared.run(|conn| pipe.query::<()>(conn));
-            }
+            shared.run_on(move |conn| send_pipelined(conn, commands));
         }
         for reply in flushes {
             let _ = reply.send(());
+        }
+    }
+}
+
+/// Sends `commands` in one pipeline: to the one server, or, in a cluster, split by the node
+/// that owns each key's hash slot (the cluster client's pipeline does the splitting).
+fn send_pipelined(conn: &mut Connection, commands: Vec<redis::Cmd>) -> redis::RedisResult<()> {
+    match conn {
+        Connection::Single(conn) => {
+            let mut pipe = redis::pipe();
+            for cmd in commands {
+                pipe.add_command(cmd).ignore();
+            }
+            pipe.query(conn)
+        }
+        Connection::Cluster(conn) => {
+            let mut pipe = redis::cluster::cluster_pipe();
+            for cmd in commands {
+                pipe.add_command(cmd).ignore();
+            }
+            pipe.query(conn)
         }
     }
 }
