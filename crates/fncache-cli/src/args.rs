@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use bytesize::ByteSize;
 use clap::{Args, Parser, Subcommand};
 
+use crate::engine::EngineArgs;
+
 /// Compile and run WebAssembly with a persistent, function-level compilation cache.
 #[derive(Parser)]
 #[command(name = "fncache", version, about, propagate_version = true)]
@@ -66,6 +68,8 @@ pub struct Global {
 pub enum Command {
     /// Compile a module (binary or text) with the cache; optionally write the compiled module
     Compile {
+        #[command(flatten)]
+        engine: EngineArgs,
         /// The WebAssembly module
         input: PathBuf,
         /// Write Wasmtime's precompiled module here (load it with `Module::deserialize`)
@@ -74,9 +78,19 @@ pub enum Command {
     },
     /// Compile a WASI preview 1 command module with the cache, then run it
     Run {
+        #[command(flatten)]
+        engine: EngineArgs,
         /// Give the guest a host directory: HOST or HOST::GUEST (repeatable)
         #[arg(long = "dir", value_name = "HOST[::GUEST]")]
         dirs: Vec<String>,
+        /// Give the guest an environment variable: NAME=VALUE, or NAME for the host's value
+        /// (repeatable; the guest sees no other)
+        #[arg(long = "env", value_name = "NAME[=VALUE]")]
+        env: Vec<String>,
+        /// Call this export with ARGS (numbers, parsed as its parameter types) and print its
+        /// results, one per line, instead of running `_start`
+        #[arg(long, value_name = "FUNCTION")]
+        invoke: Option<String>,
         /// The WebAssembly module
         input: PathBuf,
         /// Arguments for the guest

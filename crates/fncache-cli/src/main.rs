@@ -5,6 +5,7 @@
 //! compile; for `run`, the guest's own exit code, or 134 when it traps.
 
 mod args;
+mod engine;
 mod logger;
 mod open;
 mod output;
@@ -37,9 +38,13 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<ExitCode> {
     let global = &cli.global;
     match cli.command {
-        Command::Compile { input, output } => {
+        Command::Compile {
+            engine,
+            input,
+            output,
+        } => {
             let wasm = read_input(&input)?;
-            let compiler = compiler(global)?;
+            let compiler = compiler(global, &engine)?;
             let report = match &output {
                 Some(output) => {
                     let (compiled, report) = compiler.precompile(&wasm)?;
@@ -73,9 +78,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run { dirs, input, args } => {
+        Command::Run {
+            engine,
+            dirs,
+            env,
+            invoke,
+            input,
+            args,
+        } => {
             let wasm = read_input(&input)?;
-            let compiler = compiler(global)?;
+            let compiler = compiler(global, &engine)?;
             let (module, report) = compiler.compile(&wasm)?;
             if global.json {
                 eprintln!("{}", report_json(&report, compiler.cache().is_some()));
@@ -87,7 +99,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 );
             }
             let guest_name = input.display().to_string();
-            let code = wasi::run_command(compiler.engine(), &module, &guest_name, &args, &dirs);
+            let guest = wasi::Guest {
+                name: &guest_name,
+                args: &args,
+                dirs: &dirs,
+                env: &env,
+            };
+            let code = match &invoke {
+                Some(function) => wasi::invoke(compiler.engine(), &module, &guest, function),
+                None => wasi::run_command(compiler.engine(), &module, &guest),
+            };
             finish(&compiler);
             code
         }

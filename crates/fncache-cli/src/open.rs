@@ -6,6 +6,7 @@ use fncache::{Cache, CacheConfig};
 use fncache_wasmtime::Compiler;
 
 use crate::args::Global;
+use crate::engine::EngineArgs;
 
 pub fn cache_config(global: &Global) -> CacheConfig {
     let mut config = CacheConfig::new()
@@ -74,7 +75,7 @@ pub fn with_advice(error: fncache::StoreError) -> anyhow::Error {
 }
 
 /// The compiler for `compile` and `run`, where an unusable cache only costs speed.
-pub fn compiler(global: &Global) -> Result<Compiler> {
+pub fn compiler(global: &Global, engine: &EngineArgs) -> Result<Compiler> {
     let cache = if global.no_cache {
         None
     } else {
@@ -91,12 +92,10 @@ pub fn compiler(global: &Global) -> Result<Compiler> {
         }
     };
     match (global.cross_check, cache) {
-        (Some(rate), Some(cache)) => {
-            Compiler::with_cross_check(wasmtime::Config::new(), cache, rate)
+        (Some(rate), Some(cache)) => Compiler::with_cross_check(engine.config()?, cache, rate),
+        (_, cache) => {
+            Ok(Compiler::new(engine.config()?, cache)?.module_level(!global.no_module_level))
         }
-        (_, cache) => Ok(
-            Compiler::new(wasmtime::Config::new(), cache)?.module_level(!global.no_module_level)
-        ),
     }
 }
 

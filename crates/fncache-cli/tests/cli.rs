@@ -533,3 +533,111 @@ fn bad_input_gets_a_one_line_error_and_a_nonzero_exit() {
         assert_eq!(errors, 1, "{args:?}: {stderr}");
     }
 }
+
+/// `-O` and `-W` as `wasmtime run` spells them: each setting is its own namespace, so entries
+/// compiled with other settings are never served, and the code is what an uncached compile with
+/// the same settings gives.
+#[test]
+fn engine_settings_never_share_entries() {
+    let env = Env::new();
+    let module = env.file("gen.wat", generated_module(30, 41));
+    let out = |name: &str| env.dir.path().join(name);
+    env.compile(&module, &out("default.cwasm"), &[]);
+    let (reference, _) = env.compile(
+        &module,
+        &out("o0-ref.cwasm"),
+        &["--no-cache", "-O", "opt-level=0"],
+    );
+    assert_eq!(reference["level"], "none");
+    let (first, _) = env.compile(&module, &out("o0.cwasm"), &["-O", "opt-level=0"]);
+    assert_eq!(first["level"], "function", "{first}");
+    assert_eq!(
+        n(&first, "hits"),
+        0,
+        "the default-level entries must not serve: {first}"
+    );
+    let (second, _) = env.compile(&module, &out("o0-again.cwasm"), &["-O", "opt-level=0"]);
+    assert_eq!(second["level"], "module", "{second}");
+    let read = |name: &str| std::fs::read(out(name)).unwrap();
+    assert!(read("o0.cwasm") == read("o0-ref.cwasm"));
+    assert!(read("o0-again.cwasm") == read("o0-ref.cwasm"));
+    assert!(
+        read("o0.cwasm") != read("default.cwasm"),
+        "opt-level=0 changed nothing?"
+    );
+    let (tail_call, _) = env.compile(&module, &out("tc.cwasm"), &["-W", "tail-call=n"]);
+    assert_eq!(n(&tail_call, "hits"), 0, "{tail_call}");
+    let bad = env.fncache(&["compile", "-W", "no-such-feature", module.to_str().unwrap()]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("no-such-feature"));
+}
+
+/// `run --env` and `run --invoke`, as `wasmtime run` has them.
+#[test]
+fn run_takes_env_and_invoke() {
+    let env = Env::new();
+    let add = env.file(
+        "add.wat",
+        r#"(module (func (export "add") (param i32 i64 f64) (result i64 f64)
+             (i64.add (i64.extend_i32_s (local.get 0)) (local.get 1))
+             (f64.mul (local.get 2) (f64.const 2))))"#,
+    );
+    let output = env.fncache(&[
+        "run",
+        "--invoke",
+        "add",
+        add.to_str().unwrap(),
+        "3",
+        "-5",
+        "1.25",
+    ]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "-2\n2.5\n");
+    let bad = env.fncache(&[
+        "run",
+        "--invoke",
+        "add",
+        add.to_str().unwrap(),
+        "x",
+        "1",
+        "2",
+    ]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("`x` is not a i32"));
+
+    let printenv = env.file(
+        "env.wat",
+        r#"(module
+          (import "wasi_snapshot_preview1" "environ_sizes_get" (func $sizes (param i32 i32) (result i32)))
+          (import "wasi_snapshot_preview1" "environ_get" (func $get (param i32 i32) (result i32)))
+          (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+          (memory (export "memory") 1)
+          (func (export "_start")
+            (drop (call $sizes (i32.const 0) (i32.const 4)))
+            (drop (call $get (i32.const 16) (i32.const 256)))
+            (i32.store (i32.const 8) (i32.const 256))
+            (i32.store (i32.const 12) (i32.load (i32.const 4)))
+            (drop (call $fd_write (i32.const 1) (i32.const 8) (i32.const 1) (i32.const 100)))))"#,
+    );
+    let output = common::fncache_in(&env.cache_dir())
+        .env("FNCACHE_TEST_HOST_VAR", "from the host")
+        .env("SECRET_NOT_PASSED", "x")
+        .args(["run", "--env", "A=1", "--env", "FNCACHE_TEST_HOST_VAR"])
+        .args(["--env", "UNSET_ON_HOST", printenv.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        "A=1\0FNCACHE_TEST_HOST_VAR=from the host\0",
+        "the guest sees only what --env gives it"
+    );
+}
