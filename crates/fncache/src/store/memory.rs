@@ -8,9 +8,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use super::{
-    Eviction, Found, Origin, Store, StoreError, StoredEntry, Usage, KEY_OVERHEAD, VALUE_OVERHEAD,
-};
+use super::{Eviction, Found, Store, StoreError, StoredEntry, Usage, KEY_OVERHEAD, VALUE_OVERHEAD};
 use crate::key::{Digest, KeyId, Link};
 use crate::stats::Counters;
 
@@ -105,13 +103,10 @@ impl Store for MemoryStore {
             return Ok(None);
         };
         inner.touch(&digest);
-        Ok(inner.values.get(&digest).map(|v| Found {
-            digest,
-            link,
-            entry: StoredEntry::Whole(v.entry.clone()),
-            origin: Origin::Local,
-            tier: 0,
-        }))
+        Ok(inner
+            .values
+            .get(&digest)
+            .map(|v| Found::local(digest, link, StoredEntry::Whole(v.entry.clone()))))
     }
 
     fn put(

@@ -79,6 +79,19 @@ pub struct Found {
     pub tier: usize,
 }
 
+impl Found {
+    /// An entry found on this machine, by a store of one tier.
+    pub fn local(digest: Digest, link: Link, entry: StoredEntry) -> Found {
+        Found {
+            digest,
+            link,
+            entry,
+            origin: Origin::Local,
+            tier: 0,
+        }
+    }
+}
+
 /// Where a [`Found`] entry came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Origin {

@@ -50,7 +50,7 @@ use self::schema::{
 use self::sql::GET_SQL;
 use self::value_files::MappedFile;
 use self::writer::{Op, Pending, Queue, Writer, WriterState};
-use super::{Eviction, Found, Origin, Store, StoreError, StoredEntry, Usage, KEY_OVERHEAD};
+use super::{Eviction, Found, Store, StoreError, StoredEntry, Usage, KEY_OVERHEAD};
 use crate::key::{Digest, KeyId, Link};
 use crate::stats::Counters;
 
@@ -336,13 +336,11 @@ impl Drop for DiskStore {
 impl Store for DiskStore {
     fn get(&self, key: &KeyId) -> Result<Option<Found>, StoreError> {
         if let Some((digest, link, entry)) = self.pending.lock().get(key) {
-            return Ok(Some(Found {
-                digest: *digest,
-                link: *link,
-                entry: StoredEntry::Whole(entry.clone()),
-                origin: Origin::Local,
-                tier: 0,
-            }));
+            return Ok(Some(Found::local(
+                *digest,
+                *link,
+                StoredEntry::Whole(entry.clone()),
+            )));
         }
         let found = self.with_reader(|conn| {
             conn.prepare_cached(GET_SQL)?
@@ -382,13 +380,7 @@ impl Store for DiskStore {
         if stale && !self.read_only && self.first_use_this_period(digest) {
             self.send(Op::Touch(digest))?;
         }
-        Ok(Some(Found {
-            digest,
-            link,
-            entry,
-            origin: Origin::Local,
-            tier: 0,
-        }))
+        Ok(Some(Found::local(digest, link, entry)))
     }
 
     fn put(
