@@ -67,6 +67,15 @@ pub fn print_stats(stats: &fncache::Stats) {
         "lookups          {lookups}: {} hits, {} misses ({rate:.1}% hit)",
         c.hits, c.misses
     );
+    for (kind, hits, misses) in [
+        ("modules", c.module_hits, c.module_misses),
+        ("components", c.component_hits, c.component_misses),
+        ("functions", c.function_hits, c.function_misses),
+    ] {
+        if hits + misses > 0 {
+            println!("  {kind:<14} {hits} hits, {misses} misses");
+        }
+    }
     println!(
         "inserts          {} ({} written)",
         c.inserts,

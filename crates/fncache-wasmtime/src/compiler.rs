@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use fncache::{Cache, Namespace, Value};
+use fncache::{Cache, Kind, Namespace, Value};
 use wasmtime::{Config, Engine, Module};
 
 use crate::fingerprint::engine_fingerprint;
@@ -214,7 +214,9 @@ impl Compiler {
         let (Some(store), Some(key)) = (&self.functions, key) else {
             return Ok(None);
         };
-        let Some(cached) = fetch(store.cache(), store.namespace(), key) else {
+        let cached = fetch(store.cache(), store.namespace(), key);
+        store.cache().count(Kind::Module, cached.is_some());
+        let Some(cached) = cached else {
             return Ok(None);
         };
         let report = CompileReport {

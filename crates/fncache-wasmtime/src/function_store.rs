@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use fncache::{Cache, Namespace};
+use fncache::{Cache, Kind, Namespace};
 use wasmtime::{CacheStore, Config, Engine};
 
 use crate::fingerprint::engine_fingerprint;
@@ -118,7 +118,9 @@ impl FunctionStore {
 impl CacheStore for FunctionStore {
     fn get(&self, key: &[u8]) -> Option<Cow<'_, [u8]>> {
         self.lookups.fetch_add(1, Ordering::Relaxed);
-        let value = self.cache.get(&self.namespace, key)?;
+        let value = self.cache.get(&self.namespace, key);
+        self.cache.count(Kind::Function, value.is_some());
+        let value = value?;
         if self.sampled() {
             // Answered as a miss: Cranelift compiles it and `insert` compares.
             self.awaiting_check

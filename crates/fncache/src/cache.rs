@@ -13,7 +13,7 @@ use crate::config::{CacheConfig, Compression};
 use crate::entry;
 use crate::key::{Digest, KeyId, Link, Namespace};
 use crate::secret::Secret;
-use crate::stats::{Counters, Stats};
+use crate::stats::{Counters, Kind, Stats};
 use crate::store::{
     disk::{DiskOptions, DiskStore},
     Eviction, Found, MappedFile, Origin, Store, StoreError, StoredEntry,
@@ -48,6 +48,9 @@ struct SessionCounters {
     bytes_written: AtomicU64,
     rejected: AtomicU64,
     remote_hits: AtomicU64,
+    /// Hits and misses by [`Kind`], in the order of its variants.
+    kind_hits: [AtomicU64; 3],
+    kind_misses: [AtomicU64; 3],
     /// Rejections already reported in a warning.
     rejected_reported: AtomicU64,
 }
@@ -64,6 +67,12 @@ impl SessionCounters {
             bytes_written: load(&self.bytes_written),
             rejected: load(&self.rejected),
             remote_hits: load(&self.remote_hits),
+            function_hits: load(&self.kind_hits[Kind::Function as usize]),
+            function_misses: load(&self.kind_misses[Kind::Function as usize]),
+            module_hits: load(&self.kind_hits[Kind::Module as usize]),
+            module_misses: load(&self.kind_misses[Kind::Module as usize]),
+            component_hits: load(&self.kind_hits[Kind::Component as usize]),
+            component_misses: load(&self.kind_misses[Kind::Component as usize]),
             ..Counters::default() // remote errors are the tiered store's
         }
     }
@@ -273,6 +282,17 @@ impl Cache {
         if let Err(error) = self.inner.store.put(key, link, digest, encoded.into()) {
             self.warn_once(&error);
         }
+    }
+
+    /// Counts a lookup of `kind` that hit or missed, for the counters that tell kinds apart
+    /// (`module_hits`, `function_misses`, ...). The caller knows the kind; the cache does not.
+    pub fn count(&self, kind: Kind, hit: bool) {
+        let counters = if hit {
+            &self.inner.session.kind_hits
+        } else {
+            &self.inner.session.kind_misses
+        };
+        counters[kind as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Starts a new time budget for the remote tier (see

@@ -31,5 +31,5 @@ pub use cache::{Cache, Value};
 pub use config::{CacheConfig, Compression, RemoteConfig};
 pub use key::{Digest, KeyId, Link, Namespace};
 pub use secret::Secret;
-pub use stats::{Counters, Stats};
+pub use stats::{Counters, Kind, Stats};
 pub use store::{disk::DiskStore, memory::MemoryStore, Store, StoreError};

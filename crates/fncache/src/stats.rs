@@ -2,6 +2,20 @@
 
 use serde::Serialize;
 
+/// What an entry holds, for counters that tell the kinds apart. The cache itself stores opaque
+/// values; the caller that knows says which kind each lookup was for ([`Cache::count`]).
+///
+/// [`Cache::count`]: crate::Cache::count
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// One function compiled by Cranelift (through Wasmtime or directly).
+    Function,
+    /// A whole precompiled core module.
+    Module,
+    /// A whole precompiled component.
+    Component,
+}
+
 /// Events counted by a cache; persisted by stores that persist.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Counters {
@@ -23,34 +37,57 @@ pub struct Counters {
     pub remote_errors: u64,
     /// Entries found damaged, truncated or misplaced, then discarded.
     pub rejected: u64,
+    /// Lookups for whole modules that hit and missed (included in `hits` and `misses`).
+    pub module_hits: u64,
+    pub module_misses: u64,
+    /// Lookups for whole components that hit and missed (included in `hits` and `misses`).
+    pub component_hits: u64,
+    pub component_misses: u64,
+    /// Lookups for single Cranelift functions that hit and missed (included in `hits` and
+    /// `misses`).
+    pub function_hits: u64,
+    pub function_misses: u64,
+}
+
+/// Runs `$each!(name)` for every counter, so that the lists below cannot drift apart.
+macro_rules! for_each_counter {
+    ($each:ident) => {
+        $each!(
+            hits,
+            misses,
+            inserts,
+            evictions,
+            bytes_read,
+            bytes_written,
+            rejected,
+            remote_hits,
+            remote_errors,
+            module_hits,
+            module_misses,
+            component_hits,
+            component_misses,
+            function_hits,
+            function_misses
+        )
+    };
 }
 
 impl Counters {
     pub fn add(&mut self, other: &Counters) {
-        self.hits += other.hits;
-        self.misses += other.misses;
-        self.inserts += other.inserts;
-        self.evictions += other.evictions;
-        self.bytes_read += other.bytes_read;
-        self.bytes_written += other.bytes_written;
-        self.rejected += other.rejected;
-        self.remote_hits += other.remote_hits;
-        self.remote_errors += other.remote_errors;
+        macro_rules! add {
+            ($($name:ident),*) => { $(self.$name += other.$name;)* };
+        }
+        for_each_counter!(add);
     }
 
     /// What was counted between `earlier` and `self`.
     pub fn since(&self, earlier: &Counters) -> Counters {
-        Counters {
-            hits: self.hits.saturating_sub(earlier.hits),
-            misses: self.misses.saturating_sub(earlier.misses),
-            inserts: self.inserts.saturating_sub(earlier.inserts),
-            evictions: self.evictions.saturating_sub(earlier.evictions),
-            bytes_read: self.bytes_read.saturating_sub(earlier.bytes_read),
-            bytes_written: self.bytes_written.saturating_sub(earlier.bytes_written),
-            rejected: self.rejected.saturating_sub(earlier.rejected),
-            remote_hits: self.remote_hits.saturating_sub(earlier.remote_hits),
-            remote_errors: self.remote_errors.saturating_sub(earlier.remote_errors),
+        macro_rules! since {
+            ($($name:ident),*) => {
+                Counters { $($name: self.$name.saturating_sub(earlier.$name)),* }
+            };
         }
+        for_each_counter!(since)
     }
 
     pub fn is_zero(&self) -> bool {
@@ -58,33 +95,24 @@ impl Counters {
     }
 
     /// Named values, in a fixed order, for stores that persist counters by name.
-    pub fn named(&self) -> [(&'static str, u64); 9] {
-        [
-            ("hits", self.hits),
-            ("misses", self.misses),
-            ("inserts", self.inserts),
-            ("evictions", self.evictions),
-            ("bytes_read", self.bytes_read),
-            ("bytes_written", self.bytes_written),
-            ("rejected", self.rejected),
-            ("remote_hits", self.remote_hits),
-            ("remote_errors", self.remote_errors),
-        ]
+    pub fn named(&self) -> Vec<(&'static str, u64)> {
+        macro_rules! named {
+            ($($name:ident),*) => { vec![$((stringify!($name), self.$name)),*] };
+        }
+        for_each_counter!(named)
     }
 
+    /// Sets the counter called `name`; an unknown name (from a newer fncache) is ignored.
     pub fn set_named(&mut self, name: &str, value: u64) {
-        match name {
-            "hits" => self.hits = value,
-            "misses" => self.misses = value,
-            "inserts" => self.inserts = value,
-            "evictions" => self.evictions = value,
-            "bytes_read" => self.bytes_read = value,
-            "bytes_written" => self.bytes_written = value,
-            "rejected" => self.rejected = value,
-            "remote_hits" => self.remote_hits = value,
-            "remote_errors" => self.remote_errors = value,
-            _ => {}
+        macro_rules! set {
+            ($($name:ident),*) => {
+                match name {
+                    $(stringify!($name) => self.$name = value,)*
+                    _ => {}
+                }
+            };
         }
+        for_each_counter!(set)
     }
 }
 

@@ -63,8 +63,12 @@ pub(super) fn set_meta(tx: &Transaction<'_>, name: &str, value: i64) -> rusqlite
 pub(super) fn add_counters(tx: &Transaction<'_>, counters: &Counters) -> rusqlite::Result<()> {
     for (name, value) in counters.named() {
         if value > 0 {
-            tx.prepare_cached("UPDATE meta SET value = value + ?1 WHERE name = ?2")?
-                .execute(params![value as i64, name])?;
+            // Inserted if missing: a cache made by an older fncache lacks the newer counters.
+            tx.prepare_cached(
+                "INSERT INTO meta (name, value) VALUES (?2, ?1) \
+                 ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
+            )?
+            .execute(params![value as i64, name])?;
         }
     }
     Ok(())
