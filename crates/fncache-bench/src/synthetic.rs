@@ -5,6 +5,18 @@
 /// for the cache to matter, deterministic, and only one export (few trampolines).
 pub fn generated_module(count: usize, salt: u32) -> String {
     let mut wat = String::from("(module (memory 1)\n");
+    wat.push_str(&generated_functions(count, salt));
+    wat.push_str(&format!(
+        "(func (export \"run\") (result i32) (call $f{} (i32.const 1))))",
+        count - 1
+    ));
+    wat
+}
+
+/// The functions `$f0` to `$f{count-1}` of [`generated_module`], each `(param i32) (result i32)`,
+/// `$f{i}` calling `$f{i-1}`; they use the first KiB of memory 0.
+pub fn generated_functions(count: usize, salt: u32) -> String {
+    let mut wat = String::new();
     for i in 0..count {
         let k = i as u32 * 7 + salt;
         wat.push_str(&format!(
@@ -32,9 +44,56 @@ pub fn generated_module(count: usize, salt: u32) -> String {
             },
         ));
     }
-    wat.push_str(&format!(
-        "(func (export \"run\") (result i32) (call $f{} (i32.const 1))))",
-        count - 1
-    ));
     wat
+}
+
+/// A WASI preview 1 command of `count` generated functions: it prints `hello from wasi`, then
+/// its environment (`NAME=VALUE` entries, each ended by a NUL byte), then exits: with 0 when
+/// given no arguments, else with `64 + ($f{count-1}(1) & 63)` (nonzero, and wrong if any
+/// function's code is).
+pub fn generated_command(count: usize, salt: u32) -> String {
+    format!(
+        r#"(module
+  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "environ_sizes_get" (func $environ_sizes_get (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "environ_get" (func $environ_get (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "args_sizes_get" (func $args_sizes_get (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "proc_exit" (func $proc_exit (param i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 2048) "hello from wasi\n")
+  (func $write (param $ptr i32) (param $len i32)
+    (i32.store (i32.const 2000) (local.get $ptr))
+    (i32.store (i32.const 2004) (local.get $len))
+    (drop (call $fd_write (i32.const 1) (i32.const 2000) (i32.const 1) (i32.const 2008))))
+  {functions}
+  (func (export "_start")
+    (call $write (i32.const 2048) (i32.const 16))
+    (drop (call $environ_sizes_get (i32.const 2016) (i32.const 2020)))
+    (drop (call $environ_get (i32.const 3072) (i32.const 8192)))
+    (call $write (i32.const 8192) (i32.load (i32.const 2020)))
+    (drop (call $args_sizes_get (i32.const 2024) (i32.const 2028)))
+    (if (i32.gt_u (i32.load (i32.const 2024)) (i32.const 1))
+      (then (call $proc_exit
+        (i32.add (i32.const 64) (i32.and (call $f{last} (i32.const 1)) (i32.const 63))))))
+    (call $proc_exit (i32.const 0))))"#,
+        functions = generated_functions(count, salt),
+        last = count - 1,
+    )
+}
+
+/// A WASI preview 2 component made from a preview 1 command (a core module, binary): the way
+/// toolchains make one, with `wit-component` and the preview 1 command adapter of the Wasmtime
+/// release this workspace uses.
+pub fn componentize(command: &[u8]) -> anyhow::Result<Vec<u8>> {
+    use wasi_preview1_component_adapter_provider::{
+        WASI_SNAPSHOT_PREVIEW1_ADAPTER_NAME, WASI_SNAPSHOT_PREVIEW1_COMMAND_ADAPTER,
+    };
+    wit_component::ComponentEncoder::default()
+        .module(command)?
+        .adapter(
+            WASI_SNAPSHOT_PREVIEW1_ADAPTER_NAME,
+            WASI_SNAPSHOT_PREVIEW1_COMMAND_ADAPTER,
+        )?
+        .validate(true)
+        .encode()
 }

@@ -66,17 +66,20 @@ pub struct Global {
 
 #[derive(Subcommand)]
 pub enum Command {
-    /// Compile a module (binary or text) with the cache; optionally write the compiled module
+    /// Compile a module or component (binary or text) with the cache; optionally write the
+    /// compiled form
     Compile {
         #[command(flatten)]
         engine: EngineArgs,
-        /// The WebAssembly module
+        /// The WebAssembly module or component
         input: PathBuf,
-        /// Write Wasmtime's precompiled module here (load it with `Module::deserialize`)
+        /// Write Wasmtime's precompiled form here (load it with `Module::deserialize`, or
+        /// `Component::deserialize` for a component)
         #[arg(short, long, value_name = "OUT.cwasm")]
         output: Option<PathBuf>,
     },
-    /// Compile a WASI preview 1 command module with the cache, then run it
+    /// Compile a WASI command with the cache, then run it: a preview 1 core module or a
+    /// preview 2 component
     Run {
         #[command(flatten)]
         engine: EngineArgs,
@@ -87,11 +90,12 @@ pub enum Command {
         /// (repeatable; the guest sees no other)
         #[arg(long = "env", value_name = "NAME[=VALUE]")]
         env: Vec<String>,
-        /// Call this export with ARGS (numbers, parsed as its parameter types) and print its
-        /// results, one per line, instead of running `_start`
+        /// Call this export with ARGS (numbers, parsed as its parameter types; for a component
+        /// also bools, chars and strings) and print its results, one per line, instead of
+        /// running the command
         #[arg(long, value_name = "FUNCTION")]
         invoke: Option<String>,
-        /// The WebAssembly module
+        /// The WebAssembly module or component
         input: PathBuf,
         /// Arguments for the guest
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]

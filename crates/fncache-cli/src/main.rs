@@ -20,6 +20,7 @@ use clap::Parser;
 use serde_json::json;
 
 use args::{Cli, Command, Global, MAX_INPUT};
+use fncache_wasmtime::Compiled;
 use open::{cache_config, compiler, finish, open_cache, open_for_maintenance, with_advice};
 use output::{print_stats, report_json, summary};
 
@@ -47,14 +48,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let compiler = compiler(global, &engine)?;
             let report = match &output {
                 Some(output) => {
-                    let (compiled, report) = compiler.precompile(&wasm)?;
+                    let (compiled, report) = compiler
+                        .precompile(&wasm)
+                        .with_context(|| cannot_compile(&input))?;
                     std::fs::write(output, &compiled)
                         .with_context(|| format!("cannot write {}", output.display()))?;
                     report
                 }
                 // Loaded as a user's process would load it (a cached module straight from its
                 // file), so that `seconds` is what a warm start costs.
-                None => compiler.compile(&wasm)?.1,
+                None => {
+                    compiler
+                        .compile_any(&wasm)
+                        .with_context(|| cannot_compile(&input))?
+                        .1
+                }
             };
             finish(&compiler);
             if global.json {
@@ -88,7 +96,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
         } => {
             let wasm = read_input(&input)?;
             let compiler = compiler(global, &engine)?;
-            let (module, report) = compiler.compile(&wasm)?;
+            let (compiled, report) = compiler
+                .compile_any(&wasm)
+                .with_context(|| cannot_compile(&input))?;
             if global.json {
                 eprintln!("{}", report_json(&report, compiler.cache().is_some()));
             } else {
@@ -105,9 +115,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 dirs: &dirs,
                 env: &env,
             };
-            let code = match &invoke {
-                Some(function) => wasi::invoke(compiler.engine(), &module, &guest, function),
-                None => wasi::run_command(compiler.engine(), &module, &guest),
+            let engine = compiler.engine();
+            let code = match (&compiled, &invoke) {
+                (Compiled::Module(module), Some(function)) => {
+                    wasi::invoke(engine, module, &guest, function)
+                }
+                (Compiled::Module(module), None) => wasi::run_command(engine, module, &guest),
+                (Compiled::Component(component), Some(function)) => {
+                    wasi::invoke_component(engine, component, &guest, function)
+                }
+                (Compiled::Component(component), None) => {
+                    wasi::run_component(engine, component, &guest)
+                }
             };
             finish(&compiler);
             code
@@ -223,6 +242,10 @@ fn clear_unusable(global: &Global, error: anyhow::Error) -> Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn cannot_compile(input: &Path) -> String {
+    format!("cannot compile {}", input.display())
 }
 
 /// Reads a module, at most [`MAX_INPUT`] bytes of it, refusing at once what cannot be one

@@ -7,7 +7,7 @@ use serde_json::json;
 pub fn summary(report: &CompileReport, compiler: &Compiler) -> String {
     let cache = match (compiler.cache(), report.level) {
         (None, _) => "no cache".to_string(),
-        (Some(_), Level::Module) => "whole module from the cache".to_string(),
+        (Some(_), Level::Module) => format!("whole {} from the cache", report.kind.as_str()),
         (Some(_), _) => format!(
             "{} lookups, {} hits, {} misses ({:.1}% hit)",
             report.lookups(),
@@ -24,6 +24,7 @@ pub fn summary(report: &CompileReport, compiler: &Compiler) -> String {
 
 pub fn report_json(report: &CompileReport, cached: bool) -> serde_json::Value {
     json!({
+        "kind": report.kind.as_str(),
         "level": report.level.as_str(),
         "functions": report.functions,
         "lookups": report.lookups(),

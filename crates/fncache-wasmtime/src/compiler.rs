@@ -6,12 +6,18 @@
 //! 100% function-level hit costs, since that still translates every function
 //! (docs/performance.md has the figures). A changed module misses that key and compiles with
 //! the function level; its finished form is then stored for next time.
+//!
+//! Components go the same way ([`Compiler::compile_component`]): Wasmtime compiles their core
+//! functions and trampolines through the same incremental cache, and the precompiled component
+//! is stored under a key of its own kind.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
 use fncache::{Cache, Kind, Namespace, Value};
+use wasmtime::component::Component;
 use wasmtime::{Config, Engine, Module};
 
 use crate::fingerprint::engine_fingerprint;
@@ -40,12 +46,64 @@ impl Level {
     }
 }
 
+/// What a WebAssembly binary is: a core module or a component.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WasmKind {
+    #[default]
+    Module,
+    Component,
+}
+
+impl WasmKind {
+    /// Tells them apart by the header (wasmparser's `Parser::is_component`).
+    pub fn of(binary: &[u8]) -> WasmKind {
+        if wasmparser::Parser::is_component(binary) {
+            WasmKind::Component
+        } else {
+            WasmKind::Module
+        }
+    }
+
+    /// The name used in `--json` output: `"module"` or `"component"`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            WasmKind::Module => "module",
+            WasmKind::Component => "component",
+        }
+    }
+
+    /// The whole-binary key's domain tag: 8 bytes, so that with the 32-byte digest the key is
+    /// 40 bytes long and never equals a Cranelift key (32 bytes), nor one of the other kind.
+    fn key_tag(&self) -> &'static [u8; 8] {
+        match self {
+            WasmKind::Module => b"module\0\0",
+            WasmKind::Component => b"componnt",
+        }
+    }
+
+    fn cache_kind(&self) -> Kind {
+        match self {
+            WasmKind::Module => Kind::Module,
+            WasmKind::Component => Kind::Component,
+        }
+    }
+}
+
+/// A compiled core module or component ([`Compiler::compile_any`]).
+pub enum Compiled {
+    Module(Module),
+    Component(Component),
+}
+
 /// What one compile did, for `--json` and the one-line summary.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct CompileReport {
+    /// A core module or a component.
+    pub kind: WasmKind,
     /// Where the compiled module came from.
     pub level: Level,
-    /// Functions defined by the module (imports excluded).
+    /// Functions defined by the module, or by all the core modules of a component (imports
+    /// excluded).
     pub functions: u64,
     /// Function-level lookups that returned a verified entry (functions and trampolines).
     pub hits: u64,
@@ -159,54 +217,103 @@ impl Compiler {
         })
     }
 
-    /// Compiles a module (binary or text format).
+    /// Compiles a core module (binary or text format).
     pub fn compile(&self, wasm: &[u8]) -> anyhow::Result<(Module, CompileReport)> {
-        let binary = wat::parse_bytes(wasm).context("not a WebAssembly module")?;
-        self.renew_budget();
-        let start = Instant::now();
-        let key = self.module_key(&binary);
-        if let Some((cached, mut report)) =
-            self.lookup_module(&binary, key.as_deref(), Cache::get_value)?
-        {
-            match self.load(&cached) {
-                Ok(module) => {
-                    report.seconds = start.elapsed().as_secs_f64();
-                    return Ok((module, report));
-                }
-                // Verified bytes under this engine's fingerprint that Wasmtime still refuses:
-                // compile, and the fresh result replaces them.
-                Err(error) => log::warn!("a cached module did not load ({error:#}); compiling it"),
-            }
-        }
-        let (precompiled, mut report) = self.compile_functions(&binary, key.as_deref())?;
-        // SAFETY: `precompiled` is this engine's own output.
-        let module = unsafe { Module::deserialize(&self.engine, &precompiled)? };
-        report.seconds = start.elapsed().as_secs_f64();
-        Ok((module, report))
+        let binary = parse(wasm, WasmKind::Module)?;
+        self.compile_as(&binary, WasmKind::Module, load_module, |engine, bytes| {
+            // SAFETY: `bytes` is this engine's own output.
+            unsafe { Module::deserialize(engine, bytes) }
+        })
     }
 
-    /// Compiles a module to Wasmtime's precompiled format (what `Module::deserialize` loads).
+    /// Compiles a component (binary or text format).
+    pub fn compile_component(&self, wasm: &[u8]) -> anyhow::Result<(Component, CompileReport)> {
+        let binary = parse(wasm, WasmKind::Component)?;
+        self.compile_as(
+            &binary,
+            WasmKind::Component,
+            load_component,
+            |engine, bytes| {
+                // SAFETY: `bytes` is this engine's own output.
+                unsafe { Component::deserialize(engine, bytes) }
+            },
+        )
+    }
+
+    /// Compiles a core module or a component, whichever `wasm` is.
+    pub fn compile_any(&self, wasm: &[u8]) -> anyhow::Result<(Compiled, CompileReport)> {
+        let binary = wat::parse_bytes(wasm).context("not a WebAssembly module or component")?;
+        Ok(match WasmKind::of(&binary) {
+            WasmKind::Module => {
+                let (module, report) = self.compile(&binary)?;
+                (Compiled::Module(module), report)
+            }
+            WasmKind::Component => {
+                let (component, report) = self.compile_component(&binary)?;
+                (Compiled::Component(component), report)
+            }
+        })
+    }
+
+    /// Compiles a core module or a component to Wasmtime's precompiled format (what
+    /// `Module::deserialize` or `Component::deserialize` loads); the report says which.
     pub fn precompile(&self, wasm: &[u8]) -> anyhow::Result<(Vec<u8>, CompileReport)> {
-        let binary = wat::parse_bytes(wasm).context("not a WebAssembly module")?;
+        let binary = wat::parse_bytes(wasm).context("not a WebAssembly module or component")?;
+        let kind = WasmKind::of(&binary);
         self.renew_budget();
         let start = Instant::now();
-        let key = self.module_key(&binary);
+        let key = self.whole_key(kind, &binary);
         if let Some((precompiled, mut report)) =
-            self.lookup_module(&binary, key.as_deref(), Cache::get)?
+            self.lookup_whole(kind, &binary, key.as_deref(), Cache::get)?
         {
             report.seconds = start.elapsed().as_secs_f64();
             return Ok((precompiled, report));
         }
-        let (precompiled, mut report) = self.compile_functions(&binary, key.as_deref())?;
+        let (precompiled, mut report) = self.compile_functions(kind, &binary, key.as_deref())?;
         report.seconds = start.elapsed().as_secs_f64();
         Ok((precompiled, report))
     }
 
-    /// The whole module from the cache, if it is there: read with `fetch`, which is
-    /// [`Cache::get_value`] to load it (mapped, no copy) or [`Cache::get`] to write it out
-    /// (copied before it is verified, so that the bytes written are the bytes checked).
-    fn lookup_module<T>(
+    /// Serves `binary` whole from the cache (`load`), else compiles it with the function level
+    /// and loads the result (`deserialize`).
+    fn compile_as<T>(
         &self,
+        binary: &[u8],
+        kind: WasmKind,
+        load: impl FnOnce(&Engine, &Value) -> anyhow::Result<T>,
+        deserialize: impl FnOnce(&Engine, &[u8]) -> wasmtime::Result<T>,
+    ) -> anyhow::Result<(T, CompileReport)> {
+        self.renew_budget();
+        let start = Instant::now();
+        let key = self.whole_key(kind, binary);
+        if let Some((cached, mut report)) =
+            self.lookup_whole(kind, binary, key.as_deref(), Cache::get_value)?
+        {
+            match load(&self.engine, &cached) {
+                Ok(loaded) => {
+                    report.seconds = start.elapsed().as_secs_f64();
+                    return Ok((loaded, report));
+                }
+                // Verified bytes under this engine's fingerprint that Wasmtime still refuses:
+                // compile, and the fresh result replaces them.
+                Err(error) => log::warn!(
+                    "a cached {} did not load ({error:#}); compiling it",
+                    kind.as_str()
+                ),
+            }
+        }
+        let (precompiled, mut report) = self.compile_functions(kind, binary, key.as_deref())?;
+        let loaded = deserialize(&self.engine, &precompiled)?;
+        report.seconds = start.elapsed().as_secs_f64();
+        Ok((loaded, report))
+    }
+
+    /// The whole module or component from the cache, if it is there: read with `fetch`, which
+    /// is [`Cache::get_value`] to load it (mapped, no copy) or [`Cache::get`] to write it out
+    /// (copied before it is verified, so that the bytes written are the bytes checked).
+    fn lookup_whole<T>(
+        &self,
+        kind: WasmKind,
         binary: &[u8],
         key: Option<&[u8]>,
         fetch: impl FnOnce(&Cache, &Namespace, &[u8]) -> Option<T>,
@@ -215,11 +322,12 @@ impl Compiler {
             return Ok(None);
         };
         let cached = fetch(store.cache(), store.namespace(), key);
-        store.cache().count(Kind::Module, cached.is_some());
+        store.cache().count(kind.cache_kind(), cached.is_some());
         let Some(cached) = cached else {
             return Ok(None);
         };
         let report = CompileReport {
+            kind,
             level: Level::Module,
             functions: count_functions(binary)?,
             ..Default::default()
@@ -227,29 +335,30 @@ impl Compiler {
         Ok(Some((cached, report)))
     }
 
-    /// Loads a cached module: straight from its file when it has one (mapped, no copy).
-    fn load(&self, cached: &Value) -> anyhow::Result<Module> {
-        // SAFETY: the bytes were verified against their BLAKE3 digest on read, and were filed
-        // under this engine's fingerprint by an engine with the same settings. The file is
-        // the one that was verified (still open), and value files are never rewritten.
-        let module = unsafe {
-            match cached.file() {
-                Some(file) => Module::deserialize_open_file(&self.engine, file.try_clone()?)?,
-                None => Module::deserialize(&self.engine, &**cached)?,
-            }
-        };
-        Ok(module)
-    }
-
     /// Compiles with the function level and stores the finished module for next time.
     fn compile_functions(
         &self,
+        kind: WasmKind,
         binary: &[u8],
         key: Option<&[u8]>,
     ) -> anyhow::Result<(Vec<u8>, CompileReport)> {
         let functions = count_functions(binary)?;
         let before = self.counters();
-        let precompiled = self.engine.precompile_module(binary)?;
+        if kind == WasmKind::Component {
+            // Wasmtime validates function bodies as it compiles them, in parallel, so the
+            // valid functions of a component that then fails would already be stored. A
+            // component that fails to compile stores nothing: validated first, with every
+            // feature on, so that only what no engine would accept is refused here (Wasmtime
+            // still validates with its own features).
+            wasmparser::Validator::new_with_features(wasmparser::WasmFeatures::all())
+                .validate_all(binary)
+                .context("not a valid component")?;
+        }
+        // A binary that fails to compile stores nothing whole (the error returns here).
+        let precompiled = match kind {
+            WasmKind::Module => self.engine.precompile_module(binary)?,
+            WasmKind::Component => self.engine.precompile_component(binary)?,
+        };
         if let (Some(store), Some(key)) = (&self.functions, key) {
             store.cache().insert(store.namespace(), key, &precompiled);
         }
@@ -257,6 +366,7 @@ impl Compiler {
         let lookups = after.lookups - before.lookups;
         let hits = after.hits - before.hits;
         let report = CompileReport {
+            kind,
             level: if self.functions.is_some() {
                 Level::Function
             } else {
@@ -275,14 +385,13 @@ impl Compiler {
         Ok((precompiled, report))
     }
 
-    /// The module-level key: a domain tag and the digest of the module's bytes (the namespace
-    /// around it carries the engine fingerprint). Cranelift's keys are 32-byte SHA-256 digests,
-    /// so a 40-byte key cannot collide with them.
-    fn module_key(&self, binary: &[u8]) -> Option<Vec<u8>> {
+    /// The module-level key: the kind's domain tag and the digest of the binary's bytes (the
+    /// namespace around it carries the engine fingerprint).
+    fn whole_key(&self, kind: WasmKind, binary: &[u8]) -> Option<Vec<u8>> {
         if !self.module_level {
             return None;
         }
-        let mut key = b"module\0\0".to_vec();
+        let mut key = kind.key_tag().to_vec();
         key.extend_from_slice(blake3::hash(binary).as_bytes());
         Some(key)
     }
@@ -301,12 +410,63 @@ impl Compiler {
     }
 }
 
-/// Functions defined by a core module (0 for a component).
-fn count_functions(binary: &[u8]) -> anyhow::Result<u64> {
-    for payload in wasmparser::Parser::new(0).parse_all(binary) {
-        if let wasmparser::Payload::FunctionSection(section) = payload.context("invalid wasm")? {
-            return Ok(u64::from(section.count()));
+/// The binary form of `wasm` (text is accepted), which must be of `kind`.
+fn parse(wasm: &[u8], kind: WasmKind) -> anyhow::Result<Cow<'_, [u8]>> {
+    let binary =
+        wat::parse_bytes(wasm).with_context(|| format!("not a WebAssembly {}", kind.as_str()))?;
+    let found = WasmKind::of(&binary);
+    if found != kind {
+        bail!(
+            "a {} was given where a {} is required",
+            found.as_str(),
+            kind.as_str()
+        );
+    }
+    Ok(binary)
+}
+
+/// Loads a cached module: straight from its file when it has one (mapped, no copy).
+fn load_module(engine: &Engine, cached: &Value) -> anyhow::Result<Module> {
+    // SAFETY: the bytes were verified against their BLAKE3 digest on read, and were filed
+    // under this engine's fingerprint by an engine with the same settings. The file is the
+    // one that was verified (still open), and value files are never rewritten.
+    let module = unsafe {
+        match cached.file() {
+            Some(file) => Module::deserialize_open_file(engine, file.try_clone()?)?,
+            None => Module::deserialize(engine, &**cached)?,
+        }
+    };
+    Ok(module)
+}
+
+/// Loads a cached component: from its file when it has one, else from the verified bytes.
+///
+/// Wasmtime 48 has no `Component::deserialize_open_file`, and `deserialize_file` takes a path,
+/// which could name another file by the time it is opened. `/proc/self/fd/N` names the
+/// verified file itself (the open file, not a path through the cache directory), so that is
+/// what it is given; without `/proc` the verified bytes are copied in.
+fn load_component(engine: &Engine, cached: &Value) -> anyhow::Result<Component> {
+    #[cfg(target_os = "linux")]
+    if let Some(file) = cached.file() {
+        use std::os::fd::AsRawFd;
+        let path = format!("/proc/self/fd/{}", file.as_raw_fd());
+        // SAFETY: as in `load_module`; the path is the verified open file.
+        match unsafe { Component::deserialize_file(engine, &path) } {
+            Ok(component) => return Ok(component),
+            Err(error) => log::debug!("cannot map the cached component ({error:#}); copying it"),
         }
     }
-    Ok(0)
+    // SAFETY: as in `load_module`.
+    Ok(unsafe { Component::deserialize(engine, &**cached)? })
+}
+
+/// Functions defined by a core module, or by all the core modules nested in a component.
+fn count_functions(binary: &[u8]) -> anyhow::Result<u64> {
+    let mut count = 0;
+    for payload in wasmparser::Parser::new(0).parse_all(binary) {
+        if let wasmparser::Payload::FunctionSection(section) = payload.context("invalid wasm")? {
+            count += u64::from(section.count());
+        }
+    }
+    Ok(count)
 }

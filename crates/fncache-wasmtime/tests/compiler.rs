@@ -156,3 +156,30 @@ fn verify_mode_finds_no_mismatch_on_a_real_compile() {
     assert_eq!(report.mismatches, 0);
     assert_eq!(code, reference);
 }
+
+#[test]
+fn a_module_and_a_component_are_each_refused_where_the_other_is_required() {
+    let compiler = Compiler::new(Config::new(), Some(memory_cache())).unwrap();
+    let component = "(component (core module (func (export \"f\"))))";
+    let error = compiler.compile(component.as_bytes()).err().unwrap();
+    assert_eq!(
+        error.to_string(),
+        "a component was given where a module is required"
+    );
+    let error = compiler.compile_component(MODULE.as_bytes()).err().unwrap();
+    assert_eq!(
+        error.to_string(),
+        "a module was given where a component is required"
+    );
+    // `precompile` and `compile_any` take either, and say which it was.
+    let (_, report) = compiler.precompile(component.as_bytes()).unwrap();
+    assert_eq!(report.kind, fncache_wasmtime::WasmKind::Component);
+    let (compiled, report) = compiler.compile_any(MODULE.as_bytes()).unwrap();
+    assert!(matches!(compiled, fncache_wasmtime::Compiled::Module(_)));
+    assert_eq!(report.kind, fncache_wasmtime::WasmKind::Module);
+    // The whole-binary keys of the two kinds never meet: the component, compiled again, is a
+    // component-level hit, and loads as a component.
+    let (compiled, report) = compiler.compile_any(component.as_bytes()).unwrap();
+    assert!(matches!(compiled, fncache_wasmtime::Compiled::Component(_)));
+    assert_eq!(report.level, Level::Module);
+}
