@@ -91,18 +91,14 @@ fn bench(inputs: &[PathBuf], runs: usize, json: bool) -> Result<ExitCode> {
             subjects.extend(found);
             families.extend(found_families);
         } else {
-            let name = input.file_name().unwrap_or_default().to_string_lossy();
-            subjects.push(Subject {
-                name: name.trim_end_matches(".wasm").to_string(),
-                path: input.clone(),
-                previous: None,
-            });
+            subjects.push(Subject::of_file(input));
         }
     }
     if subjects.is_empty() && families.is_empty() {
         bail!("no modules to measure; fetch the corpus with scripts/fetch-corpus");
     }
     let (_scratch, options) = bench_options(runs)?;
+    let subjects = suite::with_components(subjects, &options.scratch)?;
     let mut total = 0;
     for subject in &subjects {
         total += suite::probe_count(subject, runs)?;
@@ -147,12 +143,7 @@ fn bench_remote(inputs: &[PathBuf], runs: usize, url: &str, json: bool) -> Resul
     let mut progress = Progress::new(inputs.len() * suite::remote_probe_count(runs));
     let mut reports = Vec::new();
     for input in inputs {
-        let name = input.file_name().unwrap_or_default().to_string_lossy();
-        let subject = Subject {
-            name: name.trim_end_matches(".wasm").to_string(),
-            path: input.clone(),
-            previous: None,
-        };
+        let subject = Subject::of_file(input);
         reports.push(suite::measure_remote(
             &subject,
             url,

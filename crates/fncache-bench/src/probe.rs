@@ -3,7 +3,7 @@
 //! would not have warm: no engine, no open database, no page of the cache in this process.
 //!
 //! Every probe times the same span: from nothing (the wasm bytes already read) to a loaded
-//! `Module`, including building the engine and opening whatever cache it uses.
+//! `Module` (or `Component`), including building the engine and opening whatever cache it uses.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use fncache::{Cache, CacheConfig};
-use fncache_wasmtime::Compiler;
+use fncache_wasmtime::{Compiler, WasmKind};
 use serde::{Deserialize, Serialize};
 use wasmtime::{CacheStore, Config, Engine, Module};
 
@@ -78,7 +78,7 @@ impl Probe {
                 let wasm = read(module)?;
                 let start = Instant::now();
                 let engine = Engine::new(&Config::new())?;
-                drop(Module::new(&engine, &wasm)?);
+                compile_fresh(&engine, &wasm)?;
                 Ok(Sample {
                     seconds: start.elapsed().as_secs_f64(),
                     level: "none".into(),
@@ -94,7 +94,7 @@ impl Probe {
                 let mut config = Config::new();
                 config.cache(Some(cache.clone()));
                 let engine = Engine::new(&config)?;
-                drop(Module::new(&engine, &wasm)?);
+                compile_fresh(&engine, &wasm)?;
                 let seconds = start.elapsed().as_secs_f64();
                 Ok(Sample {
                     seconds,
@@ -111,11 +111,11 @@ impl Probe {
             Probe::ColdInWarmProcess { warm_with, module } => {
                 let engine = Engine::new(&Config::new())?;
                 for warm in warm_with {
-                    drop(Module::new(&engine, read(warm)?)?);
+                    compile_fresh(&engine, &read(warm)?)?;
                 }
                 let wasm = read(module)?;
                 let start = Instant::now();
-                drop(Module::new(&engine, &wasm)?);
+                compile_fresh(&engine, &wasm)?;
                 Ok(Sample {
                     seconds: start.elapsed().as_secs_f64(),
                     level: "none".into(),
@@ -128,12 +128,12 @@ impl Probe {
                 config.enable_incremental_compilation(store.clone())?;
                 let engine = Engine::new(&config)?;
                 for warm in warm_with {
-                    drop(Module::new(&engine, read(warm)?)?);
+                    compile_fresh(&engine, &read(warm)?)?;
                 }
                 let wasm = read(module)?;
                 let before = store.counters();
                 let start = Instant::now();
-                drop(Module::new(&engine, &wasm)?);
+                compile_fresh(&engine, &wasm)?;
                 let seconds = start.elapsed().as_secs_f64();
                 let after = store.counters();
                 Ok(Sample {
@@ -161,7 +161,7 @@ impl Probe {
                 let cache = Cache::open(&config)?;
                 let compiler =
                     Compiler::new(Config::new(), Some(cache.clone()))?.module_level(*module_level);
-                let (loaded, report) = compiler.compile(&wasm)?;
+                let (loaded, report) = compiler.compile_any(&wasm)?;
                 let seconds = start.elapsed().as_secs_f64();
                 drop(loaded);
                 let flushing = Instant::now();
@@ -191,6 +191,16 @@ impl Probe {
             }
         }
     }
+}
+
+/// Compiles a core module or a component (whichever `wasm` is) as Wasmtime does without
+/// fncache, and drops it.
+fn compile_fresh(engine: &Engine, wasm: &[u8]) -> Result<()> {
+    match WasmKind::of(wasm) {
+        WasmKind::Module => drop(Module::new(engine, wasm)?),
+        WasmKind::Component => drop(wasmtime::component::Component::new(engine, wasm)?),
+    }
+    Ok(())
 }
 
 fn read(path: &PathBuf) -> Result<Vec<u8>> {

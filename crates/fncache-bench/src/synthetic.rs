@@ -81,6 +81,37 @@ pub fn generated_command(count: usize, salt: u32) -> String {
     )
 }
 
+/// Whether `wasm` is a WASI preview 1 command that the command adapter can make into a
+/// component: a core module exporting `_start` and importing only from WASI preview 1.
+pub fn is_wasi_command(wasm: &[u8]) -> bool {
+    let mut start = false;
+    for payload in wasmparser::Parser::new(0).parse_all(wasm) {
+        match payload {
+            Ok(wasmparser::Payload::Version { encoding, .. })
+                if encoding != wasmparser::Encoding::Module =>
+            {
+                return false
+            }
+            Ok(wasmparser::Payload::ImportSection(imports)) => {
+                for import in imports.into_imports() {
+                    match import {
+                        Ok(import) if import.module == "wasi_snapshot_preview1" => {}
+                        _ => return false,
+                    }
+                }
+            }
+            Ok(wasmparser::Payload::ExportSection(exports)) => {
+                start = exports
+                    .into_iter()
+                    .any(|e| e.is_ok_and(|e| e.name == "_start"));
+            }
+            Ok(_) => {}
+            Err(_) => return false,
+        }
+    }
+    start
+}
+
 /// A WASI preview 2 component made from a preview 1 command (a core module, binary): the way
 /// toolchains make one, with `wit-component` and the preview 1 command adapter of the Wasmtime
 /// release this workspace uses.

@@ -104,3 +104,40 @@ fn bench_measures_every_configuration_and_the_family() {
         "{text}"
     );
 }
+
+/// A WASI command is measured twice: as itself and as the component made from it, with its
+/// edits made to the core module and then made into components.
+#[test]
+fn bench_measures_a_wasi_command_as_a_component_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let command = dir.path().join("cmd.wasm");
+    let wat = fncache_bench::synthetic::generated_command(40, 2);
+    std::fs::write(&command, wat::parse_str(&wat).unwrap()).unwrap();
+    let out = bench(&["--runs", "1", "--json", command.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let modules = run["modules"].as_array().unwrap();
+    assert_eq!(modules.len(), 2, "{run}");
+    assert_eq!(modules[1]["module"], "cmd as a component");
+    let rows = &modules[1]["rows"];
+    assert_eq!(rows["fncache-unchanged"]["level"], "module", "{rows}");
+    assert_eq!(rows["fncache-warm-function-level"]["level"], "function");
+    assert!(
+        rows["fncache-warm-function-level"]["hit_rate"]
+            .as_f64()
+            .unwrap()
+            > 0.6
+    );
+    assert_eq!(rows["edit-const/fncache"]["level"], "function", "{rows}");
+    assert!(
+        rows["edit-const/fncache"]["hits"].as_u64().unwrap() > 0,
+        "{rows}"
+    );
+    // A new import outside WASI cannot be adapted: not measured for the component.
+    assert!(rows.get("add-import/fncache").is_none());
+    assert!(modules[0]["rows"].get("add-import/fncache").is_some());
+}

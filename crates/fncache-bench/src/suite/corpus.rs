@@ -67,6 +67,7 @@ pub fn discover(corpus: &Path) -> Result<(Vec<Subject>, Vec<Family>)> {
             name: format!("{package}@{}", version.join(".")),
             path: newest,
             previous,
+            component_of: None,
         });
     }
     Ok((subjects, families))

@@ -40,6 +40,49 @@ pub struct Subject {
     pub name: String,
     pub path: PathBuf,
     pub previous: Option<PathBuf>,
+    /// A component made from this WASI preview 1 command (a core module): its edit scenarios
+    /// are edits of the core module, made into components the same way.
+    pub component_of: Option<PathBuf>,
+}
+
+impl Subject {
+    /// A module to measure, named after its file.
+    pub fn of_file(path: &Path) -> Subject {
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        Subject {
+            name: name.trim_end_matches(".wasm").to_string(),
+            path: path.to_path_buf(),
+            previous: None,
+            component_of: None,
+        }
+    }
+}
+
+/// `subjects`, each WASI preview 1 command followed by the component made from it (written
+/// into `scratch`), so that every command is measured as a component too.
+pub fn with_components(subjects: Vec<Subject>, scratch: &Path) -> Result<Vec<Subject>> {
+    let mut out = Vec::new();
+    for subject in subjects {
+        let wasm = std::fs::read(&subject.path)
+            .with_context(|| format!("cannot read {}", subject.path.display()))?;
+        let component = crate::synthetic::is_wasi_command(&wasm)
+            .then(|| crate::synthetic::componentize(&wasm))
+            .transpose()?;
+        let name = subject.name.clone();
+        let core = subject.path.clone();
+        out.push(subject);
+        if let Some(component) = component {
+            let path = scratch.join(format!("{}.component.wasm", name.replace('/', "_")));
+            std::fs::write(&path, component)?;
+            out.push(Subject {
+                name: format!("{name} as a component"),
+                path,
+                previous: None,
+                component_of: Some(core),
+            });
+        }
+    }
+    Ok(out)
 }
 
 /// How to run the suite.

@@ -42,12 +42,9 @@ pub fn measure(
         .with_context(|| format!("cannot read {}", subject.path.display()))?;
     // The scenarios: (row name, module to compile, module the cache was warmed with).
     let mut scenarios: Vec<(String, PathBuf, PathBuf)> = Vec::new();
-    for edit in Edit::ALL {
-        if !edits::applies(edit, &wasm)? {
-            continue;
-        }
+    for (edit, edited_wasm) in edited(subject)? {
         let edited = scratch.join(format!("{}.wasm", edit.name()));
-        fs::write(&edited, edits::apply(edit, &wasm)?)?;
+        fs::write(&edited, edited_wasm)?;
         scenarios.push((edit.name().into(), edited, subject.path.clone()));
     }
     if let Some(previous) = &subject.previous {
@@ -221,13 +218,33 @@ pub(crate) fn module_entry_bytes(cache: &Path) -> u64 {
 
 /// How many probes [`measure`] runs for `subject` (for the progress display).
 pub fn probe_count(subject: &Subject, runs: usize) -> Result<usize> {
-    let wasm = fs::read(&subject.path)?;
-    let mut scenarios = 0;
-    for edit in Edit::ALL {
-        scenarios += edits::applies(edit, &wasm)? as usize;
-    }
-    scenarios += subject.previous.is_some() as usize;
+    let scenarios = edited(subject)?.len() + subject.previous.is_some() as usize;
     Ok(runs * (8 + 2 * scenarios))
+}
+
+/// Every edit that applies to `subject`, with the edited binary. A component's edits are made
+/// to the core module it came from, which is then made into a component the same way.
+fn edited(subject: &Subject) -> Result<Vec<(Edit, Vec<u8>)>> {
+    let core = subject.component_of.as_ref().unwrap_or(&subject.path);
+    let wasm = fs::read(core).with_context(|| format!("cannot read {}", core.display()))?;
+    let mut out = Vec::new();
+    for edit in Edit::ALL {
+        if !edits::applies(edit, &wasm)? {
+            continue;
+        }
+        let edited = edits::apply(edit, &wasm)?;
+        match &subject.component_of {
+            None => out.push((edit, edited)),
+            // An edit that a command adapter cannot take (a new import outside WASI) is not
+            // measured for the component.
+            Some(_) => {
+                if let Ok(component) = crate::synthetic::componentize(&edited) {
+                    out.push((edit, component));
+                }
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// The reports as a table for people.
