@@ -101,6 +101,24 @@ pub enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Compile and run a WASI command, then again on every change of the file (Ctrl-C ends it,
+    /// with the cache flushed); one line per reload on stderr (--json: one object)
+    Watch {
+        #[command(flatten)]
+        engine: EngineArgs,
+        /// Give the guest a host directory: HOST or HOST::GUEST (repeatable)
+        #[arg(long = "dir", value_name = "HOST[::GUEST]")]
+        dirs: Vec<String>,
+        /// Give the guest an environment variable: NAME=VALUE, or NAME for the host's value
+        /// (repeatable; the guest sees no other)
+        #[arg(long = "env", value_name = "NAME[=VALUE]")]
+        env: Vec<String>,
+        /// The WebAssembly module or component to watch (it may not exist yet)
+        input: PathBuf,
+        /// Arguments for the guest
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Show the cache's statistics
     Stats,
     /// Evict least recently used entries down to --max-size (default: the cache's limit)

@@ -9,7 +9,9 @@ mod engine;
 mod logger;
 mod open;
 mod output;
+mod progress;
 mod wasi;
+mod watch;
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -48,8 +50,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let compiler = compiler(global, &engine)?;
             let report = match &output {
                 Some(output) => {
-                    let (compiled, report) = compiler
-                        .precompile(&wasm)
+                    let (compiled, report) =
+                        progress::with_progress(&compiler, &wasm, global.json, || {
+                            compiler.precompile(&wasm)
+                        })
                         .with_context(|| cannot_compile(&input))?;
                     std::fs::write(output, &compiled)
                         .with_context(|| format!("cannot write {}", output.display()))?;
@@ -58,10 +62,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 // Loaded as a user's process would load it (a cached module straight from its
                 // file), so that `seconds` is what a warm start costs.
                 None => {
-                    compiler
-                        .compile_any(&wasm)
-                        .with_context(|| cannot_compile(&input))?
-                        .1
+                    progress::with_progress(&compiler, &wasm, global.json, || {
+                        compiler.compile_any(&wasm)
+                    })
+                    .with_context(|| cannot_compile(&input))?
+                    .1
                 }
             };
             finish(&compiler);
@@ -96,9 +101,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
         } => {
             let wasm = read_input(&input)?;
             let compiler = compiler(global, &engine)?;
-            let (compiled, report) = compiler
-                .compile_any(&wasm)
-                .with_context(|| cannot_compile(&input))?;
+            let (compiled, report) = progress::with_progress(&compiler, &wasm, global.json, || {
+                compiler.compile_any(&wasm)
+            })
+            .with_context(|| cannot_compile(&input))?;
             if global.json {
                 eprintln!("{}", report_json(&report, compiler.cache().is_some()));
             } else {
@@ -130,6 +136,24 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             finish(&compiler);
             code
+        }
+        Command::Watch {
+            engine,
+            dirs,
+            env,
+            input,
+            args,
+        } => {
+            let mut config = engine.config()?;
+            config.epoch_interruption(true);
+            let compiler = open::compiler_for(global, config)?;
+            let guest = watch::GuestArgs {
+                name: input.display().to_string(),
+                args,
+                dirs,
+                env,
+            };
+            watch::watch(compiler, &input, guest, global.json)
         }
         Command::Stats => {
             let cache = open_cache(global)?;

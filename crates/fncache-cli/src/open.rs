@@ -76,6 +76,11 @@ pub fn with_advice(error: fncache::StoreError) -> anyhow::Error {
 
 /// The compiler for `compile` and `run`, where an unusable cache only costs speed.
 pub fn compiler(global: &Global, engine: &EngineArgs) -> Result<Compiler> {
+    compiler_for(global, engine.config()?)
+}
+
+/// [`compiler`], for an engine configured by the caller.
+pub fn compiler_for(global: &Global, config: wasmtime::Config) -> Result<Compiler> {
     let cache = if global.no_cache {
         None
     } else {
@@ -92,10 +97,8 @@ pub fn compiler(global: &Global, engine: &EngineArgs) -> Result<Compiler> {
         }
     };
     match (global.cross_check, cache) {
-        (Some(rate), Some(cache)) => Compiler::with_cross_check(engine.config()?, cache, rate),
-        (_, cache) => {
-            Ok(Compiler::new(engine.config()?, cache)?.module_level(!global.no_module_level))
-        }
+        (Some(rate), Some(cache)) => Compiler::with_cross_check(config, cache, rate),
+        (_, cache) => Ok(Compiler::new(config, cache)?.module_level(!global.no_module_level)),
     }
 }
 

@@ -120,6 +120,9 @@ fn instantiate(
     let mut linker: Linker<WasiP1Ctx> = Linker::new(engine);
     p1::add_to_linker_sync(&mut linker, |ctx| ctx)?;
     let mut store = Store::new(engine, context(guest)?.build_p1());
+    // Only an engine with epoch interruption (`fncache watch`) checks it: the guest runs
+    // until the epoch is bumped once.
+    store.set_epoch_deadline(1);
     let instance = linker
         .instantiate(&mut store, module)
         .map_err(anyhow::Error::from)
@@ -153,7 +156,9 @@ fn component_host(
         wasi: context(guest)?.build(),
         table: ResourceTable::new(),
     };
-    Ok((Store::new(engine, host), linker))
+    let mut store = Store::new(engine, host);
+    store.set_epoch_deadline(1); // as for modules
+    Ok((store, linker))
 }
 
 /// Runs a WASI preview 2 command component's `wasi:cli/run` with the process's stdio; returns
@@ -277,6 +282,9 @@ fn exit_code(name: &str, called: wasmtime::Result<()>) -> Result<ExitCode> {
         Err(error) => {
             if let Some(exit) = error.downcast_ref::<I32Exit>() {
                 return Ok(ExitCode::from(exit.0 as u8));
+            }
+            if error.downcast_ref::<wasmtime::Trap>() == Some(&wasmtime::Trap::Interrupt) {
+                return Ok(ExitCode::from(130)); // stopped on purpose (`fncache watch`)
             }
             eprintln!("fncache: error: {name} failed: {error:?}");
             Ok(ExitCode::from(TRAP_EXIT_CODE))

@@ -402,7 +402,9 @@ impl Compiler {
         }
     }
 
-    fn counters(&self) -> FunctionCounters {
+    /// The function level's counters since this compiler was made (all zero without a
+    /// cache); they move while a compile runs, for progress displays.
+    pub fn counters(&self) -> FunctionCounters {
         self.functions
             .as_ref()
             .map(|f| f.counters())
@@ -461,7 +463,7 @@ fn load_component(engine: &Engine, cached: &Value) -> anyhow::Result<Component> 
 }
 
 /// Functions defined by a core module, or by all the core modules nested in a component.
-fn count_functions(binary: &[u8]) -> anyhow::Result<u64> {
+pub fn count_functions(binary: &[u8]) -> anyhow::Result<u64> {
     let mut count = 0;
     for payload in wasmparser::Parser::new(0).parse_all(binary) {
         if let wasmparser::Payload::FunctionSection(section) = payload.context("invalid wasm")? {

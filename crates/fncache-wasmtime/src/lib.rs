@@ -19,6 +19,6 @@ pub mod compiler;
 pub mod fingerprint;
 pub mod function_store;
 
-pub use compiler::{CompileReport, Compiled, Compiler, Level, WasmKind};
+pub use compiler::{count_functions, CompileReport, Compiled, Compiler, Level, WasmKind};
 pub use fingerprint::engine_fingerprint;
-pub use function_store::{enable, enable_with_cross_check, FunctionStore};
+pub use function_store::{enable, enable_with_cross_check, FunctionCounters, FunctionStore};
