@@ -119,6 +119,19 @@ pub enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Explain, for every function of NEW, why it will or will not be served from a cache
+    /// filled by OLD; then check the prediction against a real compile
+    Explain {
+        #[command(flatten)]
+        engine: EngineArgs,
+        /// The module the cache was filled with
+        old: PathBuf,
+        /// The module to explain
+        new: PathBuf,
+        /// Predict only; do not compile to check
+        #[arg(long)]
+        no_check: bool,
+    },
     /// Show the cache's statistics
     Stats,
     /// Evict least recently used entries down to --max-size (default: the cache's limit)

@@ -155,6 +155,22 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             watch::watch(compiler, &input, guest, global.json)
         }
+        Command::Explain {
+            engine,
+            old,
+            new,
+            no_check,
+        } => {
+            let config = (!no_check).then(|| engine.config()).transpose()?;
+            let explanation =
+                fncache_wasmtime::explain::explain(&read_input(&old)?, &read_input(&new)?, config)?;
+            if global.json {
+                println!("{}", serde_json::to_string(&explanation)?);
+            } else {
+                output::print_explanation(&explanation, &old, &new);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Stats => {
             let cache = open_cache(global)?;
             let stats = cache.stats()?;

@@ -94,3 +94,74 @@ pub fn print_stats(stats: &fncache::Stats) {
         );
     }
 }
+
+pub fn print_explanation(
+    explanation: &fncache_wasmtime::explain::Explanation,
+    old: &std::path::Path,
+    new: &std::path::Path,
+) {
+    let functions = &explanation.functions;
+    let hits = functions.iter().filter(|f| f.reason.predicts_hit()).count();
+    let bytes: u64 = functions.iter().map(|f| f.body_bytes).sum();
+    let hit_bytes: u64 = functions
+        .iter()
+        .filter(|f| f.reason.predicts_hit())
+        .map(|f| f.body_bytes)
+        .sum();
+    let share = |part: u64, whole: u64| {
+        if whole == 0 {
+            0.0
+        } else {
+            part as f64 * 100.0 / whole as f64
+        }
+    };
+    println!(
+        "{} against a cache filled by {}: {} of {} functions predicted to hit ({:.1}% of the \
+         code)",
+        new.display(),
+        old.display(),
+        hits,
+        functions.len(),
+        share(hit_bytes, bytes)
+    );
+    for cause in &explanation.summary {
+        println!(
+            "  {:5.1}% of the code: {}",
+            share(cause.body_bytes, bytes),
+            cause.text
+        );
+    }
+    if let Some(check) = &explanation.self_check {
+        println!(
+            "self-check (compiled {}, then {}): {} of {} functions as predicted ({:.1}%)",
+            old.display(),
+            new.display(),
+            check.agree,
+            check.functions,
+            share(check.agree, check.functions)
+        );
+        for index in check.disagreements.iter().take(10) {
+            if let Some(f) = functions.iter().find(|f| f.index == *index) {
+                println!(
+                    "  function {}{}: predicted {} ({:?}), {}",
+                    f.index,
+                    f.name
+                        .as_deref()
+                        .map(|n| format!(" ({n})"))
+                        .unwrap_or_default(),
+                    if f.reason.predicts_hit() {
+                        "a hit"
+                    } else {
+                        "a miss"
+                    },
+                    f.reason,
+                    if f.actual_hit == Some(true) {
+                        "hit"
+                    } else {
+                        "missed"
+                    }
+                );
+            }
+        }
+    }
+}

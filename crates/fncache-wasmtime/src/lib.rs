@@ -16,6 +16,7 @@
 //! ```
 
 pub mod compiler;
+pub mod explain;
 pub mod fingerprint;
 pub mod function_store;
 
