@@ -97,6 +97,7 @@ pub fn watch(compiler: Compiler, input: &Path, guest: GuestArgs, json: bool) -> 
     let mut reload = 0u64;
     let mut waiting_said = false;
     let mut first = true;
+    let mut previous_wasm: Option<Vec<u8>> = None;
     loop {
         if !first && matches!(next_change(&wake), Wake::Interrupted) {
             break;
@@ -114,11 +115,12 @@ pub fn watch(compiler: Compiler, input: &Path, guest: GuestArgs, json: bool) -> 
         }
         reload += 1;
         let compiled = crate::read_input(&watched).and_then(|wasm| {
-            compiler
+            let compiled = compiler
                 .compile_any(&wasm)
-                .with_context(|| format!("cannot compile {}", input.display()))
+                .with_context(|| format!("cannot compile {}", input.display()))?;
+            Ok((compiled, wasm))
         });
-        let (compiled, report) = match compiled {
+        let ((compiled, report), wasm) = match compiled {
             Ok(compiled) => compiled,
             Err(error) => {
                 // The previous version keeps running, if it still is. One line: the text
@@ -133,11 +135,17 @@ pub fn watch(compiler: Compiler, input: &Path, guest: GuestArgs, json: bool) -> 
                 continue;
             }
         };
-        print_reload(reload, &report, json);
         if let Some(previous) = running.take() {
             stop(previous, &engine);
         }
         running = Some(start(&engine, compiled, guest.clone()));
+        // While the new version runs: why the misses missed, against the previous version.
+        let reason = match (&previous_wasm, report.misses) {
+            (Some(previous), 1..) => main_reason(previous, &wasm),
+            _ => None,
+        };
+        print_reload(reload, &report, reason.as_deref(), json);
+        previous_wasm = Some(wasm);
     }
     if let Some(previous) = running.take() {
         stop(previous, &engine);
@@ -187,7 +195,18 @@ fn wait_until_still(path: &Path, wake: &Receiver<Wake>) -> Option<Wake> {
     }
 }
 
-fn print_reload(reload: u64, report: &CompileReport, json: bool) {
+/// The heaviest cause of misses in `new` against `old`, in plain words (`fncache explain`'s
+/// prediction, without its check); none for components.
+fn main_reason(old: &[u8], new: &[u8]) -> Option<String> {
+    let explanation = fncache_wasmtime::explain::explain(old, new, None).ok()?;
+    let cause = explanation
+        .summary
+        .into_iter()
+        .find(|cause| !cause.reason.predicts_hit())?;
+    Some(cause.text)
+}
+
+fn print_reload(reload: u64, report: &CompileReport, reason: Option<&str>, json: bool) {
     let code_bytes = report.hit_bytes + report.inserted_bytes;
     if json {
         eprintln!(
@@ -197,6 +216,7 @@ fn print_reload(reload: u64, report: &CompileReport, json: bool) {
                 "seconds": report.seconds, "functions": report.functions,
                 "lookups": report.lookups(), "hits": report.hits, "misses": report.misses,
                 "hit_bytes": report.hit_bytes, "code_bytes": code_bytes,
+                "reason": reason,
             })
         );
         return;
@@ -212,8 +232,9 @@ fn print_reload(reload: u64, report: &CompileReport, json: bool) {
             ByteSize(code_bytes)
         ),
     };
+    let reason = reason.map(|r| format!("; misses: {r}")).unwrap_or_default();
     eprintln!(
-        "fncache: reload {reload}: compiled in {:.3} s, {} functions, {reused}",
+        "fncache: reload {reload}: compiled in {:.3} s, {} functions, {reused}{reason}",
         report.seconds, report.functions
     );
 }

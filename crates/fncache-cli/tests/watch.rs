@@ -103,6 +103,11 @@ fn watch_reloads_on_every_change_and_keeps_going_past_a_bad_file() {
     let (hits, lookups) = (n(&fourth, "hits"), n(&fourth, "lookups"));
     assert!(hits * 100 >= lookups * 60, "{fourth}");
     assert!(n(&fourth, "hit_bytes") > 0);
+    let reason = fourth["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("constants"),
+        "the main reason for the misses: {fourth}"
+    );
 
     // 5: back to version 2: served whole.
     replace(&app, &v1);
