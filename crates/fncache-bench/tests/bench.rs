@@ -141,3 +141,34 @@ fn bench_measures_a_wasi_command_as_a_component_too() {
     assert!(rows.get("add-import/fncache").is_none());
     assert!(modules[0]["rows"].get("add-import/fncache").is_some());
 }
+
+/// A program rebuilt after source edits (scripts/build-c-corpus's layout) is measured with one
+/// scenario per edit, each against a cache filled by the original.
+#[test]
+fn bench_measures_source_edits_against_the_original() {
+    let dir = tempfile::tempdir().unwrap();
+    let edits = dir.path().join("corpus/prog-1.0-source-edits");
+    std::fs::create_dir_all(&edits).unwrap();
+    let write = |name: &str, wat: &str| {
+        std::fs::write(edits.join(name), wat::parse_str(wat).unwrap()).unwrap();
+    };
+    write("original.wasm", &generated_module(30, 1));
+    write("grown.wasm", &generated_module(31, 1));
+    let corpus = dir.path().join("corpus");
+    let out = bench(&["--runs", "1", "--json", corpus.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let module = &run["modules"][0];
+    assert_eq!(module["module"], "prog@1.0 (C source edits)");
+    let rows = &module["rows"];
+    // The 30 functions of the original are the first 30 of the edit.
+    assert!(
+        rows["source-grown/fncache"]["hits"].as_u64().unwrap() >= 25,
+        "{rows}"
+    );
+    assert!(rows["source-grown/ceiling"]["median_ms"].as_f64().unwrap() > 0.0);
+}

@@ -14,6 +14,7 @@ use super::*;
 /// modules as a family (the shared-library scenario).
 pub fn discover(corpus: &Path) -> Result<(Vec<Subject>, Vec<Family>)> {
     let mut families = Vec::new();
+    let mut subjects_with_edits = Vec::new();
     let mut packages: BTreeMap<String, Vec<(Vec<u64>, PathBuf)>> = BTreeMap::new();
     for entry in
         fs::read_dir(corpus).with_context(|| format!("cannot read {}", corpus.display()))?
@@ -24,6 +25,10 @@ pub fn discover(corpus: &Path) -> Result<(Vec<Subject>, Vec<Family>)> {
             .unwrap_or_default()
             .to_string_lossy()
             .to_string();
+        if let Some(program) = name.strip_suffix("-source-edits") {
+            subjects_with_edits.push(source_edits(program, &dir)?);
+            continue;
+        }
         let Some((package, version)) = name.rsplit_once('-') else {
             continue;
         };
@@ -68,7 +73,36 @@ pub fn discover(corpus: &Path) -> Result<(Vec<Subject>, Vec<Family>)> {
             path: newest,
             previous,
             component_of: None,
+            source_edits: Vec::new(),
         });
     }
+    subjects.extend(subjects_with_edits);
     Ok((subjects, families))
+}
+
+/// A program rebuilt after each of its source edits (scripts/build-c-corpus): `original.wasm`
+/// and one module per edit.
+fn source_edits(program: &str, dir: &Path) -> Result<Subject> {
+    let mut edits = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let path = entry?.path();
+        let Some(stem) = path.file_stem().map(|s| s.to_string_lossy().to_string()) else {
+            continue;
+        };
+        if path.extension().is_some_and(|e| e == "wasm") && stem != "original" {
+            edits.push((stem, path));
+        }
+    }
+    edits.sort();
+    let name = match program.rsplit_once('-') {
+        Some((package, version)) => format!("{package}@{version} (C source edits)"),
+        None => format!("{program} (C source edits)"),
+    };
+    Ok(Subject {
+        name,
+        path: dir.join("original.wasm"),
+        previous: None,
+        component_of: None,
+        source_edits: edits,
+    })
 }

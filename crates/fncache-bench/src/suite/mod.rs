@@ -43,6 +43,9 @@ pub struct Subject {
     /// A component made from this WASI preview 1 command (a core module): its edit scenarios
     /// are edits of the core module, made into components the same way.
     pub component_of: Option<PathBuf>,
+    /// Real source edits, rebuilt by the program's own toolchain (scripts/build-c-corpus):
+    /// (edit, module), each measured against a cache filled by `path`.
+    pub source_edits: Vec<(String, PathBuf)>,
 }
 
 impl Subject {
@@ -54,6 +57,7 @@ impl Subject {
             path: path.to_path_buf(),
             previous: None,
             component_of: None,
+            source_edits: Vec::new(),
         }
     }
 }
@@ -79,6 +83,7 @@ pub fn with_components(subjects: Vec<Subject>, scratch: &Path) -> Result<Vec<Sub
                 path,
                 previous: None,
                 component_of: Some(core),
+                source_edits: Vec::new(),
             });
         }
     }

@@ -50,6 +50,9 @@ pub fn measure(
     if let Some(previous) = &subject.previous {
         scenarios.push((PREVIOUS.into(), subject.path.clone(), previous.clone()));
     }
+    for (edit, path) in &subject.source_edits {
+        scenarios.push((format!("source-{edit}"), path.clone(), subject.path.clone()));
+    }
 
     let mut samples = Samples::default();
     let mut disk = (0, 0);
@@ -218,7 +221,8 @@ pub(crate) fn module_entry_bytes(cache: &Path) -> u64 {
 
 /// How many probes [`measure`] runs for `subject` (for the progress display).
 pub fn probe_count(subject: &Subject, runs: usize) -> Result<usize> {
-    let scenarios = edited(subject)?.len() + subject.previous.is_some() as usize;
+    let scenarios =
+        edited(subject)?.len() + subject.previous.is_some() as usize + subject.source_edits.len();
     Ok(runs * (8 + 2 * scenarios))
 }
 
