@@ -36,6 +36,9 @@ pub enum Reason {
     LayoutChanged,
     /// Only integer constants differ.
     ConstantsChanged,
+    /// The same instructions, at other offsets in the body (another encoding, e.g. LEB128
+    /// numbers padded or not): Wasmtime records each instruction's offset in the code.
+    EncodingChanged,
     /// A different body in a function the old module also had.
     BodyChanged,
     /// A function the old module did not have.
@@ -128,6 +131,8 @@ struct Body {
     size: u64,
     exact: blake3::Hash,
     callees_abstracted: blake3::Hash,
+    /// As `callees_abstracted`, without the instructions' offsets.
+    offsets_abstracted: blake3::Hash,
     constants_abstracted: blake3::Hash,
     constants: Vec<i64>,
     uses_memory: bool,
@@ -355,6 +360,7 @@ impl Body {
             size: bytes.len() as u64,
             exact: exact.finalize(),
             callees_abstracted: blake3::hash(b""),
+            offsets_abstracted: blake3::hash(b""),
             constants_abstracted: blake3::hash(b""),
             constants: Vec::new(),
             uses_memory: false,
@@ -371,8 +377,16 @@ impl Body {
                 .cloned()
                 .unwrap_or_default()
         };
-        for op in body.get_operators_reader()? {
-            let op = op?;
+        let mut reader = body.get_operators_reader()?;
+        let mut start = None;
+        let mut layout_free = blake3::Hasher::new();
+        layout_free.update(ty.as_bytes());
+        while !reader.eof() {
+            let (op, offset) = reader.read_with_offset()?;
+            // Wasmtime records each instruction's offset in the code (source locations), so
+            // the same instructions at other offsets in the body are other code.
+            let relative = offset - *start.get_or_insert(offset);
+            callees.update(&(relative as u64).to_le_bytes());
             let text = match &op {
                 Operator::Call { function_index } | Operator::ReturnCall { function_index } => {
                     if *function_index < imported_functions {
@@ -384,6 +398,7 @@ impl Body {
                 other => format!("{other:?}"),
             };
             callees.update(text.as_bytes());
+            layout_free.update(text.as_bytes());
             match &op {
                 Operator::I32Const { value } => {
                     parsed.constants.push(*value as i64);
@@ -419,6 +434,7 @@ impl Body {
             }
         }
         parsed.callees_abstracted = callees.finalize();
+        parsed.offsets_abstracted = layout_free.finalize();
         parsed.constants_abstracted = constants_out.finalize();
         Ok((parsed, refs))
     }
@@ -443,6 +459,7 @@ pub fn explain(old: &[u8], new: &[u8], config: Option<Config>) -> Result<Explana
     let new = Shape::of(&new_wasm, "the new module")?;
     let exact: HashSet<_> = old.functions.iter().map(|b| b.exact).collect();
     let callees: HashSet<_> = old.functions.iter().map(|b| b.callees_abstracted).collect();
+    let encodings: HashSet<_> = old.functions.iter().map(|b| b.offsets_abstracted).collect();
     let mut by_constants: HashMap<blake3::Hash, Vec<usize>> = HashMap::new();
     for (i, body) in old.functions.iter().enumerate() {
         by_constants
@@ -492,6 +509,8 @@ pub fn explain(old: &[u8], new: &[u8], config: Option<Config>) -> Result<Explana
                     .map(|(name, _)| *name)
                     .collect();
             }
+        } else if encodings.contains(&body.offsets_abstracted) {
+            explanation.reason = Reason::EncodingChanged;
         } else if let Some(candidates) = by_constants.get(&body.constants_abstracted) {
             explanation.reason = Reason::ConstantsChanged;
             // The old function it most likely was: the same index if it is a candidate.
@@ -571,6 +590,11 @@ fn summarize(functions: &[FunctionExplanation], old: &Shape, new: &Shape) -> Vec
                 }
                 Reason::ConstantsChanged => constants_text(functions, count, old, new),
                 Reason::BodyChanged => format!("{count} functions' code changed"),
+                Reason::EncodingChanged => format!(
+                    "{count} functions have the same instructions at other offsets (the module \
+                     was encoded differently, e.g. padded LEB128 numbers): Wasmtime records \
+                     offsets in the code, so they recompile"
+                ),
                 Reason::New => format!("{count} new functions"),
             };
             Cause {
