@@ -83,13 +83,8 @@ pub enum Command {
     Run {
         #[command(flatten)]
         engine: EngineArgs,
-        /// Give the guest a host directory: HOST or HOST::GUEST (repeatable)
-        #[arg(long = "dir", value_name = "HOST[::GUEST]")]
-        dirs: Vec<String>,
-        /// Give the guest an environment variable: NAME=VALUE, or NAME for the host's value
-        /// (repeatable; the guest sees no other)
-        #[arg(long = "env", value_name = "NAME[=VALUE]")]
-        env: Vec<String>,
+        #[command(flatten)]
+        guest: GuestOptions,
         /// Call this export with ARGS (numbers, parsed as its parameter types; for a component
         /// also bools, chars and strings) and print its results, one per line, instead of
         /// running the command
@@ -106,13 +101,8 @@ pub enum Command {
     Watch {
         #[command(flatten)]
         engine: EngineArgs,
-        /// Give the guest a host directory: HOST or HOST::GUEST (repeatable)
-        #[arg(long = "dir", value_name = "HOST[::GUEST]")]
-        dirs: Vec<String>,
-        /// Give the guest an environment variable: NAME=VALUE, or NAME for the host's value
-        /// (repeatable; the guest sees no other)
-        #[arg(long = "env", value_name = "NAME[=VALUE]")]
-        env: Vec<String>,
+        #[command(flatten)]
+        guest: GuestOptions,
         /// The WebAssembly module or component to watch (it may not exist yet)
         input: PathBuf,
         /// Arguments for the guest
@@ -190,4 +180,16 @@ pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
             "'{text}' is not a duration; use e.g. 3600s, 90m, 12h or 7d"
         )),
     }
+}
+
+/// What `run` and `watch` give the guest besides its arguments.
+#[derive(Args, Clone, Debug, Default)]
+pub struct GuestOptions {
+    /// Give the guest a host directory: HOST or HOST::GUEST (repeatable)
+    #[arg(long = "dir", value_name = "HOST[::GUEST]")]
+    pub dirs: Vec<String>,
+    /// Give the guest an environment variable: NAME=VALUE, or NAME for the host's value
+    /// (repeatable; the guest sees no other)
+    #[arg(long = "env", value_name = "NAME[=VALUE]")]
+    pub env: Vec<String>,
 }

@@ -93,8 +93,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Run {
             engine,
-            dirs,
-            env,
+            guest,
             invoke,
             input,
             args,
@@ -118,8 +117,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let guest = wasi::Guest {
                 name: &guest_name,
                 args: &args,
-                dirs: &dirs,
-                env: &env,
+                dirs: &guest.dirs,
+                env: &guest.env,
             };
             let engine = compiler.engine();
             let code = match (&compiled, &invoke) {
@@ -139,8 +138,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Watch {
             engine,
-            dirs,
-            env,
+            guest,
             input,
             args,
         } => {
@@ -150,8 +148,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let guest = watch::GuestArgs {
                 name: input.display().to_string(),
                 args,
-                dirs,
-                env,
+                dirs: guest.dirs,
+                env: guest.env,
             };
             watch::watch(compiler, &input, guest, global.json)
         }

@@ -50,13 +50,7 @@ pub fn invoke(
         .get_func(&mut store, function)
         .with_context(|| format!("{} exports no function `{function}`", guest.name))?;
     let ty = func.ty(&store);
-    if ty.params().len() != guest.args.len() {
-        bail!(
-            "`{function}` takes {} arguments, {} given",
-            ty.params().len(),
-            guest.args.len()
-        );
-    }
+    check_arity(function, ty.params().len(), guest)?;
     let params = ty
         .params()
         .zip(guest.args)
@@ -76,6 +70,17 @@ pub fn invoke(
         }
     }
     exit_code(guest.name, called)
+}
+
+/// `--invoke FUNCTION ARGS`: as many arguments as the function takes.
+fn check_arity(function: &str, params: usize, guest: &Guest<'_>) -> Result<()> {
+    if params != guest.args.len() {
+        bail!(
+            "`{function}` takes {params} arguments, {} given",
+            guest.args.len()
+        );
+    }
+    Ok(())
 }
 
 fn parse_value(ty: &ValType, arg: &str) -> Result<Val> {
@@ -214,13 +219,7 @@ pub fn invoke_component(
         .get_func(&mut store, function)
         .with_context(|| format!("{} exports no function `{function}`", guest.name))?;
     let ty = func.ty(&store);
-    if ty.params().len() != guest.args.len() {
-        bail!(
-            "`{function}` takes {} arguments, {} given",
-            ty.params().len(),
-            guest.args.len()
-        );
-    }
+    check_arity(function, ty.params().len(), guest)?;
     let params = ty
         .params()
         .zip(guest.args)
