@@ -258,7 +258,8 @@ pub fn render(reports: &[ModuleReport]) -> String {
     for r in reports {
         let _ = writeln!(
             out,
-            "\n{} ({}, {} functions), medians of {} runs, each in a fresh process",
+            "\n{} ({}, {} functions), medians of {} runs, each in a fresh process; ms includes \
+             fncache's flush",
             r.module,
             bytesize::ByteSize(r.wasm_bytes).display().si(),
             r.functions,
@@ -266,8 +267,8 @@ pub fn render(reports: &[ModuleReport]) -> String {
         );
         let _ = writeln!(
             out,
-            "  {:<44} {:>10} {:>9} {:>14} {:>10}",
-            "configuration", "ms", "x cold", "lookups hit", "code hit"
+            "  {:<44} {:>10} {:>9} {:>14} {:>10} {:>10}",
+            "configuration", "ms", "x cold", "lookups hit", "code hit", "flush ms"
         );
         let mut names: Vec<&String> = r.rows.keys().collect();
         let order = [
@@ -298,10 +299,15 @@ pub fn render(reports: &[ModuleReport]) -> String {
             } else {
                 "-".into()
             };
+            let flush = if row.flush_ms > 0.0 {
+                format!("{:.1}", row.flush_ms)
+            } else {
+                "-".into()
+            };
             let _ = writeln!(
                 out,
-                "  {:<44} {:>10.1} {:>9.4} {:>14} {:>10}",
-                name, row.median_ms, row.ratio_to_cold, hits, code
+                "  {:<44} {:>10.1} {:>9.4} {:>14} {:>10} {:>10}",
+                name, row.median_ms, row.ratio_to_cold, hits, code, flush
             );
         }
         let _ = writeln!(
