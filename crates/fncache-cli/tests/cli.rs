@@ -19,15 +19,32 @@ fn a_second_process_reuses_the_first_ones_functions() {
     assert_eq!(n(&report, "functions"), 301);
 }
 
-/// Rewrites the bytes of the most recently used entry, as a disk error or a meddling process
-/// would. After a warm compile that entry is one whose key the next compile asks for again
-/// (some keys change from compile to compile; see corpus.rs).
-fn damage_most_recently_used_entry(cache_dir: &Path, edit: fn(&mut Vec<u8>)) {
+/// The stored values' ids.
+fn value_ids(cache_dir: &Path) -> Vec<i64> {
     let conn = rusqlite::Connection::open(cache_dir.join("fncache.db")).unwrap();
+    let mut statement = conn.prepare("SELECT data_id FROM blob_meta").unwrap();
+    let ids = statement
+        .query_map([], |row| row.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    ids
+}
+
+/// Rewrites the bytes of the most recently used entry among `stable` (values that the cold
+/// compile stored and the warm one read back), as a disk error or a meddling process would:
+/// its key came back once, so the next compile asks for it again (some keys change from
+/// compile to compile upstream; a value the warm compile stored may be under such a key).
+fn damage_most_recently_used_entry(cache_dir: &Path, stable: &[i64], edit: fn(&mut Vec<u8>)) {
+    let conn = rusqlite::Connection::open(cache_dir.join("fncache.db")).unwrap();
+    let ids: Vec<String> = stable.iter().map(i64::to_string).collect();
     let (id, mut data): (i64, Vec<u8>) = conn
         .query_row(
-            "SELECT d.id, d.data FROM blob_meta m JOIN blob_data d ON d.id = m.data_id \
-             ORDER BY m.last_used DESC LIMIT 1",
+            &format!(
+                "SELECT d.id, d.data FROM blob_meta m JOIN blob_data d ON d.id = m.data_id \
+                 WHERE m.data_id IN ({}) ORDER BY m.last_used DESC LIMIT 1",
+                ids.join(",")
+            ),
             [],
             |row| Ok((row.get(0)?, row.get(1)?)),
         )
@@ -58,8 +75,9 @@ fn damaged_entries_are_detected_recompiled_warned_and_counted() {
         env.compile(&module, &reference, &["--no-cache"]);
         let functions_only = ["--no-module-level"];
         env.compile(&module, &env.dir.path().join("cold.cwasm"), &functions_only);
+        let stable = value_ids(&env.cache_dir());
         env.compile(&module, &env.dir.path().join("warm.cwasm"), &functions_only);
-        damage_most_recently_used_entry(&env.cache_dir(), edit);
+        damage_most_recently_used_entry(&env.cache_dir(), &stable, edit);
         let rejected_before = n(&env.stats(), "rejected");
         let out = env.dir.path().join("after.cwasm");
         let (report, stderr) = env.compile(&module, &out, &functions_only);
