@@ -50,12 +50,7 @@ pub fn invoke(
         .get_func(&mut store, function)
         .with_context(|| format!("{} exports no function `{function}`", guest.name))?;
     let ty = func.ty(&store);
-    check_arity(function, ty.params().len(), guest)?;
-    let params = ty
-        .params()
-        .zip(guest.args)
-        .map(|(ty, arg)| parse_value(&ty, arg))
-        .collect::<Result<Vec<_>>>()?;
+    let params = parse_args(function, ty.params(), guest, parse_value)?;
     let mut results = vec![Val::I32(0); ty.results().len()];
     let called = func.call(&mut store, &params, &mut results);
     if called.is_ok() {
@@ -72,15 +67,25 @@ pub fn invoke(
     exit_code(guest.name, called)
 }
 
-/// `--invoke FUNCTION ARGS`: as many arguments as the function takes.
-fn check_arity(function: &str, params: usize, guest: &Guest<'_>) -> Result<()> {
-    if params != guest.args.len() {
+/// `--invoke FUNCTION ARGS`: the guest's arguments parsed as the function's parameter
+/// types, as many as it takes (core modules and components alike).
+fn parse_args<T, V>(
+    function: &str,
+    types: impl ExactSizeIterator<Item = T>,
+    guest: &Guest<'_>,
+    parse: fn(&T, &str) -> Result<V>,
+) -> Result<Vec<V>> {
+    if types.len() != guest.args.len() {
         bail!(
-            "`{function}` takes {params} arguments, {} given",
+            "`{function}` takes {} arguments, {} given",
+            types.len(),
             guest.args.len()
         );
     }
-    Ok(())
+    types
+        .zip(guest.args)
+        .map(|(ty, arg)| parse(&ty, arg))
+        .collect()
 }
 
 fn parse_value(ty: &ValType, arg: &str) -> Result<Val> {
@@ -219,12 +224,8 @@ pub fn invoke_component(
         .get_func(&mut store, function)
         .with_context(|| format!("{} exports no function `{function}`", guest.name))?;
     let ty = func.ty(&store);
-    check_arity(function, ty.params().len(), guest)?;
-    let params = ty
-        .params()
-        .zip(guest.args)
-        .map(|((_, ty), arg)| parse_component_value(&ty, arg))
-        .collect::<Result<Vec<_>>>()?;
+    let types = ty.params().map(|(_, ty)| ty);
+    let params = parse_args(function, types, guest, parse_component_value)?;
     let mut results = vec![component::Val::Bool(false); ty.results().len()];
     let called = func.call(&mut store, &params, &mut results);
     if called.is_ok() {
