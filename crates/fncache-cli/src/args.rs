@@ -32,6 +32,9 @@ pub struct Global {
     /// Cache functions only, not whole modules
     #[arg(long, global = true)]
     pub no_module_level: bool,
+    /// Do not read ahead the entries the last compile of the same program used (for measuring)
+    #[arg(long, global = true)]
+    pub no_prefetch: bool,
     /// Use cached entries but write nothing to the cache
     #[arg(long, global = true)]
     pub read_only: bool,

@@ -47,12 +47,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
             output,
         } => {
             let wasm = read_input(&input)?;
+            let name = program_name(&input);
             let compiler = compiler(global, &engine)?;
             let report = match &output {
                 Some(output) => {
                     let (compiled, report) =
                         progress::with_progress(&compiler, &wasm, global.json, || {
-                            compiler.precompile(&wasm)
+                            compiler.precompile_named(&wasm, &name)
                         })
                         .with_context(|| cannot_compile(&input))?;
                     std::fs::write(output, &compiled)
@@ -63,7 +64,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 // file), so that `seconds` is what a warm start costs.
                 None => {
                     progress::with_progress(&compiler, &wasm, global.json, || {
-                        compiler.compile_any(&wasm)
+                        compiler.compile_any_named(&wasm, &name)
                     })
                     .with_context(|| cannot_compile(&input))?
                     .1
@@ -99,9 +100,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             args,
         } => {
             let wasm = read_input(&input)?;
+            let name = program_name(&input);
             let compiler = compiler(global, &engine)?;
             let (compiled, report) = progress::with_progress(&compiler, &wasm, global.json, || {
-                compiler.compile_any(&wasm)
+                compiler.compile_any_named(&wasm, &name)
             })
             .with_context(|| cannot_compile(&input))?;
             if global.json {
@@ -288,6 +290,15 @@ fn cannot_compile(input: &Path) -> String {
 
 /// Reads a module, at most [`MAX_INPUT`] bytes of it, refusing at once what cannot be one
 /// (`/dev/zero` starts with zero bytes that are not the wasm magic).
+/// The name a program keeps from one build to the next, for reading ahead what its last
+/// compile used: its absolute path.
+pub fn program_name(path: &Path) -> String {
+    std::path::absolute(path)
+        .unwrap_or_else(|_| path.to_path_buf())
+        .display()
+        .to_string()
+}
+
 fn read_input(path: &Path) -> Result<Vec<u8>> {
     use std::io::Read;
     let file =

@@ -98,7 +98,9 @@ pub fn compiler_for(global: &Global, config: wasmtime::Config) -> Result<Compile
     };
     match (global.cross_check, cache) {
         (Some(rate), Some(cache)) => Compiler::with_cross_check(config, cache, rate),
-        (_, cache) => Ok(Compiler::new(config, cache)?.module_level(!global.no_module_level)),
+        (_, cache) => Ok(Compiler::new(config, cache)?
+            .module_level(!global.no_module_level)
+            .prefetch(!global.no_prefetch)),
     }
 }
 

@@ -33,6 +33,10 @@ pub fn report_json(report: &CompileReport, cached: bool) -> serde_json::Value {
         "inserts": report.inserts,
         "verified": report.verified,
         "mismatches": report.mismatches,
+        "prefetched": report.prefetched,
+        "prefetch_used": report.prefetch_used,
+        "prefetch_source": report.prefetch_source.map(|source| source.as_str()),
+        "predicted_reuse": report.predicted_reuse,
         "seconds": report.seconds,
         "cache": cached,
     })

@@ -116,7 +116,7 @@ pub fn watch(compiler: Compiler, input: &Path, guest: GuestArgs, json: bool) -> 
         reload += 1;
         let compiled = crate::read_input(&watched).and_then(|wasm| {
             let compiled = compiler
-                .compile_any(&wasm)
+                .compile_any_named(&wasm, &crate::program_name(&watched))
                 .with_context(|| format!("cannot compile {}", input.display()))?;
             Ok((compiled, wasm))
         });

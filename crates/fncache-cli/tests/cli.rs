@@ -42,7 +42,8 @@ fn damage_most_recently_used_entry(cache_dir: &Path, stable: &[i64], edit: fn(&m
         .query_row(
             &format!(
                 "SELECT d.id, d.data FROM blob_meta m JOIN blob_data d ON d.id = m.data_id \
-                 WHERE m.data_id IN ({}) ORDER BY m.last_used DESC LIMIT 1",
+                 WHERE m.data_id IN ({}) AND {FUNCTION_ENTRY} \
+                 ORDER BY m.last_used DESC LIMIT 1",
                 ids.join(",")
             ),
             [],
@@ -56,6 +57,11 @@ fn damage_most_recently_used_entry(cache_dir: &Path, stable: &[i64], edit: fn(&m
     )
     .unwrap();
 }
+
+/// SQL that holds for a compiled function's entry and not for the read-ahead's bookkeeping (a
+/// manifest starts with `FNMF` after the 56-byte header; a pointer is a 32-byte digest).
+const FUNCTION_ENTRY: &str =
+    "length(d.data) > 88 AND substr(d.data, 57, 4) <> CAST('FNMF' AS BLOB)";
 
 /// A kind of damage, and what it does to an entry's bytes.
 type Damage = (&'static str, fn(&mut Vec<u8>));

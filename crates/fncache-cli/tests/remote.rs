@@ -163,6 +163,14 @@ fn two_machines_share_modules_and_functions_through_redis() {
     let (third, _) = compile(&env, &c, &redis, &module, &out, &["--no-module-level"]);
     let rate = n(&third, "hits") as f64 / n(&third, "lookups") as f64;
     assert!(rate >= 0.9, "{third}");
+    // Read ahead from Redis in batches: the manifest of the first machine's compile of the same
+    // path, then its entries.
+    assert_eq!(third["prefetch_source"], "name", "{third}");
+    assert!(
+        n(&third, "prefetch_used") * 10 >= n(&third, "prefetched") * 9
+            && n(&third, "prefetched") >= 301,
+        "{third}"
+    );
     assert_eq!(std::fs::read(&out).unwrap(), expected);
     let from_redis = n(&stats(&c), "remote_hits");
     assert!(
@@ -409,21 +417,65 @@ fn a_hung_redis_adds_a_bounded_delay_and_one_warning() {
     assert!(elapsed < Duration::from_secs(6), "{elapsed:?}");
 }
 
-/// How a [`Proxy`] passes Redis' replies on.
+/// Issue 12: Redis hangs just as a compile starts reading ahead (after the name's pointer and
+/// the manifest came back): the read-ahead's batches count as failures like any operation, the
+/// breaker opens, and the compile finishes in the bound the breaker allows, with the right code.
+#[test]
+#[ignore = "needs redis-server"]
+fn redis_hanging_during_a_read_ahead_costs_what_the_breaker_allows() {
+    let redis = Redis::start(&[]);
+    let env = Env::new();
+    let module = env.file("gen.wat", generated_module(300, 29));
+    let expected = reference(&env, &module);
+    let out = env.dir.path().join("out.cwasm");
+    compile(&env, &machine(&env, "a"), &redis, &module, &out, &[]);
+
+    let url = proxy(redis.port, Pace::HangAfterGets(2));
+    let cache = machine(&env, "h");
+    let started = Instant::now();
+    let output = common::fncache_in(&cache)
+        .args(["--remote", &url, "compile", "--json", "--no-module-level"])
+        .arg(&module)
+        .args(["-o", out.to_str().unwrap()])
+        .env_remove("FNCACHE_DIR")
+        .output()
+        .unwrap();
+    let elapsed = started.elapsed();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["prefetch_source"], "name", "{report} {stderr}");
+    assert_eq!(n(&report, "prefetched"), 0, "{report}");
+    assert_eq!(std::fs::read(&out).unwrap(), expected);
+    assert_eq!(warnings(&stderr), 1, "{stderr}");
+    eprintln!("compile with Redis hanging during the read-ahead: {elapsed:?}");
+    // Three timeouts open the breaker; then one probe per 2 s. Generous for a loaded machine.
+    assert!(elapsed < Duration::from_secs(6), "{elapsed:?}");
+    let errors = n(&stats(&cache), "remote_errors");
+    assert!((3..=6).contains(&errors), "{errors} remote errors");
+}
+
+/// How a [`proxy`] passes requests and replies on.
 #[derive(Clone, Copy)]
 enum Pace {
     /// Each chunk of a reply held this long (under the per-read timeout).
     Hold(Duration),
     /// A reply trickled one byte at a time, each byte this long after the last.
     Trickle(Duration),
+    /// The first this many `GET` commands pass at once; after them nothing passes, on any
+    /// connection: a Redis that hangs at that moment.
+    HangAfterGets(usize),
 }
 
-/// A TCP proxy in front of a real Redis that slows its replies down, as a loaded or hostile
-/// server would. Requests pass at once.
-fn slow_proxy(upstream: u16, pace: Pace) -> String {
+/// A TCP proxy in front of a real Redis that slows or stops it, as a loaded, hostile or
+/// failing server would.
+fn proxy(upstream: u16, pace: Pace) -> String {
     use std::io::{Read, Write};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
+    let gets_seen = Arc::new(AtomicUsize::new(0));
     std::thread::spawn(move || {
         for client in listener.incoming() {
             let Ok(mut client) = client else { continue };
@@ -432,7 +484,23 @@ fn slow_proxy(upstream: u16, pace: Pace) -> String {
             };
             let (mut client_in, mut server_out) =
                 (client.try_clone().unwrap(), server.try_clone().unwrap());
-            std::thread::spawn(move || std::io::copy(&mut client_in, &mut server_out));
+            let gets_seen = gets_seen.clone();
+            std::thread::spawn(move || {
+                let mut buffer = vec![0u8; 64 << 10];
+                while let Ok(read) = client_in.read(&mut buffer) {
+                    let chunk = &buffer[..read];
+                    if let Pace::HangAfterGets(gets) = pace {
+                        let commands = chunk.windows(3).filter(|w| w == b"GET").count();
+                        if gets_seen.fetch_add(commands, Ordering::SeqCst) + commands > gets {
+                            // Hung: the connection kept, nothing answered.
+                            std::thread::sleep(Duration::from_secs(3600));
+                        }
+                    }
+                    if read == 0 || server_out.write_all(chunk).is_err() {
+                        break;
+                    }
+                }
+            });
             std::thread::spawn(move || {
                 let mut buffer = vec![0u8; 64 << 10];
                 while let Ok(read) = server.read(&mut buffer) {
@@ -448,6 +516,7 @@ fn slow_proxy(upstream: u16, pace: Pace) -> String {
                             std::thread::sleep(delay);
                             client.write_all(&[*byte])
                         }),
+                        Pace::HangAfterGets(_) => client.write_all(&buffer[..read]),
                     };
                     if sent.is_err() {
                         break;
@@ -477,7 +546,7 @@ fn a_slow_or_trickling_redis_costs_a_bounded_delay() {
         ("held", Pace::Hold(Duration::from_millis(200))),
         ("trickled", Pace::Trickle(Duration::from_millis(100))),
     ] {
-        let url = slow_proxy(redis.port, pace);
+        let url = proxy(redis.port, pace);
         let started = Instant::now();
         let output = common::fncache_in(&machine(&env, name))
             .args([

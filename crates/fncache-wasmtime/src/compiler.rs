@@ -22,6 +22,12 @@ use wasmtime::{Config, Engine, Module};
 
 use crate::fingerprint::engine_fingerprint;
 use crate::function_store::{enable, enable_with_cross_check, FunctionCounters, FunctionStore};
+use crate::manifest::{BodyPrints, FoundBy, Manifest, Manifests};
+
+/// Read ahead only from an earlier compile that shares at least this share of the function
+/// body bytes: below it, most of what would be read would not be used, and on two cores the
+/// reading competes with the compile.
+pub const PREFETCH_MIN_SHARED: f64 = 0.25;
 
 /// Which level of the cache a compile was served from.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -119,6 +125,16 @@ pub struct CompileReport {
     pub verified: u64,
     /// Cross-check mode: entries that differed from a fresh compile.
     pub mismatches: u64,
+    /// How the earlier compile this one was read ahead from was found (see
+    /// [`crate::manifest`]); `None` when none was, or nothing was read ahead.
+    pub prefetch_source: Option<FoundBy>,
+    /// The share of this binary's function-body bytes the earlier compile had too: the
+    /// prediction prefetching (and the adaptive compile) goes by.
+    pub predicted_reuse: Option<f64>,
+    /// Entries read ahead in one batch before Cranelift asked for them.
+    pub prefetched: u64,
+    /// Of those, entries a lookup used.
+    pub prefetch_used: u64,
     /// Wall time of the compile alone, in seconds.
     pub seconds: f64,
 }
@@ -154,6 +170,7 @@ pub struct Compiler {
     engine: Engine,
     functions: Option<Arc<FunctionStore>>,
     module_level: bool,
+    prefetch: bool,
 }
 
 impl Compiler {
@@ -177,6 +194,7 @@ impl Compiler {
             engine,
             functions,
             module_level: true,
+            prefetch: true,
         })
     }
 
@@ -184,6 +202,14 @@ impl Compiler {
     /// for measuring it or where modules never repeat.
     pub fn module_level(mut self, enabled: bool) -> Compiler {
         self.module_level = enabled;
+        self
+    }
+
+    /// Whether a compile reads ahead, in one batch, the entries the earlier compile it most
+    /// resembles used (default: on; see [`crate::manifest`]). Off, manifests are still left
+    /// for others; for measuring.
+    pub fn prefetch(mut self, enabled: bool) -> Compiler {
+        self.prefetch = enabled;
         self
     }
 
@@ -214,24 +240,60 @@ impl Compiler {
             engine,
             functions: Some(functions),
             module_level: false,
+            prefetch: true,
         })
     }
 
     /// Compiles a core module (binary or text format).
     pub fn compile(&self, wasm: &[u8]) -> anyhow::Result<(Module, CompileReport)> {
+        self.compile_module_as(wasm, None)
+    }
+
+    /// [`Compiler::compile`], with a name for the program (a path, a plugin's name) that stays
+    /// the same from one version to the next: the function level's entries the last compile of
+    /// that name used are read ahead in one batch (see [`crate::manifest`]). Without a name,
+    /// the earlier compile is found by the function bodies the two share.
+    pub fn compile_named(
+        &self,
+        wasm: &[u8],
+        name: &str,
+    ) -> anyhow::Result<(Module, CompileReport)> {
+        self.compile_module_as(wasm, Some(name))
+    }
+
+    fn compile_module_as(
+        &self,
+        wasm: &[u8],
+        name: Option<&str>,
+    ) -> anyhow::Result<(Module, CompileReport)> {
         let binary = parse(wasm, WasmKind::Module)?;
-        self.compile_as(&binary, WasmKind::Module, load_module, |engine, bytes| {
-            // SAFETY: `bytes` is this engine's own output.
-            unsafe { Module::deserialize(engine, bytes) }
-        })
+        self.compile_as(
+            &binary,
+            WasmKind::Module,
+            name,
+            load_module,
+            |engine, bytes| {
+                // SAFETY: `bytes` is this engine's own output.
+                unsafe { Module::deserialize(engine, bytes) }
+            },
+        )
     }
 
     /// Compiles a component (binary or text format).
     pub fn compile_component(&self, wasm: &[u8]) -> anyhow::Result<(Component, CompileReport)> {
+        self.compile_component_as(wasm, None)
+    }
+
+    fn compile_component_as(
+        &self,
+        wasm: &[u8],
+        name: Option<&str>,
+    ) -> anyhow::Result<(Component, CompileReport)> {
         let binary = parse(wasm, WasmKind::Component)?;
         self.compile_as(
             &binary,
             WasmKind::Component,
+            name,
             load_component,
             |engine, bytes| {
                 // SAFETY: `bytes` is this engine's own output.
@@ -242,14 +304,31 @@ impl Compiler {
 
     /// Compiles a core module or a component, whichever `wasm` is.
     pub fn compile_any(&self, wasm: &[u8]) -> anyhow::Result<(Compiled, CompileReport)> {
+        self.compile_any_as(wasm, None)
+    }
+
+    /// [`Compiler::compile_any`], with a name (see [`Compiler::compile_named`]).
+    pub fn compile_any_named(
+        &self,
+        wasm: &[u8],
+        name: &str,
+    ) -> anyhow::Result<(Compiled, CompileReport)> {
+        self.compile_any_as(wasm, Some(name))
+    }
+
+    fn compile_any_as(
+        &self,
+        wasm: &[u8],
+        name: Option<&str>,
+    ) -> anyhow::Result<(Compiled, CompileReport)> {
         let binary = wat::parse_bytes(wasm).context("not a WebAssembly module or component")?;
         Ok(match WasmKind::of(&binary) {
             WasmKind::Module => {
-                let (module, report) = self.compile(&binary)?;
+                let (module, report) = self.compile_module_as(&binary, name)?;
                 (Compiled::Module(module), report)
             }
             WasmKind::Component => {
-                let (component, report) = self.compile_component(&binary)?;
+                let (component, report) = self.compile_component_as(&binary, name)?;
                 (Compiled::Component(component), report)
             }
         })
@@ -258,6 +337,23 @@ impl Compiler {
     /// Compiles a core module or a component to Wasmtime's precompiled format (what
     /// `Module::deserialize` or `Component::deserialize` loads); the report says which.
     pub fn precompile(&self, wasm: &[u8]) -> anyhow::Result<(Vec<u8>, CompileReport)> {
+        self.precompile_as(wasm, None)
+    }
+
+    /// [`Compiler::precompile`], with a name (see [`Compiler::compile_named`]).
+    pub fn precompile_named(
+        &self,
+        wasm: &[u8],
+        name: &str,
+    ) -> anyhow::Result<(Vec<u8>, CompileReport)> {
+        self.precompile_as(wasm, Some(name))
+    }
+
+    fn precompile_as(
+        &self,
+        wasm: &[u8],
+        name: Option<&str>,
+    ) -> anyhow::Result<(Vec<u8>, CompileReport)> {
         let binary = wat::parse_bytes(wasm).context("not a WebAssembly module or component")?;
         let kind = WasmKind::of(&binary);
         self.renew_budget();
@@ -269,7 +365,8 @@ impl Compiler {
             report.seconds = start.elapsed().as_secs_f64();
             return Ok((precompiled, report));
         }
-        let (precompiled, mut report) = self.compile_functions(kind, &binary, key.as_deref())?;
+        let (precompiled, mut report) =
+            self.compile_functions(kind, &binary, name, key.as_deref())?;
         report.seconds = start.elapsed().as_secs_f64();
         Ok((precompiled, report))
     }
@@ -280,6 +377,7 @@ impl Compiler {
         &self,
         binary: &[u8],
         kind: WasmKind,
+        name: Option<&str>,
         load: impl FnOnce(&Engine, &Value) -> anyhow::Result<T>,
         deserialize: impl FnOnce(&Engine, &[u8]) -> wasmtime::Result<T>,
     ) -> anyhow::Result<(T, CompileReport)> {
@@ -302,7 +400,8 @@ impl Compiler {
                 ),
             }
         }
-        let (precompiled, mut report) = self.compile_functions(kind, binary, key.as_deref())?;
+        let (precompiled, mut report) =
+            self.compile_functions(kind, binary, name, key.as_deref())?;
         let loaded = deserialize(&self.engine, &precompiled)?;
         report.seconds = start.elapsed().as_secs_f64();
         Ok((loaded, report))
@@ -340,9 +439,11 @@ impl Compiler {
         &self,
         kind: WasmKind,
         binary: &[u8],
+        name: Option<&str>,
         key: Option<&[u8]>,
     ) -> anyhow::Result<(Vec<u8>, CompileReport)> {
         let functions = count_functions(binary)?;
+        let read_ahead = self.read_ahead(binary, name)?;
         let before = self.counters();
         if kind == WasmKind::Component {
             // Wasmtime validates function bodies as it compiles them, in parallel, so the
@@ -356,9 +457,11 @@ impl Compiler {
         }
         // A binary that fails to compile stores nothing whole (the error returns here).
         let precompiled = match kind {
-            WasmKind::Module => self.engine.precompile_module(binary)?,
-            WasmKind::Component => self.engine.precompile_component(binary)?,
+            WasmKind::Module => self.engine.precompile_module(binary),
+            WasmKind::Component => self.engine.precompile_component(binary),
         };
+        let prefetch = read_ahead.finish(self.functions.as_deref(), name, precompiled.is_ok());
+        let precompiled = precompiled?;
         if let (Some(store), Some(key)) = (&self.functions, key) {
             store.cache().insert(store.namespace(), key, &precompiled);
         }
@@ -380,9 +483,43 @@ impl Compiler {
             inserted_bytes: after.inserted_bytes - before.inserted_bytes,
             verified: after.verified - before.verified,
             mismatches: after.mismatches - before.mismatches,
+            prefetch_source: prefetch.source,
+            predicted_reuse: prefetch.predicted_reuse,
+            prefetched: prefetch.report.read,
+            prefetch_used: prefetch.report.used,
             seconds: 0.0,
         };
         Ok((precompiled, report))
+    }
+
+    /// Finds the earlier compile `binary` most resembles and starts reading the entries it
+    /// used, if it shares enough with it to pay (see [`crate::manifest`]).
+    fn read_ahead(&self, binary: &[u8], name: Option<&str>) -> anyhow::Result<ReadAhead> {
+        let Some(store) = &self.functions else {
+            return Ok(ReadAhead::default());
+        };
+        let bodies = BodyPrints::of(binary)?;
+        let digest = *blake3::hash(binary).as_bytes();
+        store.take_looked_up(); // what earlier compiles of this engine asked is theirs
+        let manifests = Manifests {
+            cache: store.cache(),
+            namespace: store.namespace(),
+        };
+        let mut ahead = ReadAhead {
+            bodies,
+            digest,
+            ..ReadAhead::default()
+        };
+        if let Some((earlier, source)) = manifests.find(name, &digest, &ahead.bodies) {
+            let shared = ahead.bodies.shared_with(&earlier.bodies);
+            ahead.predicted_reuse = Some(shared);
+            if self.prefetch && shared >= PREFETCH_MIN_SHARED {
+                let keys: Vec<Vec<u8>> = earlier.keys.iter().map(|key| key.to_vec()).collect();
+                ahead.source = Some(source);
+                ahead.prefetch = Some(store.cache().prefetch(store.namespace(), &keys));
+            }
+        }
+        Ok(ahead)
     }
 
     /// The module-level key: the kind's domain tag and the digest of the binary's bytes (the
@@ -409,6 +546,57 @@ impl Compiler {
             .as_ref()
             .map(|f| f.counters())
             .unwrap_or_default()
+    }
+}
+
+/// A read-ahead in progress for one compile, and what its manifest will hold.
+#[derive(Default)]
+struct ReadAhead {
+    bodies: BodyPrints,
+    digest: [u8; 32],
+    source: Option<FoundBy>,
+    predicted_reuse: Option<f64>,
+    prefetch: Option<fncache::Prefetch>,
+}
+
+/// What a finished read-ahead did.
+#[derive(Default)]
+struct ReadAheadDone {
+    source: Option<FoundBy>,
+    predicted_reuse: Option<f64>,
+    report: fncache::PrefetchReport,
+}
+
+impl ReadAhead {
+    /// Ends the read-ahead and, if the compile succeeded, leaves this compile's manifest for
+    /// the next one.
+    fn finish(
+        self,
+        store: Option<&FunctionStore>,
+        name: Option<&str>,
+        compiled: bool,
+    ) -> ReadAheadDone {
+        let report = self.prefetch.map(|p| p.finish()).unwrap_or_default();
+        if let (Some(store), true) = (store, compiled) {
+            let mut keys = store.take_looked_up();
+            // Each key once, in the order first asked.
+            let mut seen = std::collections::HashSet::with_capacity(keys.len());
+            keys.retain(|key| seen.insert(*key));
+            let manifest = Manifest {
+                keys,
+                bodies: self.bodies,
+            };
+            Manifests {
+                cache: store.cache(),
+                namespace: store.namespace(),
+            }
+            .store(name, &self.digest, &manifest);
+        }
+        ReadAheadDone {
+            source: self.source,
+            predicted_reuse: self.predicted_reuse,
+            report,
+        }
     }
 }
 

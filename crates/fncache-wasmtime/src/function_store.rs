@@ -20,6 +20,7 @@ use fncache::{Cache, Kind, Namespace};
 use wasmtime::{CacheStore, Config, Engine};
 
 use crate::fingerprint::engine_fingerprint;
+use crate::manifest::FUNCTION_KEY_LEN;
 
 /// Cranelift's view of a cache, namespaced by an engine fingerprint.
 #[derive(Debug)]
@@ -38,6 +39,9 @@ pub struct FunctionStore {
     sample_state: AtomicU64,
     verified: AtomicU64,
     mismatches: AtomicU64,
+    /// Keys looked up since [`FunctionStore::take_looked_up`] last took them, for the manifest
+    /// of the compile that asked (see [`crate::manifest`]).
+    looked_up: Mutex<Vec<[u8; FUNCTION_KEY_LEN]>>,
 }
 
 /// Lookups seen by a [`FunctionStore`] since it was made.
@@ -71,6 +75,7 @@ impl FunctionStore {
             sample_state: AtomicU64::new(0x9e37_79b9_7f4a_7c15),
             verified: AtomicU64::new(0),
             mismatches: AtomicU64::new(0),
+            looked_up: Mutex::new(Vec::new()),
         }
     }
 
@@ -102,6 +107,11 @@ impl FunctionStore {
         &self.cache
     }
 
+    /// The keys looked up since the last call, in order (each once).
+    pub fn take_looked_up(&self) -> Vec<[u8; FUNCTION_KEY_LEN]> {
+        std::mem::take(&mut *self.looked_up.lock().unwrap())
+    }
+
     pub fn counters(&self) -> FunctionCounters {
         FunctionCounters {
             lookups: self.lookups.load(Ordering::Relaxed),
@@ -118,6 +128,9 @@ impl FunctionStore {
 impl CacheStore for FunctionStore {
     fn get(&self, key: &[u8]) -> Option<Cow<'_, [u8]>> {
         self.lookups.fetch_add(1, Ordering::Relaxed);
+        if let Ok(key) = key.try_into() {
+            self.looked_up.lock().unwrap().push(key);
+        }
         let value = self.cache.get(&self.namespace, key);
         self.cache.count(Kind::Function, value.is_some());
         let value = value?;

@@ -4,6 +4,8 @@
 //!   versions or two code-changing settings sharing one cache never read each other's entries.
 //! - [`function_store`]: the [`wasmtime::CacheStore`] adapter Cranelift's incremental cache
 //!   calls, once per function and trampoline, from many threads at once.
+//! - [`manifest`]: what each compile looked up, so that the next compile of the same program
+//!   reads those entries ahead in one batch.
 //! - [`compiler`]: [`Compiler`], an engine with the cache wired in and per-compile reports;
 //!   the one call an embedder needs.
 //!
@@ -19,6 +21,7 @@ pub mod compiler;
 pub mod explain;
 pub mod fingerprint;
 pub mod function_store;
+pub mod manifest;
 
 pub use compiler::{count_functions, CompileReport, Compiled, Compiler, Level, WasmKind};
 pub use fingerprint::engine_fingerprint;

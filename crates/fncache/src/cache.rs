@@ -5,8 +5,9 @@
 //! caller compiles again and stores a good one.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::fs::File;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crate::config::{CacheConfig, Compression};
@@ -36,6 +37,10 @@ struct Inner {
     /// Counts already handed to the store's `record`.
     recorded: parking_lot::Mutex<Counters>,
     warned: AtomicBool,
+    /// Entries read ahead by [`Cache::prefetch`], unverified, until a lookup takes them.
+    prefetched: parking_lot::Mutex<HashMap<KeyId, Found>>,
+    /// Prefetches running or not yet finished (the map is not looked at when there are none).
+    prefetches: AtomicUsize,
 }
 
 /// Counters since this handle was opened, updated lock-free from many threads.
@@ -174,6 +179,8 @@ impl Cache {
                 session: SessionCounters::default(),
                 recorded: Default::default(),
                 warned: AtomicBool::new(false),
+                prefetched: Default::default(),
+                prefetches: AtomicUsize::new(0),
             }),
         }
     }
@@ -186,19 +193,31 @@ impl Cache {
     pub fn get(&self, namespace: &Namespace, key: &[u8]) -> Option<Vec<u8>> {
         // A value kept in a file is copied before it is verified, so that the bytes handed
         // back are the bytes that were checked.
-        self.lookup(namespace, key, true).map(Value::into_vec)
+        self.lookup(namespace, key, true, true).map(Value::into_vec)
+    }
+
+    /// [`Cache::get`] for the cache's own bookkeeping (a compile's manifest, see
+    /// `fncache_wasmtime::manifest`): verified the same way, but not one of the `hits` and
+    /// `misses` that tell how well the cache serves compiles.
+    pub fn get_bookkeeping(&self, namespace: &Namespace, key: &[u8]) -> Option<Vec<u8>> {
+        self.lookup(namespace, key, true, false)
+            .map(Value::into_vec)
     }
 
     /// Like [`Cache::get`], without copying a large value: one kept uncompressed in a file of
     /// its own comes back mapped, verified where it lies, with the open file.
     pub fn get_value(&self, namespace: &Namespace, key: &[u8]) -> Option<Value> {
-        self.lookup(namespace, key, false)
+        self.lookup(namespace, key, false, true)
     }
 
-    fn lookup(&self, namespace: &Namespace, key: &[u8], copy: bool) -> Option<Value> {
+    fn lookup(&self, namespace: &Namespace, key: &[u8], copy: bool, count: bool) -> Option<Value> {
         let session = &self.inner.session;
         let key = KeyId::new(namespace, key);
-        let found = match self.inner.store.get(&key) {
+        let found = match self.take_prefetched(&key) {
+            Some(found) => Ok(Some(found)),
+            None => self.inner.store.get(&key),
+        };
+        let found = match found {
             Ok(found) => found,
             Err(error) => {
                 self.warn_once(&error);
@@ -206,7 +225,9 @@ impl Cache {
             }
         };
         let Some(mut found) = found else {
-            session.misses.fetch_add(1, Ordering::Relaxed);
+            if count {
+                session.misses.fetch_add(1, Ordering::Relaxed);
+            }
             return None;
         };
         if let (true, StoredEntry::Split { header, body }) = (copy, &found.entry) {
@@ -215,7 +236,9 @@ impl Cache {
         }
         match self.check(&key, &found) {
             Ok(value) => {
-                session.hits.fetch_add(1, Ordering::Relaxed);
+                if count {
+                    session.hits.fetch_add(1, Ordering::Relaxed);
+                }
                 session
                     .bytes_read
                     .fetch_add(found.entry.len() as u64, Ordering::Relaxed);
@@ -234,7 +257,9 @@ impl Cache {
                     self.inner.store.location()
                 );
                 session.rejected.fetch_add(1, Ordering::Relaxed);
-                session.misses.fetch_add(1, Ordering::Relaxed);
+                if count {
+                    session.misses.fetch_add(1, Ordering::Relaxed);
+                }
                 let mut removed = self.inner.store.remove_key(&key);
                 // A damaged value is removed for every key; a value from a shared store is
                 // not, since the local copy under that digest may be a genuine one.
@@ -265,15 +290,60 @@ impl Cache {
         })
     }
 
+    /// Starts reading the entries of `keys` (in `namespace`) in the background, in batches
+    /// ([`Store::get_many`]), so that the lookups that follow are answered from memory. Nothing
+    /// read ahead is trusted: a lookup that takes a prefetched entry verifies its link and its
+    /// MAC exactly as one read from the store, and a key not read yet is read as usual.
+    /// [`Prefetch::finish`] ends it and drops what no lookup took.
+    pub fn prefetch(&self, namespace: &Namespace, keys: &[Vec<u8>]) -> Prefetch {
+        let keys: Vec<KeyId> = keys.iter().map(|key| KeyId::new(namespace, key)).collect();
+        self.inner.prefetches.fetch_add(1, Ordering::AcqRel);
+        let inner = self.inner.clone();
+        let requested = keys.len() as u64;
+        let thread = std::thread::Builder::new()
+            .name("fncache-prefetch".into())
+            .spawn(move || inner.read_ahead(&keys));
+        let thread = match thread {
+            Ok(thread) => Some(thread),
+            Err(error) => {
+                log::debug!("no prefetch: cannot start its thread ({error})");
+                None
+            }
+        };
+        Prefetch {
+            cache: self.clone(),
+            thread,
+            requested,
+        }
+    }
+
+    fn take_prefetched(&self, key: &KeyId) -> Option<Found> {
+        if self.inner.prefetches.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        self.inner.prefetched.lock().remove(key)
+    }
+
     /// Stores `value` under `key` in `namespace`. Never fails; a store error is warned about once.
     pub fn insert(&self, namespace: &Namespace, key: &[u8], value: &[u8]) {
+        self.store_entry(namespace, key, value, true);
+    }
+
+    /// [`Cache::insert`] for the cache's own bookkeeping: not one of the `inserts`.
+    pub fn insert_bookkeeping(&self, namespace: &Namespace, key: &[u8], value: &[u8]) {
+        self.store_entry(namespace, key, value, false);
+    }
+
+    fn store_entry(&self, namespace: &Namespace, key: &[u8], value: &[u8], count: bool) {
         if self.inner.store.is_read_only() {
             return;
         }
         let secret = self.inner.secret.as_ref();
         let (encoded, digest) = entry::encode_with(value, self.inner.compression, secret);
         let session = &self.inner.session;
-        session.inserts.fetch_add(1, Ordering::Relaxed);
+        if count {
+            session.inserts.fetch_add(1, Ordering::Relaxed);
+        }
         session
             .bytes_written
             .fetch_add(encoded.len() as u64, Ordering::Relaxed);
@@ -404,7 +474,100 @@ enum Rejection {
     Entry(entry::EntryError),
 }
 
+/// Prefetched entries kept in memory at most; the rest are read when asked for.
+const PREFETCH_MAX_BYTES: usize = 256 << 20;
+/// Entries a prefetch hands to the lookups at once.
+const PREFETCH_HANDOFF: usize = 32;
+
+/// A prefetch started by [`Cache::prefetch`].
+#[derive(Debug)]
+pub struct Prefetch {
+    cache: Cache,
+    thread: Option<std::thread::JoinHandle<Vec<KeyId>>>,
+    requested: u64,
+}
+
+/// What a prefetch did, once finished.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PrefetchReport {
+    /// Keys asked for.
+    pub requested: u64,
+    /// Entries read ahead (found in a store).
+    pub read: u64,
+    /// Of those, entries a lookup took.
+    pub used: u64,
+}
+
+impl Prefetch {
+    /// Waits for the read-ahead to end and drops the entries no lookup took.
+    pub fn finish(mut self) -> PrefetchReport {
+        let read = self
+            .thread
+            .take()
+            .and_then(|thread| thread.join().ok())
+            .unwrap_or_default();
+        let inner = &self.cache.inner;
+        let mut unused = 0;
+        {
+            let mut prefetched = inner.prefetched.lock();
+            for key in &read {
+                unused += u64::from(prefetched.remove(key).is_some());
+            }
+        }
+        PrefetchReport {
+            requested: self.requested,
+            read: read.len() as u64,
+            used: read.len() as u64 - unused,
+        }
+    }
+}
+
+impl Drop for Prefetch {
+    fn drop(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            if let Ok(read) = thread.join() {
+                let mut prefetched = self.cache.inner.prefetched.lock();
+                for key in &read {
+                    prefetched.remove(key);
+                }
+            }
+        }
+        self.cache.inner.prefetches.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 impl Inner {
+    /// The prefetch thread: reads `keys` in batches and hands what it finds to the lookups,
+    /// a few entries at a time. Returns the keys it handed over.
+    fn read_ahead(&self, keys: &[KeyId]) -> Vec<KeyId> {
+        let mut handed = Vec::with_capacity(keys.len());
+        let mut batch = Vec::with_capacity(PREFETCH_HANDOFF);
+        let mut bytes = 0;
+        let hand_over = |batch: &mut Vec<(KeyId, Found)>, handed: &mut Vec<KeyId>| {
+            let mut prefetched = self.prefetched.lock();
+            for (key, found) in batch.drain(..) {
+                handed.push(key);
+                prefetched.insert(key, found);
+            }
+        };
+        let result = self.store.get_many(keys, &mut |key, found| {
+            bytes += found.entry.len();
+            if bytes > PREFETCH_MAX_BYTES {
+                return;
+            }
+            batch.push((key, found));
+            if batch.len() == PREFETCH_HANDOFF {
+                hand_over(&mut batch, &mut handed);
+            }
+        });
+        hand_over(&mut batch, &mut handed);
+        if let Err(error) = result {
+            // The lookups read what was not prefetched themselves, and report errors there.
+            log::debug!("prefetch stopped early: {error}");
+        }
+        handed
+    }
+
     fn report_rejections(&self) {
         let rejected = self.session.rejected.load(Ordering::Relaxed);
         let reported = self

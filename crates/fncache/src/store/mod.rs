@@ -129,6 +129,24 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// The entry `key` points at, with its digest and the link stored with the key.
     fn get(&self, key: &KeyId) -> Result<Option<Found>, StoreError>;
 
+    /// The entries of many keys at once, handed to `found` as they are read (in any order);
+    /// keys with nothing stored are skipped. A prefetch reads a compile's likely keys this way:
+    /// one read transaction on disk, pipelined batches to Redis, instead of one call per key.
+    /// An error stops the batch; what was handed over before it stands. Default: one `get`
+    /// per key.
+    fn get_many(
+        &self,
+        keys: &[KeyId],
+        found: &mut dyn FnMut(KeyId, Found),
+    ) -> Result<(), StoreError> {
+        for key in keys {
+            if let Some(entry) = self.get(key)? {
+                found(*key, entry);
+            }
+        }
+        Ok(())
+    }
+
     /// Stores `entry`, whose header digest is `digest`, and points `key` at it with `link`.
     fn put(
         &self,

@@ -24,6 +24,14 @@ impl Store for ReadOnlyStore {
         self.inner.get(key)
     }
 
+    fn get_many(
+        &self,
+        keys: &[KeyId],
+        found: &mut dyn FnMut(KeyId, Found),
+    ) -> Result<(), StoreError> {
+        self.inner.get_many(keys, found)
+    }
+
     fn put(&self, _: KeyId, _: Link, _: Digest, _: Arc<[u8]>) -> Result<(), StoreError> {
         Ok(())
     }

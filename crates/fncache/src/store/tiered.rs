@@ -58,6 +58,37 @@ impl Store for TieredStore {
         first_error.map_or(Ok(None), Err)
     }
 
+    /// Each tier is asked, in one batch, for the keys the faster ones did not have.
+    fn get_many(
+        &self,
+        keys: &[KeyId],
+        found: &mut dyn FnMut(KeyId, Found),
+    ) -> Result<(), StoreError> {
+        let mut first_error = None;
+        let mut missing: Vec<KeyId> = keys.to_vec();
+        for (index, tier) in self.tiers.iter().enumerate() {
+            if missing.is_empty() {
+                break;
+            }
+            let mut answered = std::collections::HashSet::new();
+            let result = tier.get_many(&missing, &mut |key, entry| {
+                answered.insert(key);
+                found(
+                    key,
+                    Found {
+                        tier: index,
+                        ..entry
+                    },
+                );
+            });
+            if let Err(error) = result {
+                first_error.get_or_insert(error);
+            }
+            missing.retain(|key| !answered.contains(key));
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
     /// Puts what a slower tier found, verified by the cache, into every faster tier.
     fn fill(&self, key: KeyId, found: &Found) {
         let StoredEntry::Whole(bytes) = &found.entry else {

@@ -69,6 +69,8 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 pub const TOUCH_PERIOD: Duration = Duration::from_secs(60);
 /// Reader connections kept open for reuse.
 const MAX_IDLE_READERS: usize = 8;
+/// Keys [`Store::get_many`] reads in one read transaction before handing them over.
+const GET_MANY_CHUNK: usize = 128;
 
 /// A cache directory on disk. See the module documentation.
 pub struct DiskStore {
@@ -322,43 +324,11 @@ impl DiskStore {
         writer.queue.push(make(tx))?;
         rx.recv().map_err(|_| StoreError::WriterGone)?
     }
-}
-
-impl Drop for DiskStore {
-    fn drop(&mut self) {
-        if let Some(Writer { queue, thread }) = self.writer.take() {
-            queue.close(); // the writer commits what is queued, then stops
-            let _ = thread.join();
-        }
-    }
-}
-
-impl Store for DiskStore {
-    fn get(&self, key: &KeyId) -> Result<Option<Found>, StoreError> {
-        if let Some((digest, link, entry)) = self.pending.lock().get(key) {
-            return Ok(Some(Found::local(
-                *digest,
-                *link,
-                StoredEntry::Whole(entry.clone()),
-            )));
-        }
-        let found = self.with_reader(|conn| {
-            conn.prepare_cached(GET_SQL)?
-                .query_row([key.0.as_bytes()], |row| {
-                    let digest = Digest::from_slice(row.get_ref(0)?.as_blob()?);
-                    let stored: Arc<[u8]> = Arc::from(row.get_ref(1)?.as_blob()?);
-                    Ok((
-                        digest,
-                        stored,
-                        row.get::<_, bool>(2)?,
-                        row.get::<_, i64>(3)?,
-                        Link::from_slice(row.get_ref(4)?.as_blob()?),
-                    ))
-                })
-                .optional()
-        })?;
+    /// The entry a row of [`GET_SQL`] describes: a value file is opened and mapped here, and a
+    /// use is recorded if the value is old enough to need one.
+    fn found(&self, row: Option<Row>) -> Result<Option<Found>, StoreError> {
         // A digest or link column of the wrong length is a damaged index row: nothing to serve.
-        let Some((Some(digest), stored, in_file, last_used, Some(link))) = found else {
+        let Some((Some(digest), stored, in_file, last_used, Some(link))) = row else {
             return Ok(None);
         };
         let entry = if in_file {
@@ -381,6 +351,96 @@ impl Store for DiskStore {
             self.send(Op::Touch(digest))?;
         }
         Ok(Some(Found::local(digest, link, entry)))
+    }
+}
+
+/// One row of [`GET_SQL`]: digest, stored bytes, in a file, last used, link.
+type Row = (Option<Digest>, Arc<[u8]>, bool, i64, Option<Link>);
+
+fn read_row(conn: &Connection, key: &KeyId) -> rusqlite::Result<Option<Row>> {
+    conn.prepare_cached(GET_SQL)?
+        .query_row([key.0.as_bytes()], |row| {
+            Ok((
+                Digest::from_slice(row.get_ref(0)?.as_blob()?),
+                Arc::from(row.get_ref(1)?.as_blob()?),
+                row.get::<_, bool>(2)?,
+                row.get::<_, i64>(3)?,
+                Link::from_slice(row.get_ref(4)?.as_blob()?),
+            ))
+        })
+        .optional()
+}
+
+impl Drop for DiskStore {
+    fn drop(&mut self) {
+        if let Some(Writer { queue, thread }) = self.writer.take() {
+            queue.close(); // the writer commits what is queued, then stops
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Store for DiskStore {
+    fn get(&self, key: &KeyId) -> Result<Option<Found>, StoreError> {
+        if let Some((digest, link, entry)) = self.pending.lock().get(key) {
+            return Ok(Some(Found::local(
+                *digest,
+                *link,
+                StoredEntry::Whole(entry.clone()),
+            )));
+        }
+        let row = self.with_reader(|conn| read_row(conn, key))?;
+        self.found(row)
+    }
+
+    fn get_many(
+        &self,
+        keys: &[KeyId],
+        found: &mut dyn FnMut(KeyId, Found),
+    ) -> Result<(), StoreError> {
+        let mut unwritten = Vec::new();
+        let mut to_read = Vec::with_capacity(keys.len());
+        {
+            let pending = self.pending.lock();
+            for key in keys {
+                match pending.get(key) {
+                    Some((digest, link, entry)) => unwritten.push((
+                        *key,
+                        Found::local(*digest, *link, StoredEntry::Whole(entry.clone())),
+                    )),
+                    None => to_read.push(*key),
+                }
+            }
+        }
+        for (key, entry) in unwritten {
+            found(key, entry);
+        }
+        // In key order, a chunk per read transaction: neighbouring keys share B-tree pages,
+        // the statement is prepared once, and what is read is handed over while the rest is
+        // still being read.
+        to_read.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+        let conn = self.checkout()?;
+        for chunk in to_read.chunks(GET_MANY_CHUNK) {
+            let rows = (|| {
+                let tx = conn.unchecked_transaction()?;
+                let mut rows = Vec::with_capacity(chunk.len());
+                for key in chunk {
+                    if let Some(row) = read_row(&tx, key)? {
+                        rows.push((*key, row));
+                    }
+                }
+                tx.finish()?;
+                Ok(rows)
+            })()
+            .map_err(|e| self.db_error(e))?;
+            for (key, row) in rows {
+                if let Some(entry) = self.found(Some(row))? {
+                    found(key, entry);
+                }
+            }
+        }
+        self.checkin(conn);
+        Ok(())
     }
 
     fn put(

@@ -38,6 +38,8 @@ const KEY_PREFIX: &str = "fncache:v1:";
 const TAG_LEN: usize = 32;
 /// Writes sent in one pipeline at most.
 const WRITE_BATCH: usize = 256;
+/// Reads sent in one pipeline at most by [`Store::get_many`].
+const READ_BATCH: usize = 256;
 
 mod connection;
 
@@ -305,6 +307,21 @@ impl RedisStore {
     }
 }
 
+/// What a stored value holds: the 32-byte link, then the encoded entry. A value too short for
+/// its link is handed on with a link of zeros and whatever digest its header claims: the cache
+/// rejects it, counts it and removes the key.
+fn found_entry(value: &[u8]) -> Found {
+    let link = value.get(..TAG_LEN).and_then(Link::from_slice);
+    let stored = value.get(TAG_LEN..).unwrap_or_default();
+    Found {
+        digest: entry::header_digest(stored).unwrap_or(Digest([0; 32])),
+        link: link.unwrap_or(Link(Digest([0; 32]))),
+        entry: StoredEntry::Whole(Arc::from(stored)),
+        origin: Origin::Remote,
+        tier: 0,
+    }
+}
+
 fn redis_key(key: &KeyId) -> String {
     format!("{KEY_PREFIX}{}", key.0.to_hex())
 }
@@ -351,18 +368,27 @@ fn write_loop(shared: &Shared, ttl: Option<Duration>, rx: mpsc::Receiver<WriteOp
 /// Sends `commands` in one pipeline: to the one server, or, in a cluster, split by the node
 /// that owns each key's hash slot (the cluster client's pipeline does the splitting).
 fn send_pipelined(conn: &mut Connection, commands: Vec<redis::Cmd>) -> redis::RedisResult<()> {
+    query_pipelined::<redis::Value>(conn, commands.into_iter()).map(drop)
+}
+
+/// Sends `commands` in one pipeline, as [`send_pipelined`] does, and returns their replies in
+/// order.
+fn query_pipelined<T: redis::FromRedisValue>(
+    conn: &mut Connection,
+    commands: impl Iterator<Item = redis::Cmd>,
+) -> redis::RedisResult<Vec<T>> {
     match conn {
         Connection::Single(conn) => {
             let mut pipe = redis::pipe();
             for cmd in commands {
-                pipe.add_command(cmd).ignore();
+                pipe.add_command(cmd);
             }
             pipe.query(conn)
         }
         Connection::Cluster(conn) => {
             let mut pipe = redis::cluster::cluster_pipe();
             for cmd in commands {
-                pipe.add_command(cmd).ignore();
+                pipe.add_command(cmd);
             }
             pipe.query(conn)
         }
@@ -390,17 +416,36 @@ impl Store for RedisStore {
         let Some(value) = found else {
             return Ok(None);
         };
-        // A value too short for its link is handed on with a link of zeros and whatever digest
-        // its header claims: the cache rejects it, counts it and removes the key.
-        let link = value.get(..TAG_LEN).and_then(Link::from_slice);
-        let stored = value.get(TAG_LEN..).unwrap_or_default();
-        Ok(Some(Found {
-            digest: entry::header_digest(stored).unwrap_or(Digest([0; 32])),
-            link: link.unwrap_or(Link(Digest([0; 32]))),
-            entry: StoredEntry::Whole(Arc::from(stored)),
-            origin: Origin::Remote,
-            tier: 0,
-        }))
+        Ok(Some(found_entry(&value)))
+    }
+
+    /// Pipelined `GET`s, [`READ_BATCH`] keys per round trip; in a cluster the pipeline is
+    /// split by the node that owns each key's hash slot. Each batch goes through the breaker
+    /// and the budget like any operation, so a Redis that is down costs what they allow.
+    fn get_many(
+        &self,
+        keys: &[KeyId],
+        found: &mut dyn FnMut(KeyId, Found),
+    ) -> Result<(), StoreError> {
+        for batch in keys.chunks(READ_BATCH) {
+            let names: Vec<String> = batch.iter().map(redis_key).collect();
+            let Some(values) = self.shared.run_on(|conn| {
+                let commands = names.iter().map(|name| {
+                    let mut cmd = redis::cmd("GET");
+                    cmd.arg(name);
+                    cmd
+                });
+                query_pipelined::<Option<Vec<u8>>>(conn, commands)
+            }) else {
+                return Ok(()); // counted, and warned about by the breaker
+            };
+            for (key, value) in batch.iter().zip(values) {
+                if let Some(value) = value {
+                    found(*key, found_entry(&value));
+                }
+            }
+        }
+        Ok(())
     }
 
     fn put(

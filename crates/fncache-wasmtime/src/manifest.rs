@@ -1,0 +1,300 @@
+//! Manifests: what a compile asked the function level for, so that the next compile of the same
+//! program can read those entries ahead in one batch.
+//!
+//! Wasmtime asks for one function at a time, from its compile threads, once Cranelift has built
+//! that function's stencil, so no key is known before it is needed. But a program is compiled
+//! again and again (a hot reload, the next release, a sibling that links the same library), and
+//! the keys an earlier compile of it asked for are a good guess of the keys the next one will.
+//! Each function-level compile leaves:
+//!
+//! - a **manifest** under `"manifest" ‖ BLAKE3(binary)`: the Cranelift keys it looked up, in
+//!   order, and a fingerprint and size of every function body ([`BodyPrints`]);
+//! - a **name pointer** under `"name\0\0\0\0" ‖ BLAKE3(name)` when the caller gave a name (the
+//!   CLI gives the input's path): the binary's digest, so the next compile of that name finds
+//!   the manifest;
+//! - **sketch pointers** under `"sketch\0\0" ‖ BLAKE3(body fingerprint)` for the
+//!   [`SKETCH_SIZE`] smallest body fingerprints (a bottom-k MinHash sketch): a compile without
+//!   a name, or with a name never seen, finds the earlier binary that shares the most function
+//!   bodies with it through the same smallest fingerprints.
+//!
+//! All three are ordinary entries in the compiler's namespace (their keys are 40 bytes long and
+//! never equal a 32-byte Cranelift key), authenticated with the cache's secret like any other.
+//! They only ever steer which entries are read ahead: every entry read ahead is verified by
+//! [`fncache::Cache`] when a lookup takes it, exactly as if it had been read then. A manifest
+//! that is damaged, foreign or points at evicted entries costs a wasted read, never a wrong
+//! hit.
+
+use std::collections::{HashMap, HashSet};
+
+use fncache::{Cache, Namespace};
+
+/// Body fingerprints taken for a sketch.
+pub const SKETCH_SIZE: usize = 4;
+const MANIFEST_TAG: &[u8; 8] = b"manifest";
+const NAME_TAG: &[u8; 8] = b"name\0\0\0\0";
+const SKETCH_TAG: &[u8; 8] = b"sketch\0\0";
+const MAGIC: &[u8; 4] = b"FNMF";
+const VERSION: u8 = 1;
+/// Cranelift's keys are SHA-256 digests; anything else is not recorded.
+pub const FUNCTION_KEY_LEN: usize = 32;
+
+/// A fingerprint and the size of every function body of a binary (of all its core modules, for
+/// a component), read with wasmparser: cheap, and the same for a body whose bytes did not
+/// change wherever it moved.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BodyPrints {
+    pub bodies: Vec<(u64, u32)>,
+}
+
+impl BodyPrints {
+    pub fn of(binary: &[u8]) -> anyhow::Result<BodyPrints> {
+        let mut bodies = Vec::new();
+        for payload in wasmparser::Parser::new(0).parse_all(binary) {
+            if let wasmparser::Payload::CodeSectionEntry(body) = payload? {
+                let range = body.range();
+                let bytes = &binary[range.start..range.end];
+                let hash = blake3::hash(bytes);
+                let print = u64::from_le_bytes(hash.as_bytes()[..8].try_into().unwrap());
+                bodies.push((print, bytes.len() as u32));
+            }
+        }
+        Ok(BodyPrints { bodies })
+    }
+
+    fn total_bytes(&self) -> u64 {
+        self.bodies.iter().map(|&(_, size)| u64::from(size)).sum()
+    }
+
+    /// The share of this binary's body bytes whose bodies `earlier` has too: a prediction of
+    /// how much of it a cache filled by `earlier` can serve (an upper bound: a body whose
+    /// layout around it changed keeps its bytes but not its code).
+    pub fn shared_with(&self, earlier: &BodyPrints) -> f64 {
+        let total = self.total_bytes();
+        if total == 0 {
+            return 0.0;
+        }
+        let known: HashSet<u64> = earlier.bodies.iter().map(|&(print, _)| print).collect();
+        let shared: u64 = self
+            .bodies
+            .iter()
+            .filter(|(print, _)| known.contains(print))
+            .map(|&(_, size)| u64::from(size))
+            .sum();
+        shared as f64 / total as f64
+    }
+
+    /// The [`SKETCH_SIZE`] smallest distinct fingerprints.
+    fn sketch(&self) -> Vec<u64> {
+        let mut prints: Vec<u64> = self.bodies.iter().map(|&(print, _)| print).collect();
+        prints.sort_unstable();
+        prints.dedup();
+        prints.truncate(SKETCH_SIZE);
+        prints
+    }
+}
+
+/// What one compile asked for, and the bodies it compiled.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Manifest {
+    /// Cranelift keys, in the order they were looked up.
+    pub keys: Vec<[u8; FUNCTION_KEY_LEN]>,
+    pub bodies: BodyPrints,
+}
+
+impl Manifest {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(
+            13 + self.keys.len() * FUNCTION_KEY_LEN + self.bodies.bodies.len() * 12,
+        );
+        out.extend_from_slice(MAGIC);
+        out.push(VERSION);
+        out.extend_from_slice(&(self.keys.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(self.bodies.bodies.len() as u32).to_le_bytes());
+        for key in &self.keys {
+            out.extend_from_slice(key);
+        }
+        for (print, size) in &self.bodies.bodies {
+            out.extend_from_slice(&print.to_le_bytes());
+            out.extend_from_slice(&size.to_le_bytes());
+        }
+        out
+    }
+
+    /// `None` for anything that is not a whole manifest of this version.
+    pub fn decode(bytes: &[u8]) -> Option<Manifest> {
+        let rest = bytes.strip_prefix(MAGIC)?;
+        let (&version, rest) = rest.split_first()?;
+        if version != VERSION || rest.len() < 8 {
+            return None;
+        }
+        let keys = u32::from_le_bytes(rest[..4].try_into().ok()?) as usize;
+        let bodies = u32::from_le_bytes(rest[4..8].try_into().ok()?) as usize;
+        let rest = &rest[8..];
+        let key_bytes = keys.checked_mul(FUNCTION_KEY_LEN)?;
+        if rest.len() != key_bytes.checked_add(bodies.checked_mul(12)?)? {
+            return None;
+        }
+        let (key_part, body_part) = rest.split_at(key_bytes);
+        Some(Manifest {
+            keys: key_part
+                .chunks_exact(FUNCTION_KEY_LEN)
+                .map(|key| key.try_into().unwrap())
+                .collect(),
+            bodies: BodyPrints {
+                bodies: body_part
+                    .chunks_exact(12)
+                    .map(|body| {
+                        (
+                            u64::from_le_bytes(body[..8].try_into().unwrap()),
+                            u32::from_le_bytes(body[8..].try_into().unwrap()),
+                        )
+                    })
+                    .collect(),
+            },
+        })
+    }
+}
+
+/// How the earlier compile was found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FoundBy {
+    /// The same name was compiled before.
+    Name,
+    /// The earlier binary that shares the most of the sketch's function bodies.
+    Sketch,
+}
+
+impl FoundBy {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            FoundBy::Name => "name",
+            FoundBy::Sketch => "sketch",
+        }
+    }
+}
+
+/// Manifests in one namespace of a cache.
+pub struct Manifests<'a> {
+    pub cache: &'a Cache,
+    pub namespace: &'a Namespace,
+}
+
+impl Manifests<'_> {
+    /// The manifest of the earlier compile `binary` (with `bodies`, named `name`) most likely
+    /// resembles: the last one of the same name, else the one its sketch points at most.
+    pub fn find(
+        &self,
+        name: Option<&str>,
+        binary_digest: &[u8; 32],
+        bodies: &BodyPrints,
+    ) -> Option<(Manifest, FoundBy)> {
+        if let Some(name) = name {
+            let pointed = self.pointer(&tagged(NAME_TAG, name.as_bytes()));
+            // The same binary under its own name has no earlier version to learn from, but
+            // its manifest is still the best guess (the module level was off or evicted).
+            if let Some(digest) = pointed {
+                if let Some(manifest) = self.manifest(&digest) {
+                    return Some((manifest, FoundBy::Name));
+                }
+            }
+        }
+        let mut votes: HashMap<[u8; 32], usize> = HashMap::new();
+        for print in bodies.sketch() {
+            if let Some(digest) = self.pointer(&tagged(SKETCH_TAG, &print.to_le_bytes())) {
+                *votes.entry(digest).or_default() += 1;
+            }
+        }
+        // Most votes first; ties go to the binary itself if it was seen, then by digest, so
+        // the choice never depends on hash order.
+        let mut candidates: Vec<([u8; 32], usize)> = votes.into_iter().collect();
+        candidates.sort_by(|a, b| {
+            (b.1, b.0 == *binary_digest, b.0).cmp(&(a.1, a.0 == *binary_digest, a.0))
+        });
+        candidates
+            .into_iter()
+            .find_map(|(digest, _)| self.manifest(&digest))
+            .map(|manifest| (manifest, FoundBy::Sketch))
+    }
+
+    /// Stores `manifest` for the binary of `binary_digest`, with its name and sketch pointers.
+    pub fn store(&self, name: Option<&str>, binary_digest: &[u8; 32], manifest: &Manifest) {
+        self.cache.insert_bookkeeping(
+            self.namespace,
+            &tagged_digest(MANIFEST_TAG, binary_digest),
+            &manifest.encode(),
+        );
+        if let Some(name) = name {
+            self.cache.insert_bookkeeping(
+                self.namespace,
+                &tagged(NAME_TAG, name.as_bytes()),
+                binary_digest,
+            );
+        }
+        for print in manifest.bodies.sketch() {
+            self.cache.insert_bookkeeping(
+                self.namespace,
+                &tagged(SKETCH_TAG, &print.to_le_bytes()),
+                binary_digest,
+            );
+        }
+    }
+
+    fn pointer(&self, key: &[u8]) -> Option<[u8; 32]> {
+        self.cache
+            .get_bookkeeping(self.namespace, key)?
+            .try_into()
+            .ok()
+    }
+
+    fn manifest(&self, binary_digest: &[u8; 32]) -> Option<Manifest> {
+        let bytes = self
+            .cache
+            .get_bookkeeping(self.namespace, &tagged_digest(MANIFEST_TAG, binary_digest))?;
+        Manifest::decode(&bytes)
+    }
+}
+
+/// `tag ‖ BLAKE3(bytes)`: 40 bytes, never a Cranelift key (32) and never another tag's.
+fn tagged(tag: &[u8; 8], bytes: &[u8]) -> Vec<u8> {
+    tagged_digest(tag, blake3::hash(bytes).as_bytes())
+}
+
+fn tagged_digest(tag: &[u8; 8], digest: &[u8; 32]) -> Vec<u8> {
+    let mut key = tag.to_vec();
+    key.extend_from_slice(digest);
+    key
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_manifest_round_trips_and_anything_else_is_refused() {
+        let manifest = Manifest {
+            keys: vec![[1; 32], [2; 32]],
+            bodies: BodyPrints {
+                bodies: vec![(7, 100), (9, 3)],
+            },
+        };
+        let encoded = manifest.encode();
+        assert_eq!(Manifest::decode(&encoded), Some(manifest));
+        assert_eq!(Manifest::decode(&encoded[..encoded.len() - 1]), None);
+        let mut absurd = encoded.clone();
+        absurd[5..9].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(Manifest::decode(&absurd), None);
+        assert_eq!(Manifest::decode(b"FNMF"), None);
+    }
+
+    #[test]
+    fn shared_bodies_are_weighed_by_size() {
+        let new = BodyPrints {
+            bodies: vec![(1, 300), (2, 100)],
+        };
+        let old = BodyPrints {
+            bodies: vec![(1, 300), (3, 50)],
+        };
+        assert_eq!(new.shared_with(&old), 0.75);
+        assert_eq!(new.shared_with(&BodyPrints::default()), 0.0);
+    }
+}

@@ -1,0 +1,218 @@
+//! Reading ahead (crates/fncache-wasmtime/src/manifest.rs) on a real disk cache with real
+//! Wasmtime: the earlier compile is found by name or by the bodies two versions share, what is
+//! read ahead is verified like anything else, and a manifest whose entries are gone or damaged
+//! costs nothing but the read.
+
+use std::path::Path;
+
+use fncache::{Cache, CacheConfig, KeyId, Secret};
+use fncache_wasmtime::manifest::{BodyPrints, FoundBy, Manifest, Manifests};
+use fncache_wasmtime::{engine_fingerprint, Compiler};
+use wasmtime::Config;
+
+/// `count` functions with distinct bodies; `edited` changes one constant in that function.
+fn module(count: usize, edited: Option<usize>) -> Vec<u8> {
+    let mut wat = String::from("(module (memory 1)\n");
+    for i in 0..count {
+        let k = if edited == Some(i) {
+            999_999
+        } else {
+            i * 13 + 5
+        };
+        wat.push_str(&format!(
+            "(func $f{i} (export \"f{i}\") (param $x i32) (result i32) (local $acc i32)
+               (local.set $acc (i32.const {k}))
+               (block $done (loop $next
+                 (br_if $done (i32.ge_u (local.get $acc) (i32.const 1000000)))
+                 (local.set $acc (i32.add (i32.mul (local.get $acc) (i32.const 3))
+                                          (local.get $x)))
+                 (i32.store (i32.and (local.get $acc) (i32.const 1020)) (local.get $acc))
+                 (br $next)))
+               (local.get $acc))\n"
+        ));
+    }
+    wat.push(')');
+    wat::parse_str(&wat).unwrap()
+}
+
+fn open(dir: &Path) -> Cache {
+    Cache::open(
+        &CacheConfig::new()
+            .directory(dir)
+            .secret(Secret::from_bytes([5; 32])),
+    )
+    .unwrap()
+}
+
+/// A compiler in a new cache handle, as a new process would have; functions only, so that
+/// every compile goes through the function level.
+fn compiler(dir: &Path) -> Compiler {
+    Compiler::new(Config::new(), Some(open(dir)))
+        .unwrap()
+        .module_level(false)
+}
+
+fn uncached(wasm: &[u8]) -> Vec<u8> {
+    Compiler::new(Config::new(), None)
+        .unwrap()
+        .precompile(wasm)
+        .unwrap()
+        .0
+}
+
+/// Compiles `wasm` named `name` in a new handle on `dir` and stores everything.
+fn fill(dir: &Path, wasm: &[u8], name: Option<&str>) {
+    let compiler = compiler(dir);
+    match name {
+        Some(name) => compiler.precompile_named(wasm, name).unwrap(),
+        None => compiler.precompile(wasm).unwrap(),
+    };
+    compiler.cache().unwrap().flush().unwrap();
+}
+
+/// The manifest the last compile named `name` left, and the store keys of its functions.
+fn manifest_keys(dir: &Path, wasm: &[u8], name: &str) -> Vec<KeyId> {
+    let compiler = compiler(dir);
+    let namespace = engine_fingerprint(compiler.engine());
+    let manifests = Manifests {
+        cache: compiler.cache().unwrap(),
+        namespace: &namespace,
+    };
+    let digest = *blake3::hash(wasm).as_bytes();
+    let (manifest, _): (Manifest, _) = manifests
+        .find(Some(name), &digest, &BodyPrints::of(wasm).unwrap())
+        .expect("a manifest");
+    assert!(!manifest.keys.is_empty());
+    manifest
+        .keys
+        .iter()
+        .map(|key| KeyId::new(&namespace, key))
+        .collect()
+}
+
+fn database(dir: &Path) -> rusqlite::Connection {
+    rusqlite::Connection::open(dir.join("fncache.db")).unwrap()
+}
+
+#[test]
+fn the_last_compile_of_a_name_is_read_ahead_and_the_code_is_the_same() {
+    let dir = tempfile::tempdir().unwrap();
+    let (old, new) = (module(60, None), module(60, Some(17)));
+    fill(dir.path(), &old, Some("app"));
+
+    let compiler = compiler(dir.path());
+    let (code, report) = compiler.precompile_named(&new, "app").unwrap();
+    assert_eq!(code, uncached(&new));
+    assert_eq!(report.prefetch_source, Some(FoundBy::Name), "{report:?}");
+    assert!(report.predicted_reuse.unwrap() > 0.95, "{report:?}");
+    assert!(report.prefetched >= 50, "{report:?}");
+    // Lookups took what was read ahead (each entry once: the trampolines of one signature
+    // share a key, asked for again and again).
+    assert!(
+        report.prefetch_used * 10 >= report.prefetched * 9,
+        "{report:?}"
+    );
+    assert!(report.hits * 10 >= report.lookups() * 8, "{report:?}");
+    // Bookkeeping is not counted among the cache's hits and misses.
+    let session = compiler.cache().unwrap().session_counters();
+    assert_eq!(session.hits, report.hits, "{session:?} {report:?}");
+    assert_eq!(session.misses, report.misses, "{session:?} {report:?}");
+}
+
+#[test]
+fn without_a_name_the_earlier_module_is_found_by_the_bodies_it_shares() {
+    let dir = tempfile::tempdir().unwrap();
+    fill(dir.path(), &module(60, None), None);
+    let new = module(60, Some(3));
+    let (code, report) = compiler(dir.path()).precompile(&new).unwrap();
+    assert_eq!(code, uncached(&new));
+    assert_eq!(report.prefetch_source, Some(FoundBy::Sketch), "{report:?}");
+    assert!(report.prefetch_used > 0, "{report:?}");
+
+    // A module that shares nothing with it reads nothing ahead, even under the same name.
+    fill(dir.path(), &module(60, None), Some("app"));
+    let unrelated = wat::parse_str(
+        "(module (func (export \"g\") (result i32) (i32.const 7)) \
+                 (func (export \"h\") (param i32) (result i32) (local.get 0)))",
+    )
+    .unwrap();
+    let (_, report) = compiler(dir.path())
+        .precompile_named(&unrelated, "app")
+        .unwrap();
+    assert_eq!(report.predicted_reuse, Some(0.0), "{report:?}");
+    assert_eq!((report.prefetch_source, report.prefetched), (None, 0));
+}
+
+#[test]
+fn a_damaged_entry_read_ahead_is_rejected_and_compiled_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let (old, new) = (module(40, None), module(40, Some(9)));
+    fill(dir.path(), &old, Some("app"));
+    let keys = manifest_keys(dir.path(), &old, "app");
+    // Flip the last byte of every function entry the manifest points at.
+    let conn = database(dir.path());
+    for key in &keys {
+        let (id, mut data): (i64, Vec<u8>) = conn
+            .query_row(
+                "SELECT d.id, d.data FROM keys k JOIN blob_meta m ON m.digest = k.digest \
+                 JOIN blob_data d ON d.id = m.data_id WHERE k.id = ?1",
+                [key.0.as_bytes()],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .unwrap();
+        *data.last_mut().unwrap() ^= 1;
+        conn.execute(
+            "UPDATE blob_data SET data = ?1 WHERE id = ?2",
+            rusqlite::params![data, id],
+        )
+        .unwrap();
+    }
+    drop(conn);
+
+    let compiler = compiler(dir.path());
+    let (code, report) = compiler.precompile_named(&new, "app").unwrap();
+    assert_eq!(code, uncached(&new), "damaged code never reaches a module");
+    assert!(report.prefetched > 0, "{report:?}");
+    let session = compiler.cache().unwrap().session_counters();
+    assert!(
+        session.rejected >= report.prefetch_used && report.prefetch_used > 0,
+        "{session:?} {report:?}"
+    );
+    // Every entry a lookup took from the read-ahead was damaged, and rejected; the hits left
+    // are keys asked again after Cranelift compiled and stored them afresh.
+    compiler.cache().unwrap().flush().unwrap();
+
+    // Compiled again and stored: the next compile hits.
+    let (code, report) = self::compiler(dir.path())
+        .precompile_named(&new, "app")
+        .unwrap();
+    assert_eq!(code, uncached(&new));
+    assert!(report.hits * 10 >= report.lookups() * 8, "{report:?}");
+}
+
+#[test]
+fn a_manifest_whose_entries_were_evicted_degrades_to_ordinary_lookups() {
+    let dir = tempfile::tempdir().unwrap();
+    let (old, new) = (module(40, None), module(40, Some(9)));
+    fill(dir.path(), &old, Some("app"));
+    let keys = manifest_keys(dir.path(), &old, "app");
+    // Evicted: the keys and their values gone, the manifest left.
+    let conn = database(dir.path());
+    for key in &keys {
+        conn.execute("DELETE FROM keys WHERE id = ?1", [key.0.as_bytes()])
+            .unwrap();
+    }
+    drop(conn);
+    let compiler = compiler(dir.path());
+    let (code, report) = compiler.precompile_named(&new, "app").unwrap();
+    assert_eq!(code, uncached(&new));
+    assert_eq!(report.prefetch_source, Some(FoundBy::Name), "{report:?}");
+    assert_eq!(
+        (report.prefetched, report.prefetch_used),
+        (0, 0),
+        "{report:?}"
+    );
+    let session = compiler.cache().unwrap().session_counters();
+    assert_eq!(session.rejected, 0);
+    assert_eq!(report.misses + report.hits, report.lookups());
+}
