@@ -47,6 +47,10 @@ pub enum Probe {
         /// A remote tier (Redis URL) behind the disk.
         #[serde(default)]
         remote: Option<String>,
+        /// The adaptive compile (`Compiler::adaptive`); its background fill is timed apart,
+        /// after the flush, as a long-running embedder would not wait for it.
+        #[serde(default)]
+        adaptive: bool,
     },
     /// Compiles `modules` into the fncache in `dir` with the function level only (untimed
     /// preparation for the shared-library scenario).
@@ -60,6 +64,10 @@ pub struct Sample {
     pub seconds: f64,
     /// fncache only: the flush after the compile (the writes a compile leaves behind).
     pub flush_seconds: f64,
+    /// The adaptive compile's background fill of the function level (and its flush), waited
+    /// for after the flush; 0 when it compiled with the function level.
+    #[serde(default)]
+    pub fill_seconds: f64,
     /// "module", "function" or "none".
     pub level: String,
     pub functions: u64,
@@ -151,6 +159,7 @@ impl Probe {
                 module,
                 module_level,
                 remote,
+                adaptive,
             } => {
                 let wasm = read(module)?;
                 let start = Instant::now();
@@ -159,17 +168,27 @@ impl Probe {
                     config = config.remote(fncache::RemoteConfig::new(url));
                 }
                 let cache = Cache::open(&config)?;
-                let compiler =
-                    Compiler::new(Config::new(), Some(cache.clone()))?.module_level(*module_level);
+                let compiler = Compiler::new(Config::new(), Some(cache.clone()))?
+                    .module_level(*module_level)
+                    .adaptive(*adaptive);
                 let (loaded, report) = compiler.compile_any(&wasm)?;
                 let seconds = start.elapsed().as_secs_f64();
                 drop(loaded);
                 let flushing = Instant::now();
                 cache.flush()?;
                 let flush_seconds = flushing.elapsed().as_secs_f64();
+                let filling = Instant::now();
+                compiler.wait_for_fill();
+                cache.flush()?;
+                let fill_seconds = if report.deferred_fill {
+                    filling.elapsed().as_secs_f64()
+                } else {
+                    0.0
+                };
                 Ok(Sample {
                     seconds,
                     flush_seconds,
+                    fill_seconds,
                     level: report.level.as_str().into(),
                     functions: report.functions,
                     lookups: report.lookups(),

@@ -35,6 +35,12 @@ pub struct Global {
     /// Do not read ahead the entries the last compile of the same program used (for measuring)
     #[arg(long, global = true)]
     pub no_prefetch: bool,
+    /// When the cache predicts it can serve too little of a module to pay for the function
+    /// level (a new module, a new release), compile it at cold speed and fill the function
+    /// level afterwards on a low-priority thread, while the guest runs; the process waits for
+    /// the fill before it exits. `watch` always does this
+    #[arg(long, global = true)]
+    pub adaptive: bool,
     /// Use cached entries but write nothing to the cache
     #[arg(long, global = true)]
     pub read_only: bool,

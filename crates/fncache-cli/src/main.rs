@@ -146,7 +146,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
         } => {
             let mut config = engine.config()?;
             config.epoch_interruption(true);
-            let compiler = open::compiler_for(global, config)?;
+            // A long-lived loop: a first compile, or a change that leaves little to reuse,
+            // starts at cold speed, and the function level fills while the guest runs.
+            let compiler = open::compiler_for(global, config)?.adaptive(true);
             let guest = watch::GuestArgs {
                 name: input.display().to_string(),
                 args,

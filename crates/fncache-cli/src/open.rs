@@ -100,12 +100,15 @@ pub fn compiler_for(global: &Global, config: wasmtime::Config) -> Result<Compile
         (Some(rate), Some(cache)) => Compiler::with_cross_check(config, cache, rate),
         (_, cache) => Ok(Compiler::new(config, cache)?
             .module_level(!global.no_module_level)
-            .prefetch(!global.no_prefetch)),
+            .prefetch(!global.no_prefetch)
+            .adaptive(global.adaptive)),
     }
 }
 
-/// Waits for the cache's writes, so that they outlive the process.
+/// Waits for the function level's background fill (the adaptive compile) and the cache's
+/// writes, so that they outlive the process.
 pub fn finish(compiler: &Compiler) {
+    compiler.wait_for_fill();
     if let Some(cache) = compiler.cache() {
         if let Err(error) = cache.flush() {
             // The store warned when the write failed; once is enough.

@@ -8,6 +8,9 @@ pub fn summary(report: &CompileReport, compiler: &Compiler) -> String {
     let cache = match (compiler.cache(), report.level) {
         (None, _) => "no cache".to_string(),
         (Some(_), Level::Module) => format!("whole {} from the cache", report.kind.as_str()),
+        (Some(_), _) if report.deferred_fill => {
+            "too little to reuse: compiled without the function level, filled after".to_string()
+        }
         (Some(_), _) => format!(
             "{} lookups, {} hits, {} misses ({:.1}% hit)",
             report.lookups(),
@@ -33,6 +36,7 @@ pub fn report_json(report: &CompileReport, cached: bool) -> serde_json::Value {
         "inserts": report.inserts,
         "verified": report.verified,
         "mismatches": report.mismatches,
+        "deferred_fill": report.deferred_fill,
         "prefetched": report.prefetched,
         "prefetch_used": report.prefetch_used,
         "prefetch_source": report.prefetch_source.map(|source| source.as_str()),

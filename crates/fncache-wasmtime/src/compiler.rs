@@ -12,7 +12,7 @@
 //! is stored under a key of its own kind.
 
 use std::borrow::Cow;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
@@ -28,6 +28,12 @@ use crate::manifest::{BodyPrints, FoundBy, Manifest, Manifests};
 /// body bytes: below it, most of what would be read would not be used, and on two cores the
 /// reading competes with the compile.
 pub const PREFETCH_MIN_SHARED: f64 = 0.25;
+
+/// The adaptive compile ([`Compiler::adaptive`]) compiles without the incremental cache when
+/// the earlier compile it resembles shares less than this share of the function-body bytes (or
+/// there is none): Cranelift's key hashing and serialization on every miss would then cost
+/// more than the few hits save.
+pub const ADAPTIVE_MIN_SHARED: f64 = 0.25;
 
 /// Which level of the cache a compile was served from.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -131,6 +137,10 @@ pub struct CompileReport {
     /// The share of this binary's function-body bytes the earlier compile had too: the
     /// prediction prefetching (and the adaptive compile) goes by.
     pub predicted_reuse: Option<f64>,
+    /// The adaptive compile predicted too little reuse to pay for the function level: this
+    /// compile ran at cold speed without it, and a low-priority thread fills it afterwards
+    /// ([`Compiler::wait_for_fill`]).
+    pub deferred_fill: bool,
     /// Entries read ahead in one batch before Cranelift asked for them.
     pub prefetched: u64,
     /// Of those, entries a lookup used.
@@ -171,11 +181,33 @@ pub struct Compiler {
     functions: Option<Arc<FunctionStore>>,
     module_level: bool,
     prefetch: bool,
+    /// The adaptive compile's settings (with a cache, outside cross-check mode), its engines
+    /// built on first use; used when `adaptive_on`.
+    adaptive: Option<Adaptive>,
+    adaptive_on: bool,
+    /// Background fills not yet waited for.
+    fills: Mutex<Vec<std::thread::JoinHandle<()>>>,
+}
+
+/// The adaptive compile's engines: one without the cache for the user's compile, one that
+/// fills the function level on a single low-priority thread afterwards.
+struct Adaptive {
+    config: Config,
+    engines: OnceLock<Option<AdaptiveEngines>>,
+}
+
+struct AdaptiveEngines {
+    plain: Engine,
+    fill: Engine,
+    fill_store: Arc<FunctionStore>,
+    /// One fill at a time: they are background work, and share `fill_store`'s key record.
+    one_at_a_time: Arc<Mutex<()>>,
 }
 
 impl Compiler {
     /// Builds the engine for `config`, with function-level caching in `cache` if given.
     pub fn new(mut config: Config, cache: Option<Cache>) -> anyhow::Result<Compiler> {
+        let base_config = config.clone();
         let functions = match &cache {
             Some(cache) => Some(enable(&mut config, cache)?),
             None => None,
@@ -191,10 +223,16 @@ impl Compiler {
             }
         }
         Ok(Compiler {
+            adaptive: functions.as_ref().map(|_| Adaptive {
+                config: base_config,
+                engines: OnceLock::new(),
+            }),
             engine,
             functions,
             module_level: true,
             prefetch: true,
+            adaptive_on: false,
+            fills: Mutex::new(Vec::new()),
         })
     }
 
@@ -211,6 +249,27 @@ impl Compiler {
     pub fn prefetch(mut self, enabled: bool) -> Compiler {
         self.prefetch = enabled;
         self
+    }
+
+    /// The adaptive compile (default: off; the CLI turns it on). Before compiling with the
+    /// function level, predict from the function bodies how much of the binary the cache can
+    /// serve (the share of body bytes the earlier compile it most resembles has too); below
+    /// [`ADAPTIVE_MIN_SHARED`], compile with an engine that has the incremental cache off, at
+    /// cold speed, and fill the function level afterwards on one low-priority thread, so that
+    /// the next edit of the binary hits. The precompiled output is byte-identical either way.
+    /// A later compile, [`Compiler::wait_for_fill`] and dropping the compiler wait for the
+    /// fill. No effect without a cache or in cross-check mode.
+    pub fn adaptive(mut self, enabled: bool) -> Compiler {
+        self.adaptive_on = enabled;
+        self
+    }
+
+    /// Waits until the function level of every adaptive compile so far is filled.
+    pub fn wait_for_fill(&self) {
+        let fills = std::mem::take(&mut *self.fills.lock().unwrap());
+        for fill in fills {
+            let _ = fill.join();
+        }
     }
 
     pub fn engine(&self) -> &Engine {
@@ -241,6 +300,9 @@ impl Compiler {
             functions: Some(functions),
             module_level: false,
             prefetch: true,
+            adaptive: None,
+            adaptive_on: false,
+            fills: Mutex::new(Vec::new()),
         })
     }
 
@@ -443,7 +505,10 @@ impl Compiler {
         key: Option<&[u8]>,
     ) -> anyhow::Result<(Vec<u8>, CompileReport)> {
         let functions = count_functions(binary)?;
+        self.wait_for_fill(); // the fill before this compile may leave entries it can use
         let read_ahead = self.read_ahead(binary, name)?;
+        let deferred = self.deferring_engines(read_ahead.predicted_reuse);
+        let engine = deferred.map_or(&self.engine, |engines| &engines.plain);
         let before = self.counters();
         if kind == WasmKind::Component {
             // Wasmtime validates function bodies as it compiles them, in parallel, so the
@@ -457,11 +522,16 @@ impl Compiler {
         }
         // A binary that fails to compile stores nothing whole (the error returns here).
         let precompiled = match kind {
-            WasmKind::Module => self.engine.precompile_module(binary),
-            WasmKind::Component => self.engine.precompile_component(binary),
+            WasmKind::Module => engine.precompile_module(binary),
+            WasmKind::Component => engine.precompile_component(binary),
         };
-        let prefetch = read_ahead.finish(self.functions.as_deref(), name, precompiled.is_ok());
+        let fill = deferred.map(|engines| (engines, read_ahead.bodies.clone(), read_ahead.digest));
+        let manifest_store = self.functions.as_deref().filter(|_| deferred.is_none());
+        let prefetch = read_ahead.finish(manifest_store, name, precompiled.is_ok());
         let precompiled = precompiled?;
+        if let Some((engines, bodies, digest)) = fill {
+            self.fill_later(engines, kind, binary, name, bodies, digest);
+        }
         if let (Some(store), Some(key)) = (&self.functions, key) {
             store.cache().insert(store.namespace(), key, &precompiled);
         }
@@ -483,6 +553,7 @@ impl Compiler {
             inserted_bytes: after.inserted_bytes - before.inserted_bytes,
             verified: after.verified - before.verified,
             mismatches: after.mismatches - before.mismatches,
+            deferred_fill: deferred.is_some(),
             prefetch_source: prefetch.source,
             predicted_reuse: prefetch.predicted_reuse,
             prefetched: prefetch.report.read,
@@ -520,6 +591,76 @@ impl Compiler {
             }
         }
         Ok(ahead)
+    }
+
+    /// The adaptive compile's engines, when it is on and `predicted` reuse is too low to pay
+    /// for the function level.
+    fn deferring_engines(&self, predicted: Option<f64>) -> Option<&AdaptiveEngines> {
+        if !self.adaptive_on || predicted.unwrap_or(0.0) >= ADAPTIVE_MIN_SHARED {
+            return None;
+        }
+        let (adaptive, store) = (self.adaptive.as_ref()?, self.functions.as_ref()?);
+        adaptive
+            .engines
+            .get_or_init(|| match AdaptiveEngines::new(&adaptive.config, store) {
+                Ok(engines) => Some(engines),
+                Err(error) => {
+                    log::debug!("no adaptive compile: {error:#}");
+                    None
+                }
+            })
+            .as_ref()
+    }
+
+    /// Compiles `binary` again with the function level, on one low-priority thread, and leaves
+    /// its manifest: what the adaptive compile skipped, done while the caller runs the module.
+    fn fill_later(
+        &self,
+        engines: &AdaptiveEngines,
+        kind: WasmKind,
+        binary: &[u8],
+        name: Option<&str>,
+        bodies: BodyPrints,
+        digest: [u8; 32],
+    ) {
+        if engines.fill_store.cache().store().is_read_only() {
+            return; // nothing would be stored
+        }
+        let (engine, store, one_at_a_time) = (
+            engines.fill.clone(),
+            engines.fill_store.clone(),
+            engines.one_at_a_time.clone(),
+        );
+        let (binary, name) = (binary.to_vec(), name.map(str::to_string));
+        let fill = std::thread::Builder::new()
+            .name("fncache-fill".into())
+            .spawn(move || {
+                // This thread only (Linux's nice is per thread): the caller's work goes first.
+                let _ = rustix::process::setpriority_process(None, 19);
+                let _one = one_at_a_time.lock().unwrap_or_else(|e| e.into_inner());
+                store.take_looked_up();
+                let compiled = match kind {
+                    WasmKind::Module => engine.precompile_module(&binary).map(drop),
+                    WasmKind::Component => engine.precompile_component(&binary).map(drop),
+                };
+                if let Err(error) = compiled {
+                    log::debug!("filling the function level failed: {error:#}");
+                    return;
+                }
+                let manifest = Manifest {
+                    keys: first_occurrences(store.take_looked_up()),
+                    bodies,
+                };
+                Manifests {
+                    cache: store.cache(),
+                    namespace: store.namespace(),
+                }
+                .store(name.as_deref(), &digest, &manifest);
+            });
+        match fill {
+            Ok(fill) => self.fills.lock().unwrap().push(fill),
+            Err(error) => log::debug!("cannot fill the function level: {error}"),
+        }
     }
 
     /// The module-level key: the kind's domain tag and the digest of the binary's bytes (the
@@ -578,12 +719,8 @@ impl ReadAhead {
     ) -> ReadAheadDone {
         let report = self.prefetch.map(|p| p.finish()).unwrap_or_default();
         if let (Some(store), true) = (store, compiled) {
-            let mut keys = store.take_looked_up();
-            // Each key once, in the order first asked.
-            let mut seen = std::collections::HashSet::with_capacity(keys.len());
-            keys.retain(|key| seen.insert(*key));
             let manifest = Manifest {
-                keys,
+                keys: first_occurrences(store.take_looked_up()),
                 bodies: self.bodies,
             };
             Manifests {
@@ -597,6 +734,42 @@ impl ReadAhead {
             predicted_reuse: self.predicted_reuse,
             report,
         }
+    }
+}
+
+/// Each key once, in the order first asked.
+fn first_occurrences<T: Copy + Eq + std::hash::Hash>(mut keys: Vec<T>) -> Vec<T> {
+    let mut seen = std::collections::HashSet::with_capacity(keys.len());
+    keys.retain(|key| seen.insert(*key));
+    keys
+}
+
+impl AdaptiveEngines {
+    /// Both engines from the compiler's settings; each must have the compiler's fingerprint,
+    /// or the function level would be filled under settings it was not compiled with.
+    fn new(config: &Config, store: &FunctionStore) -> anyhow::Result<AdaptiveEngines> {
+        let plain = Engine::new(config)?;
+        let mut fill_config = config.clone();
+        fill_config.parallel_compilation(false);
+        let fill_store = enable(&mut fill_config, store.cache())?;
+        let fill = Engine::new(&fill_config)?;
+        for engine in [&plain, &fill] {
+            if engine_fingerprint(engine) != *store.namespace() {
+                bail!("an engine without the cache has another fingerprint");
+            }
+        }
+        Ok(AdaptiveEngines {
+            plain,
+            fill,
+            fill_store,
+            one_at_a_time: Arc::new(Mutex::new(())),
+        })
+    }
+}
+
+impl Drop for Compiler {
+    fn drop(&mut self) {
+        self.wait_for_fill();
     }
 }
 

@@ -118,6 +118,10 @@ pub struct Row {
     pub compile_ms: f64,
     /// fncache rows: the median time of the flush that stores what the compile produced.
     pub flush_ms: f64,
+    /// Adaptive rows: the median time of the background fill of the function level, not in
+    /// `median_ms` (a running host does not wait for it; a process that exits at once does).
+    #[serde(default)]
+    pub fill_ms: f64,
 }
 
 /// A target of issue 3, checked on one module.
@@ -141,6 +145,8 @@ pub const CEILING: &str = "ceiling";
 pub const COLD_WARM_PROCESS: &str = "cold-in-warm-process";
 
 pub const EMPTY: &str = "fncache-empty";
+
+pub const EMPTY_ADAPTIVE: &str = "fncache-empty-adaptive";
 
 pub const WARM_FUNCTIONS: &str = "fncache-warm-function-level";
 
@@ -211,6 +217,7 @@ pub(crate) fn row(samples: &[Sample], cold: f64) -> Row {
         ),
         compile_ms: median(samples.iter().map(|s| s.seconds).collect()) * 1000.0,
         flush_ms: median(samples.iter().map(|s| s.flush_seconds).collect()) * 1000.0,
+        fill_ms: median(samples.iter().map(|s| s.fill_seconds).collect()) * 1000.0,
     }
 }
 
@@ -319,5 +326,17 @@ pub(crate) fn fncache_probe(dir: &Path, module: PathBuf, module_level: bool) -> 
         module,
         module_level,
         remote: None,
+        adaptive: false,
+    }
+}
+
+/// [`fncache_probe`] with both levels and the adaptive compile.
+pub(crate) fn adaptive_probe(dir: &Path, module: PathBuf) -> Probe {
+    Probe::Fncache {
+        dir: dir.to_path_buf(),
+        module,
+        module_level: true,
+        remote: None,
+        adaptive: true,
     }
 }

@@ -96,6 +96,9 @@ pub fn measure(
             module: module(),
         };
         probe(COLD_WARM_PROCESS, warm_process)?;
+        let adaptive_cache = dir("fncache-adaptive");
+        probe(EMPTY_ADAPTIVE, adaptive_probe(&adaptive_cache, module()))?;
+        fs::remove_dir_all(&adaptive_cache)?;
         let cache = dir("fncache");
         probe(EMPTY, fncache_probe(&cache, module(), true))?;
         let base = dir("base");
@@ -129,11 +132,18 @@ pub fn measure(
                     module: target.clone(),
                 },
             )?;
+            let adaptive = dir(&format!("{name}-adaptive-cache"));
+            copy_dir(&warmed, &adaptive)?;
             probe(
                 &format!("{name}/fncache"),
                 fncache_probe(&warmed, target.clone(), true),
             )?;
+            probe(
+                &format!("{name}/adaptive"),
+                adaptive_probe(&adaptive, target.clone()),
+            )?;
             fs::remove_dir_all(&warmed)?;
+            fs::remove_dir_all(&adaptive)?;
         }
         for d in [wasmtime, cache, base] {
             fs::remove_dir_all(d)?;
@@ -203,6 +213,27 @@ pub(crate) fn targets(
             1.03,
         );
     }
+    // Issue 12's: at the ceiling on every edit, never above cold with the adaptive compile.
+    for (name, ..) in scenarios {
+        check(
+            format!("{name} / in-memory ceiling (issue 12)"),
+            over(
+                ms(&format!("{name}/fncache")),
+                ms(&format!("{name}/ceiling")),
+            ),
+            1.05,
+        );
+        check(
+            format!("{name}, adaptive / cold (issue 12)"),
+            over(ms(&format!("{name}/adaptive")), cold),
+            1.02,
+        );
+    }
+    check(
+        "empty cache, adaptive / cold (issue 12)".into(),
+        over(ms(EMPTY_ADAPTIVE), cold),
+        1.02,
+    );
     out
 }
 
@@ -223,7 +254,7 @@ pub(crate) fn module_entry_bytes(cache: &Path) -> u64 {
 pub fn probe_count(subject: &Subject, runs: usize) -> Result<usize> {
     let scenarios =
         edited(subject)?.len() + subject.previous.is_some() as usize + subject.source_edits.len();
-    Ok(runs * (8 + 2 * scenarios))
+    Ok(runs * (9 + 3 * scenarios))
 }
 
 /// Every edit that applies to `subject`, with the edited binary. A component's edits are made
@@ -267,8 +298,8 @@ pub fn render(reports: &[ModuleReport]) -> String {
         );
         let _ = writeln!(
             out,
-            "  {:<44} {:>10} {:>9} {:>14} {:>10} {:>10}",
-            "configuration", "ms", "x cold", "lookups hit", "code hit", "flush ms"
+            "  {:<44} {:>10} {:>9} {:>14} {:>10} {:>10} {:>10}",
+            "configuration", "ms", "x cold", "lookups hit", "code hit", "flush ms", "fill ms"
         );
         let mut names: Vec<&String> = r.rows.keys().collect();
         let order = [
@@ -278,6 +309,7 @@ pub fn render(reports: &[ModuleReport]) -> String {
             WASMTIME_HIT,
             CEILING,
             EMPTY,
+            EMPTY_ADAPTIVE,
             WARM_FUNCTIONS,
             UNCHANGED,
         ];
@@ -304,10 +336,15 @@ pub fn render(reports: &[ModuleReport]) -> String {
             } else {
                 "-".into()
             };
+            let fill = if row.fill_ms > 0.0 {
+                format!("{:.1}", row.fill_ms)
+            } else {
+                "-".into()
+            };
             let _ = writeln!(
                 out,
-                "  {:<44} {:>10.1} {:>9.4} {:>14} {:>10} {:>10}",
-                name, row.median_ms, row.ratio_to_cold, hits, code, flush
+                "  {:<44} {:>10.1} {:>9.4} {:>14} {:>10} {:>10} {:>10}",
+                name, row.median_ms, row.ratio_to_cold, hits, code, flush, fill
             );
         }
         let _ = writeln!(

@@ -17,6 +17,7 @@ pub(crate) fn fncache_remote(dir: &Path, module: PathBuf, module_level: bool, ur
         module,
         module_level,
         remote: Some(url.to_string()),
+        adaptive: false,
     }
 }
 

@@ -1,7 +1,7 @@
-//! Reading ahead (crates/fncache-wasmtime/src/manifest.rs) on a real disk cache with real
-//! Wasmtime: the earlier compile is found by name or by the bodies two versions share, what is
-//! read ahead is verified like anything else, and a manifest whose entries are gone or damaged
-//! costs nothing but the read.
+//! What manifests drive (crates/fncache-wasmtime/src/manifest.rs), on a real disk cache with
+//! real Wasmtime: reading ahead (the earlier compile is found by name or by the bodies two
+//! versions share, what is read ahead is verified like anything else, and a manifest whose
+//! entries are gone or damaged costs nothing but the read), and the adaptive compile.
 
 use std::path::Path;
 
@@ -215,4 +215,39 @@ fn a_manifest_whose_entries_were_evicted_degrades_to_ordinary_lookups() {
     let session = compiler.cache().unwrap().session_counters();
     assert_eq!(session.rejected, 0);
     assert_eq!(report.misses + report.hits, report.lookups());
+}
+
+#[test]
+fn the_adaptive_compile_gives_the_same_code_and_fills_the_function_level_for_the_next_edit() {
+    let dir = tempfile::tempdir().unwrap();
+    let (old, new) = (module(60, None), module(60, Some(4)));
+    // Nothing to reuse in an empty cache: compiled without the function level.
+    let first = compiler(dir.path()).adaptive(true);
+    let (code, report) = first.precompile_named(&old, "app").unwrap();
+    assert_eq!(code, uncached(&old), "byte-identical to a cold compile");
+    assert!(report.deferred_fill, "{report:?}");
+    assert_eq!(report.lookups(), 0, "{report:?}");
+    // Filled afterwards, in the background.
+    first.wait_for_fill();
+    first.cache().unwrap().flush().unwrap();
+    let session = first.cache().unwrap().session_counters();
+    assert!(session.inserts >= 60, "{session:?}");
+    drop(first);
+
+    // The next edit, in a new process: predicted to reuse most, compiled with the function
+    // level, and it hits.
+    let (code, report) = compiler(dir.path())
+        .adaptive(true)
+        .precompile_named(&new, "app")
+        .unwrap();
+    assert_eq!(code, uncached(&new));
+    assert!(!report.deferred_fill, "{report:?}");
+    assert_eq!(report.prefetch_source, Some(FoundBy::Name), "{report:?}");
+    assert!(report.hits * 10 >= report.lookups() * 8, "{report:?}");
+
+    // Without the adaptive compile, the same first compile goes through the function level.
+    let other = tempfile::tempdir().unwrap();
+    let (code, report) = compiler(other.path()).precompile(&old).unwrap();
+    assert_eq!(code, uncached(&old));
+    assert!(!report.deferred_fill && report.lookups() > 0, "{report:?}");
 }
