@@ -1,9 +1,13 @@
 //! Edit scenarios: small, realistic changes made to a real module, to measure what a cache
 //! keeps when a module changes a little.
 //!
-//! Each edit re-encodes the module with wasm-encoder's `Reencode`, which renumbers every
+//! Each edit but (a) re-encodes the module with wasm-encoder's `Reencode`, which renumbers every
 //! function reference (calls, exports, element segments, `ref.func`, the start function)
-//! through one hook, so that an edit that shifts indices yields a valid module.
+//! through one hook, so that an edit that shifts indices yields a valid module. (a) changes the
+//! constant's bytes where they lie: re-encoding drops the LEB128 padding wasm-ld writes, which
+//! moves every instruction of most functions (Wasmtime records instruction offsets in the code,
+//! so they all missed; `fncache explain` calls them `encoding-changed`), and a toolchain that
+//! rebuilds after a one-constant edit moves nothing else.
 
 use anyhow::{bail, Context, Result};
 use wasm_encoder::reencode::{self, Reencode};
@@ -55,24 +59,50 @@ impl Edit {
 /// to (no `i32.const` anywhere, no global or import section to extend).
 pub fn apply(edit: Edit, module: &[u8]) -> Result<Vec<u8>> {
     let shape = Shape::of(module)?;
+    if edit == Edit::ChangeConstant {
+        return change_constant_in_place(module, &shape);
+    }
     let mut editor = Editor {
         edit,
         shape,
         new_type: None,
-        body_index: 0,
-        constant_changed: false,
     };
     let mut out = wasm_encoder::Module::new();
     reencode::utils::parse_core_module(&mut editor, &mut out, Parser::new(0), module)
         .map_err(|e| anyhow::anyhow!("cannot re-encode the module: {e:?}"))?;
-    if edit == Edit::ChangeConstant && !editor.constant_changed {
-        bail!("no i32.const to change");
-    }
     let edited = out.finish();
     wasmparser::Validator::new_with_features(wasmparser::WasmFeatures::all())
         .validate_all(&edited)
         .with_context(|| format!("the {} edit produced an invalid module", edit.name()))?;
     Ok(edited)
+}
+
+/// (a): the lowest bit of the first `i32.const` of the target function flipped in its
+/// LEB128's first byte, which keeps the encoding's length (padding included) and every other
+/// byte of the module.
+fn change_constant_in_place(module: &[u8], shape: &Shape) -> Result<Vec<u8>> {
+    let Some(target) = shape.constant_target else {
+        bail!("no i32.const to change");
+    };
+    let mut index = 0;
+    for payload in Parser::new(0).parse_all(module) {
+        if let Payload::CodeSectionEntry(body) = payload? {
+            if index == target {
+                for op in body.get_operators_reader()?.into_iter_with_offsets() {
+                    if let (Operator::I32Const { .. }, offset) = op? {
+                        let mut edited = module.to_vec();
+                        edited[offset + 1] ^= 1; // after the opcode: the LEB's low 7 bits
+                        wasmparser::Validator::new_with_features(wasmparser::WasmFeatures::all())
+                            .validate_all(&edited)
+                            .context("the edit-const edit produced an invalid module")?;
+                        return Ok(edited);
+                    }
+                }
+            }
+            index += 1;
+        }
+    }
+    bail!("no i32.const to change")
 }
 
 /// What an edit needs to know about the module before re-encoding it.
@@ -142,8 +172,6 @@ struct Editor {
     shape: Shape,
     /// The index of the `[] -> []` type added for the new function or import.
     new_type: Option<u32>,
-    body_index: u32,
-    constant_changed: bool,
 }
 
 impl Editor {
@@ -259,33 +287,6 @@ impl Reencode for Editor {
         }
         Ok(())
     }
-
-    fn parse_function_body(
-        &mut self,
-        code: &mut CodeSection,
-        body: wasmparser::FunctionBody<'_>,
-    ) -> ReencodeResult<()> {
-        let index = self.body_index;
-        self.body_index += 1;
-        if self.edit != Edit::ChangeConstant || self.shape.constant_target != Some(index) {
-            return reencode::utils::parse_function_body(self, code, body);
-        }
-        let mut f = self.new_function_with_parsed_locals(&body)?;
-        let mut reader = body.get_operators_reader()?;
-        while !reader.eof() {
-            match reader.read()? {
-                Operator::I32Const { value } if !self.constant_changed => {
-                    self.constant_changed = true;
-                    f.instruction(&Instruction::I32Const(value.wrapping_add(1)));
-                }
-                op => {
-                    f.instruction(&self.instruction(op)?);
-                }
-            }
-        }
-        code.function(&f);
-        Ok(())
-    }
 }
 
 /// Whether `edit` applies to `module` (it has what the edit extends).
@@ -349,8 +350,12 @@ mod tests {
         let original = wat::parse_str(MODULE).unwrap();
         let edited = apply(Edit::ChangeConstant, &original).unwrap();
         let text = wasmprinter::print_bytes(&edited).unwrap();
-        // $b is the largest function with a constant; its first one, 1, becomes 2.
-        assert!(text.contains("i32.const 2\n    i32.const 2"), "{text}");
+        // $b is the largest function with a constant; its first one, 1, becomes 0 (the lowest
+        // bit flipped where it lies): one byte differs, and no other moves.
+        assert!(text.contains("i32.const 0\n    i32.const 2"), "{text}");
+        assert_eq!(edited.len(), original.len());
+        let differing = edited.iter().zip(&original).filter(|(a, b)| a != b).count();
+        assert_eq!(differing, 1);
         assert!(
             text.contains("i32.const 7"),
             "the other functions are untouched"

@@ -174,7 +174,10 @@ impl Probe {
                 let (loaded, report) = compiler.compile_any(&wasm)?;
                 let seconds = start.elapsed().as_secs_f64();
                 drop(loaded);
+                // What a process waits for before it exits: the manifest (written on a thread
+                // of its own after the compile) and the flush.
                 let flushing = Instant::now();
+                compiler.wait_for_manifests();
                 cache.flush()?;
                 let flush_seconds = flushing.elapsed().as_secs_f64();
                 let filling = Instant::now();

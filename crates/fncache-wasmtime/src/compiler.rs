@@ -187,6 +187,8 @@ pub struct Compiler {
     adaptive_on: bool,
     /// Background fills not yet waited for.
     fills: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// Manifests being written in the background, not yet waited for.
+    manifests: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
 /// The adaptive compile's engines: one without the cache for the user's compile, one that
@@ -233,6 +235,7 @@ impl Compiler {
             prefetch: true,
             adaptive_on: false,
             fills: Mutex::new(Vec::new()),
+            manifests: Mutex::new(Vec::new()),
         })
     }
 
@@ -264,12 +267,17 @@ impl Compiler {
         self
     }
 
-    /// Waits until the function level of every adaptive compile so far is filled.
+    /// Waits until the function level of every adaptive compile so far is filled, and every
+    /// manifest is handed to the cache ([`Cache::flush`] then stores them).
     pub fn wait_for_fill(&self) {
-        let fills = std::mem::take(&mut *self.fills.lock().unwrap());
-        for fill in fills {
-            let _ = fill.join();
-        }
+        join_all(&self.fills);
+        self.wait_for_manifests();
+    }
+
+    /// Waits until the manifests of the compiles so far (see [`crate::manifest`]) are handed
+    /// to the cache: they are written on a thread of their own after each compile.
+    pub fn wait_for_manifests(&self) {
+        join_all(&self.manifests);
     }
 
     pub fn engine(&self) -> &Engine {
@@ -303,6 +311,7 @@ impl Compiler {
             adaptive: None,
             adaptive_on: false,
             fills: Mutex::new(Vec::new()),
+            manifests: Mutex::new(Vec::new()),
         })
     }
 
@@ -526,8 +535,12 @@ impl Compiler {
             WasmKind::Component => engine.precompile_component(binary),
         };
         let fill = deferred.map(|engines| (engines, read_ahead.bodies.clone(), read_ahead.digest));
-        let manifest_store = self.functions.as_deref().filter(|_| deferred.is_none());
-        let prefetch = read_ahead.finish(manifest_store, name, precompiled.is_ok());
+        let manifest_store = self.functions.clone().filter(|_| deferred.is_none());
+        let (prefetch, manifest) =
+            read_ahead.finish(manifest_store, binary, name, precompiled.is_ok());
+        if let Some(manifest) = manifest {
+            self.manifests.lock().unwrap().push(manifest);
+        }
         let precompiled = precompiled?;
         if let Some((engines, bodies, digest)) = fill {
             self.fill_later(engines, kind, binary, name, bodies, digest);
@@ -569,8 +582,14 @@ impl Compiler {
         let Some(store) = &self.functions else {
             return Ok(ReadAhead::default());
         };
+        let started = Instant::now();
         let bodies = BodyPrints::of(binary)?;
         let digest = *blake3::hash(binary).as_bytes();
+        log::debug!(
+            "fingerprinted {} function bodies in {:.1} ms",
+            bodies.bodies.len(),
+            started.elapsed().as_secs_f64() * 1000.0
+        );
         store.take_looked_up(); // what earlier compiles of this engine asked is theirs
         let manifests = Manifests {
             cache: store.cache(),
@@ -582,7 +601,13 @@ impl Compiler {
             ..ReadAhead::default()
         };
         if let Some((earlier, source)) = manifests.find(name, &digest, &ahead.bodies) {
-            let shared = ahead.bodies.shared_with(&earlier.bodies);
+            let mut shared = ahead.bodies.shared_with(&earlier.bodies);
+            if self.adaptive_on && shared < ADAPTIVE_MIN_SHARED {
+                // Too little byte for byte; callees renumbered (a function or an import added
+                // before them) still hit, so look again with them left out before deciding.
+                ahead.bodies = BodyPrints::with_callees_abstracted(binary)?;
+                shared = shared.max(ahead.bodies.shared_with_callees_abstracted(&earlier.bodies));
+            }
             ahead.predicted_reuse = Some(shared);
             if self.prefetch && shared >= PREFETCH_MIN_SHARED {
                 let keys: Vec<Vec<u8>> = earlier.keys.iter().map(|key| key.to_vec()).collect();
@@ -647,15 +672,9 @@ impl Compiler {
                     log::debug!("filling the function level failed: {error:#}");
                     return;
                 }
-                let manifest = Manifest {
-                    keys: first_occurrences(store.take_looked_up()),
-                    bodies,
-                };
-                Manifests {
-                    cache: store.cache(),
-                    namespace: store.namespace(),
-                }
-                .store(name.as_deref(), &digest, &manifest);
+                let keys = first_occurrences(store.take_looked_up());
+                let bodies = BodyPrints::with_callees_abstracted(&binary).unwrap_or(bodies);
+                store_manifest(&store, name.as_deref(), &digest, Manifest { keys, bodies });
             });
         match fill {
             Ok(fill) => self.fills.lock().unwrap().push(fill),
@@ -709,31 +728,64 @@ struct ReadAheadDone {
 }
 
 impl ReadAhead {
-    /// Ends the read-ahead and, if the compile succeeded, leaves this compile's manifest for
-    /// the next one.
+    /// Ends the read-ahead and, if the compile succeeded, starts leaving this compile's
+    /// manifest for the next one, on a thread of its own (the fingerprints with callees
+    /// abstracted parse every instruction: not on the caller's time).
     fn finish(
         self,
-        store: Option<&FunctionStore>,
+        store: Option<Arc<FunctionStore>>,
+        binary: &[u8],
         name: Option<&str>,
         compiled: bool,
-    ) -> ReadAheadDone {
+    ) -> (ReadAheadDone, Option<std::thread::JoinHandle<()>>) {
         let report = self.prefetch.map(|p| p.finish()).unwrap_or_default();
-        if let (Some(store), true) = (store, compiled) {
-            let manifest = Manifest {
-                keys: first_occurrences(store.take_looked_up()),
-                bodies: self.bodies,
-            };
-            Manifests {
-                cache: store.cache(),
-                namespace: store.namespace(),
-            }
-            .store(name, &self.digest, &manifest);
-        }
-        ReadAheadDone {
+        let done = ReadAheadDone {
             source: self.source,
             predicted_reuse: self.predicted_reuse,
             report,
-        }
+        };
+        let (Some(store), true) = (store, compiled) else {
+            return (done, None);
+        };
+        let keys = first_occurrences(store.take_looked_up());
+        let (binary, name, digest, bodies) = (
+            binary.to_vec(),
+            name.map(str::to_string),
+            self.digest,
+            self.bodies,
+        );
+        let thread = std::thread::Builder::new()
+            .name("fncache-manifest".into())
+            .spawn(move || {
+                let bodies = match bodies.bodies.first() {
+                    Some(body) if body.callees_abstracted == 0 => {
+                        BodyPrints::with_callees_abstracted(&binary).unwrap_or(bodies)
+                    }
+                    _ => bodies,
+                };
+                store_manifest(&store, name.as_deref(), &digest, Manifest { keys, bodies });
+            });
+        (done, thread.ok())
+    }
+}
+
+fn store_manifest(
+    store: &FunctionStore,
+    name: Option<&str>,
+    digest: &[u8; 32],
+    manifest: Manifest,
+) {
+    Manifests {
+        cache: store.cache(),
+        namespace: store.namespace(),
+    }
+    .store(name, digest, &manifest);
+}
+
+fn join_all(threads: &Mutex<Vec<std::thread::JoinHandle<()>>>) {
+    let threads = std::mem::take(&mut *threads.lock().unwrap());
+    for thread in threads {
+        let _ = thread.join();
     }
 }
 

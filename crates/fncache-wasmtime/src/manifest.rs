@@ -34,63 +34,152 @@ const MANIFEST_TAG: &[u8; 8] = b"manifest";
 const NAME_TAG: &[u8; 8] = b"name\0\0\0\0";
 const SKETCH_TAG: &[u8; 8] = b"sketch\0\0";
 const MAGIC: &[u8; 4] = b"FNMF";
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
+/// Bytes per body in an encoded manifest: two fingerprints and the size.
+const BODY_LEN: usize = 20;
 /// Cranelift's keys are SHA-256 digests; anything else is not recorded.
 pub const FUNCTION_KEY_LEN: usize = 32;
 
-/// A fingerprint and the size of every function body of a binary (of all its core modules, for
-/// a component), read with wasmparser: cheap, and the same for a body whose bytes did not
-/// change wherever it moved.
+/// One function body's fingerprints (8 bytes of BLAKE3 each) and size.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BodyPrint {
+    /// Of its bytes.
+    pub bytes: u64,
+    /// Of its bytes with callee indices left out ([`body_fingerprint`]); 0 until computed.
+    pub callees_abstracted: u64,
+    pub size: u32,
+}
+
+/// The fingerprints of every function body of a binary (of all its core modules, for a
+/// component). The bytes' fingerprint is cheap (sql.js: about 1 ms) and is what finds the
+/// earlier compile and predicts reuse; the one with callees abstracted parses every
+/// instruction (sql.js: 18 ms), so it is computed in the background for the manifest, and up
+/// front only when the bytes predict too little reuse, to tell renumbered callees (which hit)
+/// from changed code.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct BodyPrints {
-    pub bodies: Vec<(u64, u32)>,
+    pub bodies: Vec<BodyPrint>,
 }
 
 impl BodyPrints {
+    /// The bytes' fingerprints only.
     pub fn of(binary: &[u8]) -> anyhow::Result<BodyPrints> {
+        BodyPrints::read(binary, false)
+    }
+
+    /// Both fingerprints.
+    pub fn with_callees_abstracted(binary: &[u8]) -> anyhow::Result<BodyPrints> {
+        BodyPrints::read(binary, true)
+    }
+
+    fn read(binary: &[u8], abstract_callees: bool) -> anyhow::Result<BodyPrints> {
+        let print =
+            |hash: blake3::Hash| u64::from_le_bytes(hash.as_bytes()[..8].try_into().unwrap());
         let mut bodies = Vec::new();
         for payload in wasmparser::Parser::new(0).parse_all(binary) {
             if let wasmparser::Payload::CodeSectionEntry(body) = payload? {
                 let range = body.range();
-                let bytes = &binary[range.start..range.end];
-                let hash = blake3::hash(bytes);
-                let print = u64::from_le_bytes(hash.as_bytes()[..8].try_into().unwrap());
-                bodies.push((print, bytes.len() as u32));
+                bodies.push(BodyPrint {
+                    bytes: print(blake3::hash(&binary[range.start..range.end])),
+                    callees_abstracted: if abstract_callees {
+                        print(body_fingerprint(binary, &body)?)
+                    } else {
+                        0
+                    },
+                    size: range.len() as u32,
+                });
             }
         }
         Ok(BodyPrints { bodies })
     }
 
     fn total_bytes(&self) -> u64 {
-        self.bodies.iter().map(|&(_, size)| u64::from(size)).sum()
+        self.bodies.iter().map(|body| u64::from(body.size)).sum()
     }
 
-    /// The share of this binary's body bytes whose bodies `earlier` has too: a prediction of
-    /// how much of it a cache filled by `earlier` can serve (an upper bound: a body whose
-    /// layout around it changed keeps its bytes but not its code).
+    /// The share of this binary's body bytes whose bodies `earlier` has too, byte for byte: a
+    /// prediction of how much of it a cache filled by `earlier` can serve (an upper bound: a
+    /// body whose layout around it changed keeps its bytes but not its code).
     pub fn shared_with(&self, earlier: &BodyPrints) -> f64 {
+        self.share(earlier, |body| body.bytes)
+    }
+
+    /// [`BodyPrints::shared_with`], counting bodies whose callees were only renumbered as
+    /// shared too (Cranelift's key abstracts callees). Both sides need
+    /// [`BodyPrints::with_callees_abstracted`]; 0 otherwise.
+    pub fn shared_with_callees_abstracted(&self, earlier: &BodyPrints) -> f64 {
+        self.share(earlier, |body| body.callees_abstracted)
+    }
+
+    fn share(&self, earlier: &BodyPrints, print: impl Fn(&BodyPrint) -> u64) -> f64 {
         let total = self.total_bytes();
         if total == 0 {
             return 0.0;
         }
-        let known: HashSet<u64> = earlier.bodies.iter().map(|&(print, _)| print).collect();
+        let known: HashSet<u64> = earlier
+            .bodies
+            .iter()
+            .map(&print)
+            .filter(|&p| p != 0)
+            .collect();
         let shared: u64 = self
             .bodies
             .iter()
-            .filter(|(print, _)| known.contains(print))
-            .map(|&(_, size)| u64::from(size))
+            .filter(|body| known.contains(&print(body)))
+            .map(|body| u64::from(body.size))
             .sum();
         shared as f64 / total as f64
     }
 
-    /// The [`SKETCH_SIZE`] smallest distinct fingerprints.
+    /// The [`SKETCH_SIZE`] smallest distinct fingerprints of the bytes.
     fn sketch(&self) -> Vec<u64> {
-        let mut prints: Vec<u64> = self.bodies.iter().map(|&(print, _)| print).collect();
+        let mut prints: Vec<u64> = self.bodies.iter().map(|body| body.bytes).collect();
         prints.sort_unstable();
         prints.dedup();
         prints.truncate(SKETCH_SIZE);
         prints
     }
+}
+
+/// BLAKE3 of a function body's bytes with the function index of every `call`, `return_call`
+/// and `ref.func` left out (its encoded length kept): Cranelift's key abstracts callees, so a
+/// body whose callees were only renumbered (a function added before it, an import added) is
+/// served from the cache, and must count as shared. Every other byte counts: a changed
+/// constant, another global, or the same instructions at other offsets (a re-encoded LEB128)
+/// change the code, or the offsets Wasmtime records in it.
+fn body_fingerprint(
+    binary: &[u8],
+    body: &wasmparser::FunctionBody<'_>,
+) -> anyhow::Result<blake3::Hash> {
+    use wasmparser::Operator;
+    let range = body.range();
+    let mut hasher = blake3::Hasher::new();
+    let mut hashed_to = range.start;
+    // The offset of a callee reference whose end is the next instruction's start.
+    let mut callee_at: Option<usize> = None;
+    let skip_callee = |hasher: &mut blake3::Hasher, at: usize, end: usize, from: &mut usize| {
+        // The opcode (one byte for all three), then the operand's length instead of its bytes.
+        hasher.update(&binary[*from..=at]);
+        hasher.update(&[(end - at - 1) as u8]);
+        *from = end;
+    };
+    for op in body.get_operators_reader()?.into_iter_with_offsets() {
+        let (op, offset) = op?;
+        if let Some(at) = callee_at.take() {
+            skip_callee(&mut hasher, at, offset, &mut hashed_to);
+        }
+        if matches!(
+            op,
+            Operator::Call { .. } | Operator::ReturnCall { .. } | Operator::RefFunc { .. }
+        ) {
+            callee_at = Some(offset);
+        }
+    }
+    if let Some(at) = callee_at {
+        skip_callee(&mut hasher, at, range.end, &mut hashed_to);
+    }
+    hasher.update(&binary[hashed_to..range.end]);
+    Ok(hasher.finalize())
 }
 
 /// What one compile asked for, and the bodies it compiled.
@@ -104,7 +193,7 @@ pub struct Manifest {
 impl Manifest {
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(
-            13 + self.keys.len() * FUNCTION_KEY_LEN + self.bodies.bodies.len() * 12,
+            13 + self.keys.len() * FUNCTION_KEY_LEN + self.bodies.bodies.len() * BODY_LEN,
         );
         out.extend_from_slice(MAGIC);
         out.push(VERSION);
@@ -113,9 +202,10 @@ impl Manifest {
         for key in &self.keys {
             out.extend_from_slice(key);
         }
-        for (print, size) in &self.bodies.bodies {
-            out.extend_from_slice(&print.to_le_bytes());
-            out.extend_from_slice(&size.to_le_bytes());
+        for body in &self.bodies.bodies {
+            out.extend_from_slice(&body.bytes.to_le_bytes());
+            out.extend_from_slice(&body.callees_abstracted.to_le_bytes());
+            out.extend_from_slice(&body.size.to_le_bytes());
         }
         out
     }
@@ -131,7 +221,7 @@ impl Manifest {
         let bodies = u32::from_le_bytes(rest[4..8].try_into().ok()?) as usize;
         let rest = &rest[8..];
         let key_bytes = keys.checked_mul(FUNCTION_KEY_LEN)?;
-        if rest.len() != key_bytes.checked_add(bodies.checked_mul(12)?)? {
+        if rest.len() != key_bytes.checked_add(bodies.checked_mul(BODY_LEN)?)? {
             return None;
         }
         let (key_part, body_part) = rest.split_at(key_bytes);
@@ -142,12 +232,11 @@ impl Manifest {
                 .collect(),
             bodies: BodyPrints {
                 bodies: body_part
-                    .chunks_exact(12)
-                    .map(|body| {
-                        (
-                            u64::from_le_bytes(body[..8].try_into().unwrap()),
-                            u32::from_le_bytes(body[8..].try_into().unwrap()),
-                        )
+                    .chunks_exact(BODY_LEN)
+                    .map(|body| BodyPrint {
+                        bytes: u64::from_le_bytes(body[..8].try_into().unwrap()),
+                        callees_abstracted: u64::from_le_bytes(body[8..16].try_into().unwrap()),
+                        size: u32::from_le_bytes(body[16..].try_into().unwrap()),
                     })
                     .collect(),
             },
@@ -269,12 +358,20 @@ fn tagged_digest(tag: &[u8; 8], digest: &[u8; 32]) -> Vec<u8> {
 mod tests {
     use super::*;
 
+    fn body(print: u64, size: u32) -> BodyPrint {
+        BodyPrint {
+            bytes: print,
+            callees_abstracted: print,
+            size,
+        }
+    }
+
     #[test]
     fn a_manifest_round_trips_and_anything_else_is_refused() {
         let manifest = Manifest {
             keys: vec![[1; 32], [2; 32]],
             bodies: BodyPrints {
-                bodies: vec![(7, 100), (9, 3)],
+                bodies: vec![body(7, 100), body(9, 3)],
             },
         };
         let encoded = manifest.encode();
@@ -287,12 +384,38 @@ mod tests {
     }
 
     #[test]
+    fn a_body_whose_callees_were_renumbered_keeps_its_fingerprint() {
+        let prints =
+            |wat: &str| BodyPrints::with_callees_abstracted(&wat::parse_str(wat).unwrap()).unwrap();
+        let old = prints(
+            "(module (func $a (result i32) (call $b)) (func $b (result i32) (i32.const 1)))",
+        );
+        let new = prints(
+            "(module (func $x) (func $a (result i32) (call $b)) \
+                     (func $b (result i32) (i32.const 1)))",
+        );
+        assert_eq!(
+            old.bodies[0].callees_abstracted, new.bodies[1].callees_abstracted,
+            "callee renumbered"
+        );
+        assert_ne!(
+            old.bodies[0].bytes, new.bodies[1].bytes,
+            "its bytes did change"
+        );
+        assert_eq!(old.bodies[1], new.bodies[2], "no callee");
+        let edited = prints(
+            "(module (func $a (result i32) (call $b)) (func $b (result i32) (i32.const 2)))",
+        );
+        assert_ne!(old.bodies[1], edited.bodies[1], "a constant changed");
+    }
+
+    #[test]
     fn shared_bodies_are_weighed_by_size() {
         let new = BodyPrints {
-            bodies: vec![(1, 300), (2, 100)],
+            bodies: vec![body(1, 300), body(2, 100)],
         };
         let old = BodyPrints {
-            bodies: vec![(1, 300), (3, 50)],
+            bodies: vec![body(1, 300), body(3, 50)],
         };
         assert_eq!(new.shared_with(&old), 0.75);
         assert_eq!(new.shared_with(&BodyPrints::default()), 0.0);

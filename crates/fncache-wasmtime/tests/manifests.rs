@@ -251,3 +251,42 @@ fn the_adaptive_compile_gives_the_same_code_and_fills_the_function_level_for_the
     assert_eq!(code, uncached(&old));
     assert!(!report.deferred_fill && report.lookups() > 0, "{report:?}");
 }
+
+/// `count` functions, each calling the one after it, with `extra` functions before them.
+fn call_chain(count: usize, extra: usize) -> Vec<u8> {
+    let mut wat = String::from("(module\n");
+    for i in 0..extra {
+        wat.push_str(&format!("(func $extra{i} (result i32) (i32.const {i}))\n"));
+    }
+    for i in 0..count {
+        let next = if i + 1 < count {
+            format!("(call $f{})", i + 1)
+        } else {
+            "(i32.const 1)".into()
+        };
+        wat.push_str(&format!(
+            "(func $f{i} (export \"f{i}\") (result i32) (i32.add (i32.const {i}) {next}))\n"
+        ));
+    }
+    wat.push(')');
+    wat::parse_str(&wat).unwrap()
+}
+
+#[test]
+fn renumbered_callees_count_as_reuse_so_the_adaptive_compile_keeps_the_function_level() {
+    let dir = tempfile::tempdir().unwrap();
+    let (old, new) = (call_chain(80, 0), call_chain(80, 1)); // every callee index shifts
+    let first = compiler(dir.path()).adaptive(true);
+    first.precompile_named(&old, "app").unwrap();
+    drop(first); // waits for the fill
+
+    let (code, report) = compiler(dir.path())
+        .adaptive(true)
+        .precompile_named(&new, "app")
+        .unwrap();
+    assert_eq!(code, uncached(&new));
+    // Byte for byte, hardly a body is the same; with callees left out, nearly all are.
+    assert!(report.predicted_reuse.unwrap() > 0.9, "{report:?}");
+    assert!(!report.deferred_fill, "{report:?}");
+    assert!(report.hits * 10 >= report.lookups() * 7, "{report:?}");
+}

@@ -279,43 +279,58 @@ pub(crate) fn copy_dir(from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
-/// A one-line progress display on standard error (redrawn in place on a terminal).
+/// Progress over the probes of a run on standard error: an indicatif bar with the elapsed time
+/// and an estimate of what is left on a terminal, one line per probe otherwise (logs).
 pub struct Progress {
+    bar: Option<indicatif::ProgressBar>,
     done: usize,
     total: usize,
-    tty: bool,
     started: std::time::Instant,
 }
 
 impl Progress {
     pub fn new(total: usize) -> Progress {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::new(total as u64);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{elapsed_precise} [{bar:30}] {pos}/{len} (about {eta} left) {msg}",
+                )
+                .expect("a valid template")
+                .progress_chars("=> "),
+            );
+            bar
+        });
         Progress {
+            bar,
             done: 0,
             total,
-            tty: std::io::stderr().is_terminal(),
             started: std::time::Instant::now(),
         }
     }
 
     pub fn step(&mut self, what: &str) {
         self.done += 1;
-        let line = format!(
-            "[{:>4}/{}] {:>5.0}s  {what}",
-            self.done.min(self.total),
-            self.total,
-            self.started.elapsed().as_secs_f64()
-        );
-        let mut err = std::io::stderr().lock();
-        if self.tty {
-            let _ = write!(err, "\r\x1b[2K{line}");
-        } else {
-            let _ = writeln!(err, "{line}");
+        match &self.bar {
+            Some(bar) => {
+                bar.set_position(self.done.min(self.total) as u64);
+                bar.set_message(what.to_string());
+            }
+            None => {
+                let _ = writeln!(
+                    std::io::stderr().lock(),
+                    "[{:>4}/{}] {:>5.0}s  {what}",
+                    self.done.min(self.total),
+                    self.total,
+                    self.started.elapsed().as_secs_f64()
+                );
+            }
         }
     }
 
     pub fn finish(&mut self) {
-        if self.tty {
-            let _ = writeln!(std::io::stderr());
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
         }
     }
 }
