@@ -536,8 +536,13 @@ impl Compiler {
         };
         let fill = deferred.map(|engines| (engines, read_ahead.bodies.clone(), read_ahead.digest));
         let manifest_store = self.functions.clone().filter(|_| deferred.is_none());
-        let (prefetch, manifest) =
-            read_ahead.finish(manifest_store, binary, name, precompiled.is_ok());
+        let (prefetch, manifest) = read_ahead.finish(
+            manifest_store,
+            binary,
+            name,
+            precompiled.is_ok(),
+            self.adaptive_on,
+        );
         if let Some(manifest) = manifest {
             self.manifests.lock().unwrap().push(manifest);
         }
@@ -602,7 +607,8 @@ impl Compiler {
         };
         if let Some((earlier, source)) = manifests.find(name, &digest, &ahead.bodies) {
             let mut shared = ahead.bodies.shared_with(&earlier.bodies);
-            if self.adaptive_on && shared < ADAPTIVE_MIN_SHARED {
+            let abstracted = earlier.bodies.bodies.iter().any(|b| b.callees_abstracted != 0);
+            if self.adaptive_on && shared < ADAPTIVE_MIN_SHARED && abstracted {
                 // Too little byte for byte; callees renumbered (a function or an import added
                 // before them) still hit, so look again with them left out before deciding.
                 ahead.bodies = BodyPrints::with_callees_abstracted(binary)?;
@@ -728,15 +734,17 @@ struct ReadAheadDone {
 }
 
 impl ReadAhead {
-    /// Ends the read-ahead and, if the compile succeeded, starts leaving this compile's
-    /// manifest for the next one, on a thread of its own (the fingerprints with callees
-    /// abstracted parse every instruction: not on the caller's time).
+    /// Ends the read-ahead and, if the compile succeeded, leaves this compile's manifest for
+    /// the next one. For the adaptive compile, whose predictions need the fingerprints with
+    /// callees abstracted (which parse every instruction: sql.js, 18 ms), on a thread of its
+    /// own; otherwise with the bytes' fingerprints only, at once (under a millisecond).
     fn finish(
         self,
         store: Option<Arc<FunctionStore>>,
         binary: &[u8],
         name: Option<&str>,
         compiled: bool,
+        abstract_callees: bool,
     ) -> (ReadAheadDone, Option<std::thread::JoinHandle<()>>) {
         let report = self.prefetch.map(|p| p.finish()).unwrap_or_default();
         let done = ReadAheadDone {
@@ -748,6 +756,14 @@ impl ReadAhead {
             return (done, None);
         };
         let keys = first_occurrences(store.take_looked_up());
+        if !abstract_callees {
+            let manifest = Manifest {
+                keys,
+                bodies: self.bodies,
+            };
+            store_manifest(&store, name, &self.digest, manifest);
+            return (done, None);
+        }
         let (binary, name, digest, bodies) = (
             binary.to_vec(),
             name.map(str::to_string),

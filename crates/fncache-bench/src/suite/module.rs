@@ -174,6 +174,18 @@ pub(crate) fn targets(
     scenarios: &[(String, PathBuf, PathBuf)],
 ) -> Vec<Target> {
     let ms = |row: &str| report.rows.get(row).map(|r| r.median_ms);
+    // Issue 12's targets are a few percent apart, inside this machine's run-to-run drift
+    // (a cold sql.js compile took 605-881 ms within one run): they compare samples taken side
+    // by side in the same run (each run samples every configuration once, interleaved) and
+    // take the median of those ratios.
+    let paired = |a: &str, b: &str| {
+        let (a, b) = (report.rows.get(a)?, report.rows.get(b)?);
+        if a.samples_ms.len() != b.samples_ms.len() || a.samples_ms.is_empty() {
+            return Some(a.median_ms / b.median_ms);
+        }
+        let ratios = a.samples_ms.iter().zip(&b.samples_ms).map(|(a, b)| a / b);
+        Some(median(ratios.collect()))
+    };
     let mut out = Vec::new();
     let mut check = |name: String, ratio: Option<f64>, limit: f64| {
         if let Some(ratio) = ratio {
@@ -216,22 +228,24 @@ pub(crate) fn targets(
     // Issue 12's: at the ceiling on every edit, never above cold with the adaptive compile.
     for (name, ..) in scenarios {
         check(
-            format!("{name} / in-memory ceiling (issue 12)"),
-            over(
-                ms(&format!("{name}/fncache")),
-                ms(&format!("{name}/ceiling")),
-            ),
+            format!("{name} / ceiling, paired (issue 12)"),
+            paired(&format!("{name}/fncache"), &format!("{name}/ceiling")),
             1.05,
         );
         check(
-            format!("{name}, adaptive / cold (issue 12)"),
-            over(ms(&format!("{name}/adaptive")), cold),
+            format!("{name}, adaptive / cold, paired (issue 12)"),
+            paired(&format!("{name}/adaptive"), COLD),
             1.02,
         );
     }
     check(
-        "empty cache, adaptive / cold (issue 12)".into(),
-        over(ms(EMPTY_ADAPTIVE), cold),
+        "empty cache / cold, paired (issue 12)".into(),
+        paired(EMPTY, COLD),
+        1.02,
+    );
+    check(
+        "empty cache, adaptive / cold, paired (issue 12)".into(),
+        paired(EMPTY_ADAPTIVE, COLD),
         1.02,
     );
     out
