@@ -607,7 +607,11 @@ impl Compiler {
         };
         if let Some((earlier, source)) = manifests.find(name, &digest, &ahead.bodies) {
             let mut shared = ahead.bodies.shared_with(&earlier.bodies);
-            let abstracted = earlier.bodies.bodies.iter().any(|b| b.callees_abstracted != 0);
+            let abstracted = earlier
+                .bodies
+                .bodies
+                .iter()
+                .any(|b| b.callees_abstracted != 0);
             if self.adaptive_on && shared < ADAPTIVE_MIN_SHARED && abstracted {
                 // Too little byte for byte; callees renumbered (a function or an import added
                 // before them) still hit, so look again with them left out before deciding.

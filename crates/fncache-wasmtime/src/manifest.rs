@@ -35,8 +35,9 @@ const NAME_TAG: &[u8; 8] = b"name\0\0\0\0";
 const SKETCH_TAG: &[u8; 8] = b"sketch\0\0";
 const MAGIC: &[u8; 4] = b"FNMF";
 const VERSION: u8 = 2;
-/// Bytes per body in an encoded manifest: two fingerprints and the size.
-const BODY_LEN: usize = 20;
+/// Bytes per body in an encoded manifest: two fingerprints, the size and whether it is free
+/// of callees.
+const BODY_LEN: usize = 21;
 /// Cranelift's keys are SHA-256 digests; anything else is not recorded.
 pub const FUNCTION_KEY_LEN: usize = 32;
 
@@ -48,6 +49,9 @@ pub struct BodyPrint {
     /// Of its bytes with callee indices left out ([`body_fingerprint`]); 0 until computed.
     pub callees_abstracted: u64,
     pub size: u32,
+    /// No byte of the body is a `call`, `return_call` or `ref.func` opcode, so no callee
+    /// index is in it and renumbering cannot change its bytes: what sketches are made of.
+    pub callee_free: bool,
 }
 
 /// The fingerprints of every function body of a binary (of all its core modules, for a
@@ -79,8 +83,10 @@ impl BodyPrints {
         for payload in wasmparser::Parser::new(0).parse_all(binary) {
             if let wasmparser::Payload::CodeSectionEntry(body) = payload? {
                 let range = body.range();
+                let bytes = &binary[range.start..range.end];
                 bodies.push(BodyPrint {
-                    bytes: print(blake3::hash(&binary[range.start..range.end])),
+                    bytes: print(blake3::hash(bytes)),
+                    callee_free: !bytes.iter().any(|b| matches!(b, 0x10 | 0x12 | 0xd2)),
                     callees_abstracted: if abstract_callees {
                         print(body_fingerprint(binary, &body)?)
                     } else {
@@ -131,9 +137,18 @@ impl BodyPrints {
         shared as f64 / total as f64
     }
 
-    /// The [`SKETCH_SIZE`] smallest distinct fingerprints of the bytes.
+    /// The [`SKETCH_SIZE`] smallest distinct fingerprints of the bytes of bodies that are
+    /// [`BodyPrint::callee_free`] (a function or an import added before the others renumbers
+    /// every callee and would change every other fingerprint), or of all bodies when too few
+    /// are.
     fn sketch(&self) -> Vec<u64> {
-        let mut prints: Vec<u64> = self.bodies.iter().map(|body| body.bytes).collect();
+        let free = self.bodies.iter().filter(|body| body.callee_free).count();
+        let mut prints: Vec<u64> = self
+            .bodies
+            .iter()
+            .filter(|body| body.callee_free || free < SKETCH_SIZE)
+            .map(|body| body.bytes)
+            .collect();
         prints.sort_unstable();
         prints.dedup();
         prints.truncate(SKETCH_SIZE);
@@ -206,6 +221,7 @@ impl Manifest {
             out.extend_from_slice(&body.bytes.to_le_bytes());
             out.extend_from_slice(&body.callees_abstracted.to_le_bytes());
             out.extend_from_slice(&body.size.to_le_bytes());
+            out.push(u8::from(body.callee_free));
         }
         out
     }
@@ -236,7 +252,8 @@ impl Manifest {
                     .map(|body| BodyPrint {
                         bytes: u64::from_le_bytes(body[..8].try_into().unwrap()),
                         callees_abstracted: u64::from_le_bytes(body[8..16].try_into().unwrap()),
-                        size: u32::from_le_bytes(body[16..].try_into().unwrap()),
+                        size: u32::from_le_bytes(body[16..20].try_into().unwrap()),
+                        callee_free: body[20] != 0,
                     })
                     .collect(),
             },
@@ -363,6 +380,7 @@ mod tests {
             bytes: print,
             callees_abstracted: print,
             size,
+            callee_free: print % 2 == 0,
         }
     }
 
