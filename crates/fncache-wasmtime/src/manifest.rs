@@ -380,7 +380,7 @@ mod tests {
             bytes: print,
             callees_abstracted: print,
             size,
-            callee_free: print % 2 == 0,
+            callee_free: print.is_multiple_of(2),
         }
     }
 
