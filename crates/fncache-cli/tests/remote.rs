@@ -812,6 +812,12 @@ fn a_redis_cluster_is_shared_for_real() {
         n(&functions, "hits") * 10 >= n(&functions, "lookups") * 9,
         "{functions}"
     );
+    // Read ahead through the cluster: pipelines split by hash slot.
+    assert_eq!(functions["prefetch_source"], "name", "{functions}");
+    assert!(
+        n(&functions, "prefetch_used") * 10 >= n(&functions, "hits") * 5,
+        "{functions}"
+    );
     assert_eq!(std::fs::read(&out).unwrap(), expected);
 
     // One node killed while a compile runs: a warning at most, never a failure, the right code.
