@@ -126,18 +126,34 @@ fn explain_names_the_cause_of_real_source_edits() {
             }
         }
         if edit == "logic" {
-            // The bench's synthetic edit of the same module: wasm-encoder writes LEB128 numbers
-            // unpadded, so most bodies keep their instructions but not their offsets.
+            // The bench's synthetic edits of the same module. Re-encoded (wasm-encoder writes
+            // LEB128 numbers unpadded), most bodies keep their instructions but not their
+            // offsets; the constant edit changes its byte where it lies, and nothing else.
             let original_bytes = std::fs::read(&original).unwrap();
-            let synthetic = env.file(
-                "synthetic.wasm",
-                edits::apply(Edit::ChangeConstant, &original_bytes).unwrap(),
+            let reencoded = env.file(
+                "appended.wasm",
+                edits::apply(Edit::AppendFunction, &original_bytes).unwrap(),
             );
-            let explanation = explain(&env, &original, &synthetic);
+            let explanation = explain(&env, &original, &reencoded);
             assert_eq!(
                 explanation["summary"][0]["reason"], "encoding-changed",
                 "{}",
                 explanation["summary"]
+            );
+            let in_place = env.file(
+                "constant.wasm",
+                edits::apply(Edit::ChangeConstant, &original_bytes).unwrap(),
+            );
+            let summary = &explain(&env, &original, &in_place)["summary"];
+            let reasons: Vec<(&str, u64)> = summary
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|cause| (cause["reason"].as_str().unwrap(), n(cause, "functions")))
+                .collect();
+            assert!(
+                reasons.contains(&("constants-changed", 1)) && reasons.len() == 2,
+                "{summary}"
             );
         }
         if edit == "string" {

@@ -313,6 +313,7 @@ impl Cache {
         Prefetch {
             cache: self.clone(),
             thread,
+            read: Vec::new(),
             requested,
         }
     }
@@ -484,6 +485,8 @@ const PREFETCH_HANDOFF: usize = 32;
 pub struct Prefetch {
     cache: Cache,
     thread: Option<std::thread::JoinHandle<Vec<KeyId>>>,
+    /// The keys handed over, once the thread has ended.
+    read: Vec<KeyId>,
     requested: u64,
 }
 
@@ -499,17 +502,20 @@ pub struct PrefetchReport {
 }
 
 impl Prefetch {
+    /// Waits until everything is read ahead; the entries stay for the lookups.
+    pub fn wait_until_read(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            self.read = thread.join().unwrap_or_default();
+        }
+    }
+
     /// Waits for the read-ahead to end and drops the entries no lookup took.
     pub fn finish(mut self) -> PrefetchReport {
-        let read = self
-            .thread
-            .take()
-            .and_then(|thread| thread.join().ok())
-            .unwrap_or_default();
-        let inner = &self.cache.inner;
+        self.wait_until_read();
+        let read = std::mem::take(&mut self.read);
         let mut unused = 0;
         {
-            let mut prefetched = inner.prefetched.lock();
+            let mut prefetched = self.cache.inner.prefetched.lock();
             for key in &read {
                 unused += u64::from(prefetched.remove(key).is_some());
             }
@@ -524,14 +530,12 @@ impl Prefetch {
 
 impl Drop for Prefetch {
     fn drop(&mut self) {
-        if let Some(thread) = self.thread.take() {
-            if let Ok(read) = thread.join() {
-                let mut prefetched = self.cache.inner.prefetched.lock();
-                for key in &read {
-                    prefetched.remove(key);
-                }
-            }
+        self.wait_until_read();
+        let mut prefetched = self.cache.inner.prefetched.lock();
+        for key in &self.read {
+            prefetched.remove(key);
         }
+        drop(prefetched);
         self.cache.inner.prefetches.fetch_sub(1, Ordering::AcqRel);
     }
 }

@@ -526,3 +526,68 @@ fn eviction_clear_and_gc_remove_value_files() {
         "only the file that is not ours is left"
     );
 }
+
+/// The read-ahead (`Cache::prefetch`) on a real disk: what it reads is verified when a lookup
+/// takes it, exactly as a read from the store would be, and keys with nothing stored (evicted)
+/// read nothing and cost nothing but the miss.
+#[test]
+fn entries_read_ahead_are_verified_when_taken_and_missing_ones_are_misses() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = open(dir.path(), 64 << 20);
+    let ns = namespace();
+    let keys: Vec<Vec<u8>> = (0..100u64).map(|i| i.to_le_bytes().to_vec()).collect();
+    for (i, key) in keys.iter().enumerate() {
+        cache.insert(&ns, key, &value(i as u64, 2000));
+    }
+    cache.flush().unwrap();
+    drop(cache);
+    // One entry in ten damaged on disk, as a disk error or a meddling process would.
+    let conn = rusqlite::Connection::open(dir.path().join("fncache.db")).unwrap();
+    let ids: Vec<i64> = conn
+        .prepare("SELECT id FROM blob_data ORDER BY id")
+        .unwrap()
+        .query_map([], |row| row.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    for id in ids.iter().step_by(10) {
+        let mut data: Vec<u8> = conn
+            .query_row("SELECT data FROM blob_data WHERE id = ?1", [id], |row| {
+                row.get(0)
+            })
+            .unwrap();
+        *data.last_mut().unwrap() ^= 1;
+        conn.execute(
+            "UPDATE blob_data SET data = ?1 WHERE id = ?2",
+            rusqlite::params![data, id],
+        )
+        .unwrap();
+    }
+    drop(conn);
+
+    let cache = open(dir.path(), 64 << 20);
+    let evicted: Vec<Vec<u8>> = (1000..1010u64).map(|i| i.to_le_bytes().to_vec()).collect();
+    let all: Vec<Vec<u8>> = keys.iter().chain(&evicted).cloned().collect();
+    let mut prefetch = cache.prefetch(&ns, &all);
+    prefetch.wait_until_read();
+    let mut served = 0;
+    for (i, key) in keys.iter().enumerate() {
+        if let Some(got) = cache.get(&ns, key) {
+            assert_eq!(got, value(i as u64, 2000), "only intact values are served");
+            served += 1;
+        }
+    }
+    for key in &evicted {
+        assert!(cache.get(&ns, key).is_none());
+    }
+    let report = prefetch.finish();
+    assert_eq!((report.requested, report.read), (110, 100));
+    assert_eq!(
+        report.used, 100,
+        "every lookup was answered from the read-ahead"
+    );
+    let counters = cache.session_counters();
+    assert_eq!(served, 90);
+    assert_eq!(counters.rejected, 10, "{counters:?}");
+    assert_eq!((counters.hits, counters.misses), (90, 20), "{counters:?}");
+}

@@ -425,8 +425,16 @@ impl Store for DiskStore {
                 let tx = conn.unchecked_transaction()?;
                 let mut rows = Vec::with_capacity(chunk.len());
                 for key in chunk {
-                    if let Some(row) = read_row(&tx, key)? {
-                        rows.push((*key, row));
+                    match read_row(&tx, key) {
+                        Ok(Some(row)) => rows.push((*key, row)),
+                        Ok(None) => {}
+                        // A row of the wrong types is a damaged row: nothing to read ahead
+                        // for it (its own lookup reports it); the others still are.
+                        Err(
+                            rusqlite::Error::InvalidColumnType(..)
+                            | rusqlite::Error::FromSqlConversionFailure(..),
+                        ) => {}
+                        Err(error) => return Err(error),
                     }
                 }
                 tx.finish()?;
