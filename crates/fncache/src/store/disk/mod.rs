@@ -415,12 +415,13 @@ impl Store for DiskStore {
         for (key, entry) in unwritten {
             found(key, entry);
         }
-        // In key order, a chunk per read transaction: neighbouring keys share B-tree pages,
-        // the statement is prepared once, and what is read is handed over while the rest is
-        // still being read.
-        to_read.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+        // A chunk per read transaction, in the order given (a manifest's is the order the
+        // last compile asked in, so what is needed first is read first), each chunk in key
+        // order (neighbouring keys share B-tree pages); the statement is prepared once, and
+        // what is read is handed over while the rest is still being read.
         let conn = self.checkout()?;
-        for chunk in to_read.chunks(GET_MANY_CHUNK) {
+        for chunk in to_read.chunks_mut(GET_MANY_CHUNK) {
+            chunk.sort_unstable();
             let rows = (|| {
                 let tx = conn.unchecked_transaction()?;
                 let mut rows = Vec::with_capacity(chunk.len());
