@@ -30,6 +30,12 @@ pub struct MemberReport {
     pub lookups: u64,
     pub hit_rate: f64,
     pub code_hit_rate: f64,
+    /// The adaptive compile (`Compiler::adaptive`) in a copy of the same cache, its
+    /// background fill not included (runs saved before 2026-11-27: 0).
+    #[serde(default)]
+    pub adaptive_ms: f64,
+    #[serde(default)]
+    pub adaptive_ratio_to_cold: f64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -44,6 +50,13 @@ pub struct FamilyReport {
     pub ratio_to_cold: f64,
     /// The largest member's ratio: the most any one member paid.
     pub worst_ratio: f64,
+    /// The same with the adaptive compile.
+    #[serde(default)]
+    pub adaptive_ms: f64,
+    #[serde(default)]
+    pub adaptive_ratio_to_cold: f64,
+    #[serde(default)]
+    pub adaptive_worst_ratio: f64,
 }
 
 /// Compiles each member of `family` with a cache warmed by every other member (leave one out).
@@ -75,7 +88,7 @@ pub fn measure_family(
             .unwrap_or_default()
             .to_string_lossy()
             .to_string();
-        let (mut cold, mut warm) = (Vec::new(), Vec::new());
+        let (mut cold, mut warm, mut adaptive) = (Vec::new(), Vec::new(), Vec::new());
         for run in 0..options.runs {
             progress.step(&format!(
                 "{}: {name} run {}/{}",
@@ -95,9 +108,16 @@ pub fn measure_family(
                 &fncache_probe(&copy, module.clone(), true),
             )?);
             fs::remove_dir_all(&copy)?;
+            copy_dir(cache, &copy)?;
+            adaptive.push(run_probe(
+                &options.probe_command,
+                &adaptive_probe(&copy, module.clone()),
+            )?);
+            fs::remove_dir_all(&copy)?;
         }
         let cold_s = median(cold.iter().map(|s| s.seconds).collect());
         let row = row(&warm, cold_s);
+        let adaptive_row = super::row(&adaptive, cold_s);
         members.push(MemberReport {
             module: name,
             wasm_bytes: fs::metadata(module)?.len(),
@@ -108,12 +128,21 @@ pub fn measure_family(
             lookups: row.lookups,
             hit_rate: row.hit_rate,
             code_hit_rate: row.code_hit_rate,
+            adaptive_ms: adaptive_row.median_ms,
+            adaptive_ratio_to_cold: adaptive_row.ratio_to_cold,
         });
         fs::remove_dir_all(cache)?;
     }
     let cold_ms: f64 = members.iter().map(|m| m.cold_ms).sum();
     let fncache_ms: f64 = members.iter().map(|m| m.fncache_ms).sum();
+    let adaptive_ms: f64 = members.iter().map(|m| m.adaptive_ms).sum();
     Ok(FamilyReport {
+        adaptive_ms,
+        adaptive_ratio_to_cold: adaptive_ms / cold_ms,
+        adaptive_worst_ratio: members
+            .iter()
+            .map(|m| m.adaptive_ratio_to_cold)
+            .fold(0.0, f64::max),
         family: family.name.clone(),
         runs: options.runs,
         worst_ratio: members.iter().map(|m| m.ratio_to_cold).fold(0.0, f64::max),
@@ -183,20 +212,30 @@ pub fn render_family(r: &FamilyReport) -> String {
     );
     let _ = writeln!(
         out,
-        "  {:<38} {:>9} {:>9} {:>10} {:>8} {:>16} {:>9}",
-        "module", "wasm", "cold ms", "fncache ms", "x cold", "lookups hit", "code hit"
+        "  {:<38} {:>9} {:>9} {:>10} {:>8} {:>16} {:>9} {:>11} {:>8}",
+        "module",
+        "wasm",
+        "cold ms",
+        "fncache ms",
+        "x cold",
+        "lookups hit",
+        "code hit",
+        "adaptive ms",
+        "x cold"
     );
     for m in &r.members {
         let _ = writeln!(
             out,
-            "  {:<38} {:>9} {:>9.1} {:>10.1} {:>8.3} {:>16} {:>8.1}%",
+            "  {:<38} {:>9} {:>9.1} {:>10.1} {:>8.3} {:>16} {:>8.1}% {:>11.1} {:>8.3}",
             m.module,
             bytesize::ByteSize(m.wasm_bytes).display().si().to_string(),
             m.cold_ms,
             m.fncache_ms,
             m.ratio_to_cold,
             format!("{:.1}% of {}", m.hit_rate * 100.0, m.lookups),
-            m.code_hit_rate * 100.0
+            m.code_hit_rate * 100.0,
+            m.adaptive_ms,
+            m.adaptive_ratio_to_cold
         );
     }
     let _ = writeln!(
@@ -204,5 +243,13 @@ pub fn render_family(r: &FamilyReport) -> String {
         "  total: cold {:.0} ms, fncache {:.0} ms ({:.3}x cold); the worst module {:.3}x",
         r.cold_ms, r.fncache_ms, r.ratio_to_cold, r.worst_ratio
     );
+    if r.adaptive_ms > 0.0 {
+        let _ = writeln!(
+            out,
+            "  adaptive: {:.0} ms ({:.3}x cold); the worst module {:.3}x (background fills not \
+             included)",
+            r.adaptive_ms, r.adaptive_ratio_to_cold, r.adaptive_worst_ratio
+        );
+    }
     out
 }
