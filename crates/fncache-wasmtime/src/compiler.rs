@@ -200,10 +200,19 @@ struct Adaptive {
 
 struct AdaptiveEngines {
     plain: Engine,
-    fill: Engine,
-    fill_store: Arc<FunctionStore>,
-    /// One fill at a time: they are background work, and share `fill_store`'s key record.
-    one_at_a_time: Arc<Mutex<()>>,
+    /// The filling engine, built by the first fill on its own thread (building it is not on
+    /// the caller's time), held under the lock that keeps fills one at a time: they are
+    /// background work, and share its store's key record.
+    fill: Arc<Mutex<Option<FillEngine>>>,
+    config: Config,
+    cache: Cache,
+    namespace: Namespace,
+}
+
+/// An engine with the same settings, one compile thread and the function level, and its store.
+struct FillEngine {
+    engine: Engine,
+    store: Arc<FunctionStore>,
 }
 
 impl Compiler {
@@ -658,13 +667,14 @@ impl Compiler {
         bodies: BodyPrints,
         digest: [u8; 32],
     ) {
-        if engines.fill_store.cache().store().is_read_only() {
+        if engines.cache.store().is_read_only() {
             return; // nothing would be stored
         }
-        let (engine, store, one_at_a_time) = (
+        let (fill, config, cache, namespace) = (
             engines.fill.clone(),
-            engines.fill_store.clone(),
-            engines.one_at_a_time.clone(),
+            engines.config.clone(),
+            engines.cache.clone(),
+            engines.namespace,
         );
         let (binary, name) = (binary.to_vec(), name.map(str::to_string));
         let fill = std::thread::Builder::new()
@@ -672,7 +682,17 @@ impl Compiler {
             .spawn(move || {
                 // This thread only (Linux's nice is per thread): the caller's work goes first.
                 let _ = rustix::process::setpriority_process(None, 19);
-                let _one = one_at_a_time.lock().unwrap_or_else(|e| e.into_inner());
+                let mut fill = fill.lock().unwrap_or_else(|e| e.into_inner());
+                if fill.is_none() {
+                    match FillEngine::new(&config, &cache, &namespace) {
+                        Ok(engine) => *fill = Some(engine),
+                        Err(error) => {
+                            log::debug!("cannot fill the function level: {error:#}");
+                            return;
+                        }
+                    }
+                }
+                let FillEngine { engine, store } = fill.as_ref().expect("built above");
                 store.take_looked_up();
                 let compiled = match kind {
                     WasmKind::Module => engine.precompile_module(&binary).map(drop),
@@ -817,25 +837,34 @@ fn first_occurrences<T: Copy + Eq + std::hash::Hash>(mut keys: Vec<T>) -> Vec<T>
 }
 
 impl AdaptiveEngines {
-    /// Both engines from the compiler's settings; each must have the compiler's fingerprint,
-    /// or the function level would be filled under settings it was not compiled with.
+    /// The engine without the cache, from the compiler's settings. It and the filling engine
+    /// must have the compiler's fingerprint, or the function level would be filled under
+    /// settings it was not compiled with.
     fn new(config: &Config, store: &FunctionStore) -> anyhow::Result<AdaptiveEngines> {
         let plain = Engine::new(config)?;
-        let mut fill_config = config.clone();
-        fill_config.parallel_compilation(false);
-        let fill_store = enable(&mut fill_config, store.cache())?;
-        let fill = Engine::new(&fill_config)?;
-        for engine in [&plain, &fill] {
-            if engine_fingerprint(engine) != *store.namespace() {
-                bail!("an engine without the cache has another fingerprint");
-            }
+        if engine_fingerprint(&plain) != *store.namespace() {
+            bail!("an engine without the cache has another fingerprint");
         }
         Ok(AdaptiveEngines {
             plain,
-            fill,
-            fill_store,
-            one_at_a_time: Arc::new(Mutex::new(())),
+            fill: Arc::new(Mutex::new(None)),
+            config: config.clone(),
+            cache: store.cache().clone(),
+            namespace: *store.namespace(),
         })
+    }
+}
+
+impl FillEngine {
+    fn new(config: &Config, cache: &Cache, namespace: &Namespace) -> anyhow::Result<FillEngine> {
+        let mut config = config.clone();
+        config.parallel_compilation(false);
+        let store = enable(&mut config, cache)?;
+        let engine = Engine::new(&config)?;
+        if engine_fingerprint(&engine) != *namespace || store.namespace() != namespace {
+            bail!("the filling engine has another fingerprint");
+        }
+        Ok(FillEngine { engine, store })
     }
 }
 
