@@ -704,7 +704,7 @@ impl Compiler {
                 }
                 let keys = first_occurrences(store.take_looked_up());
                 let bodies = BodyPrints::with_callees_abstracted(&binary).unwrap_or(bodies);
-                store_manifest(&store, name.as_deref(), &digest, Manifest { keys, bodies });
+                store_manifest(store, name.as_deref(), &digest, Manifest { keys, bodies });
             });
         match fill {
             Ok(fill) => self.fills.lock().unwrap().push(fill),
