@@ -191,22 +191,16 @@ pub struct Compiler {
     manifests: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
-/// The adaptive compile's engines: one without the cache for the user's compile, one that
-/// fills the function level on a single low-priority thread afterwards.
+/// The adaptive compile's engines, from the compiler's settings without the cache: one for the
+/// user's compile, one that fills the function level on a single low-priority thread after.
 struct Adaptive {
     config: Config,
-    engines: OnceLock<Option<AdaptiveEngines>>,
-}
-
-struct AdaptiveEngines {
-    plain: Engine,
-    /// The filling engine, built by the first fill on its own thread (building it is not on
-    /// the caller's time), held under the lock that keeps fills one at a time: they are
-    /// background work, and share its store's key record.
+    /// Built by the first compile that needs it (`None`: it could not be).
+    plain: OnceLock<Option<Engine>>,
+    /// The filling engine, built by the first fill on its own thread (not on the caller's
+    /// time), held under the lock that keeps fills one at a time: they are background work,
+    /// and share its store's key record.
     fill: Arc<Mutex<Option<FillEngine>>>,
-    config: Config,
-    cache: Cache,
-    namespace: Namespace,
 }
 
 /// An engine with the same settings, one compile thread and the function level, and its store.
@@ -236,7 +230,8 @@ impl Compiler {
         Ok(Compiler {
             adaptive: functions.as_ref().map(|_| Adaptive {
                 config: base_config,
-                engines: OnceLock::new(),
+                plain: OnceLock::new(),
+                fill: Arc::default(),
             }),
             engine,
             functions,
@@ -438,7 +433,8 @@ impl Compiler {
         let kind = WasmKind::of(&binary);
         self.renew_budget();
         let start = Instant::now();
-        let key = self.whole_key(kind, &binary);
+        let digest = *blake3::hash(&binary).as_bytes();
+        let key = self.whole_key(kind, &digest);
         if let Some((precompiled, mut report)) =
             self.lookup_whole(kind, &binary, key.as_deref(), Cache::get)?
         {
@@ -446,7 +442,7 @@ impl Compiler {
             return Ok((precompiled, report));
         }
         let (precompiled, mut report) =
-            self.compile_functions(kind, &binary, name, key.as_deref())?;
+            self.compile_functions(kind, &binary, &digest, name, key.as_deref())?;
         report.seconds = start.elapsed().as_secs_f64();
         Ok((precompiled, report))
     }
@@ -463,7 +459,8 @@ impl Compiler {
     ) -> anyhow::Result<(T, CompileReport)> {
         self.renew_budget();
         let start = Instant::now();
-        let key = self.whole_key(kind, binary);
+        let digest = *blake3::hash(binary).as_bytes();
+        let key = self.whole_key(kind, &digest);
         if let Some((cached, mut report)) =
             self.lookup_whole(kind, binary, key.as_deref(), Cache::get_value)?
         {
@@ -481,7 +478,7 @@ impl Compiler {
             }
         }
         let (precompiled, mut report) =
-            self.compile_functions(kind, binary, name, key.as_deref())?;
+            self.compile_functions(kind, binary, &digest, name, key.as_deref())?;
         let loaded = deserialize(&self.engine, &precompiled)?;
         report.seconds = start.elapsed().as_secs_f64();
         Ok((loaded, report))
@@ -519,14 +516,15 @@ impl Compiler {
         &self,
         kind: WasmKind,
         binary: &[u8],
+        digest: &[u8; 32],
         name: Option<&str>,
         key: Option<&[u8]>,
     ) -> anyhow::Result<(Vec<u8>, CompileReport)> {
         let functions = count_functions(binary)?;
         self.wait_for_fill(); // the fill before this compile may leave entries it can use
-        let read_ahead = self.read_ahead(binary, name)?;
-        let deferred = self.deferring_engines(read_ahead.predicted_reuse);
-        let engine = deferred.map_or(&self.engine, |engines| &engines.plain);
+        let read_ahead = self.read_ahead(binary, digest, name)?;
+        let deferred = self.deferring_engine(read_ahead.predicted_reuse);
+        let engine = deferred.unwrap_or(&self.engine);
         let before = self.counters();
         if kind == WasmKind::Component {
             // Wasmtime validates function bodies as it compiles them, in parallel, so the
@@ -543,7 +541,7 @@ impl Compiler {
             WasmKind::Module => engine.precompile_module(binary),
             WasmKind::Component => engine.precompile_component(binary),
         };
-        let fill = deferred.map(|engines| (engines, read_ahead.bodies.clone(), read_ahead.digest));
+        let fill_bodies = deferred.map(|_| read_ahead.bodies.clone());
         let manifest_store = self.functions.clone().filter(|_| deferred.is_none());
         let (prefetch, manifest) = read_ahead.finish(
             manifest_store,
@@ -556,8 +554,8 @@ impl Compiler {
             self.manifests.lock().unwrap().push(manifest);
         }
         let precompiled = precompiled?;
-        if let Some((engines, bodies, digest)) = fill {
-            self.fill_later(engines, kind, binary, name, bodies, digest);
+        if let Some(bodies) = fill_bodies {
+            self.fill_later(kind, binary, name, bodies, *digest);
         }
         if let (Some(store), Some(key)) = (&self.functions, key) {
             store.cache().insert(store.namespace(), key, &precompiled);
@@ -592,13 +590,18 @@ impl Compiler {
 
     /// Finds the earlier compile `binary` most resembles and starts reading the entries it
     /// used, if it shares enough with it to pay (see [`crate::manifest`]).
-    fn read_ahead(&self, binary: &[u8], name: Option<&str>) -> anyhow::Result<ReadAhead> {
+    fn read_ahead(
+        &self,
+        binary: &[u8],
+        digest: &[u8; 32],
+        name: Option<&str>,
+    ) -> anyhow::Result<ReadAhead> {
         let Some(store) = &self.functions else {
             return Ok(ReadAhead::default());
         };
         let started = Instant::now();
         let bodies = BodyPrints::of(binary)?;
-        let digest = *blake3::hash(binary).as_bytes();
+        let digest = *digest;
         log::debug!(
             "fingerprinted {} function bodies in {:.1} ms",
             bodies.bodies.len(),
@@ -629,25 +632,30 @@ impl Compiler {
             }
             ahead.predicted_reuse = Some(shared);
             if self.prefetch && shared >= PREFETCH_MIN_SHARED {
-                let keys: Vec<Vec<u8>> = earlier.keys.iter().map(|key| key.to_vec()).collect();
                 ahead.source = Some(source);
-                ahead.prefetch = Some(store.cache().prefetch(store.namespace(), &keys));
+                ahead.prefetch = Some(store.cache().prefetch(store.namespace(), &earlier.keys));
             }
         }
         Ok(ahead)
     }
 
-    /// The adaptive compile's engines, when it is on and `predicted` reuse is too low to pay
-    /// for the function level.
-    fn deferring_engines(&self, predicted: Option<f64>) -> Option<&AdaptiveEngines> {
+    /// The adaptive compile's engine without the cache, when it is on and `predicted` reuse is
+    /// too low to pay for the function level.
+    fn deferring_engine(&self, predicted: Option<f64>) -> Option<&Engine> {
         if !self.adaptive_on || predicted.unwrap_or(0.0) >= ADAPTIVE_MIN_SHARED {
             return None;
         }
         let (adaptive, store) = (self.adaptive.as_ref()?, self.functions.as_ref()?);
         adaptive
-            .engines
-            .get_or_init(|| match AdaptiveEngines::new(&adaptive.config, store) {
-                Ok(engines) => Some(engines),
+            .plain
+            // It must have the compiler's fingerprint, or the function level would be filled
+            // under settings it was not compiled with.
+            .get_or_init(|| match Engine::new(&adaptive.config) {
+                Ok(plain) if engine_fingerprint(&plain) == *store.namespace() => Some(plain),
+                Ok(_) => {
+                    log::debug!("no adaptive compile: without the cache, another fingerprint");
+                    None
+                }
                 Err(error) => {
                     log::debug!("no adaptive compile: {error:#}");
                     None
@@ -660,21 +668,23 @@ impl Compiler {
     /// its manifest: what the adaptive compile skipped, done while the caller runs the module.
     fn fill_later(
         &self,
-        engines: &AdaptiveEngines,
         kind: WasmKind,
         binary: &[u8],
         name: Option<&str>,
         bodies: BodyPrints,
         digest: [u8; 32],
     ) {
-        if engines.cache.store().is_read_only() {
+        let (Some(adaptive), Some(functions)) = (&self.adaptive, &self.functions) else {
+            return;
+        };
+        if functions.cache().store().is_read_only() {
             return; // nothing would be stored
         }
         let (fill, config, cache, namespace) = (
-            engines.fill.clone(),
-            engines.config.clone(),
-            engines.cache.clone(),
-            engines.namespace,
+            adaptive.fill.clone(),
+            adaptive.config.clone(),
+            functions.cache().clone(),
+            *functions.namespace(),
         );
         let (binary, name) = (binary.to_vec(), name.map(str::to_string));
         let fill = std::thread::Builder::new()
@@ -714,12 +724,12 @@ impl Compiler {
 
     /// The module-level key: the kind's domain tag and the digest of the binary's bytes (the
     /// namespace around it carries the engine fingerprint).
-    fn whole_key(&self, kind: WasmKind, binary: &[u8]) -> Option<Vec<u8>> {
+    fn whole_key(&self, kind: WasmKind, digest: &[u8; 32]) -> Option<Vec<u8>> {
         if !self.module_level {
             return None;
         }
         let mut key = kind.key_tag().to_vec();
-        key.extend_from_slice(blake3::hash(binary).as_bytes());
+        key.extend_from_slice(digest);
         Some(key)
     }
 
@@ -834,25 +844,6 @@ fn first_occurrences<T: Copy + Eq + std::hash::Hash>(mut keys: Vec<T>) -> Vec<T>
     let mut seen = std::collections::HashSet::with_capacity(keys.len());
     keys.retain(|key| seen.insert(*key));
     keys
-}
-
-impl AdaptiveEngines {
-    /// The engine without the cache, from the compiler's settings. It and the filling engine
-    /// must have the compiler's fingerprint, or the function level would be filled under
-    /// settings it was not compiled with.
-    fn new(config: &Config, store: &FunctionStore) -> anyhow::Result<AdaptiveEngines> {
-        let plain = Engine::new(config)?;
-        if engine_fingerprint(&plain) != *store.namespace() {
-            bail!("an engine without the cache has another fingerprint");
-        }
-        Ok(AdaptiveEngines {
-            plain,
-            fill: Arc::new(Mutex::new(None)),
-            config: config.clone(),
-            cache: store.cache().clone(),
-            namespace: *store.namespace(),
-        })
-    }
 }
 
 impl FillEngine {

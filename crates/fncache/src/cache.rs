@@ -295,8 +295,11 @@ impl Cache {
     /// read ahead is trusted: a lookup that takes a prefetched entry verifies its link and its
     /// MAC exactly as one read from the store, and a key not read yet is read as usual.
     /// [`Prefetch::finish`] ends it and drops what no lookup took.
-    pub fn prefetch(&self, namespace: &Namespace, keys: &[Vec<u8>]) -> Prefetch {
-        let keys: Vec<KeyId> = keys.iter().map(|key| KeyId::new(namespace, key)).collect();
+    pub fn prefetch<K: AsRef<[u8]>>(&self, namespace: &Namespace, keys: &[K]) -> Prefetch {
+        let keys: Vec<KeyId> = keys
+            .iter()
+            .map(|key| KeyId::new(namespace, key.as_ref()))
+            .collect();
         self.inner.prefetches.fetch_add(1, Ordering::AcqRel);
         let inner = self.inner.clone();
         let requested = keys.len() as u64;
