@@ -515,30 +515,29 @@ impl Prefetch {
     /// Waits for the read-ahead to end and drops the entries no lookup took.
     pub fn finish(mut self) -> PrefetchReport {
         self.wait_until_read();
-        let read = std::mem::take(&mut self.read);
-        let mut unused = 0;
-        {
-            let mut prefetched = self.cache.inner.prefetched.lock();
-            for key in &read {
-                unused += u64::from(prefetched.remove(key).is_some());
-            }
-        }
+        let read = self.read.len() as u64;
+        let unused = self.drop_unused();
         PrefetchReport {
             requested: self.requested,
-            read: read.len() as u64,
-            used: read.len() as u64 - unused,
+            read,
+            used: read - unused,
         }
+    }
+
+    /// Removes what was read ahead and not taken by a lookup; returns how many.
+    fn drop_unused(&mut self) -> u64 {
+        let mut prefetched = self.cache.inner.prefetched.lock();
+        let read = std::mem::take(&mut self.read);
+        read.iter()
+            .filter(|key| prefetched.remove(key).is_some())
+            .count() as u64
     }
 }
 
 impl Drop for Prefetch {
     fn drop(&mut self) {
         self.wait_until_read();
-        let mut prefetched = self.cache.inner.prefetched.lock();
-        for key in &self.read {
-            prefetched.remove(key);
-        }
-        drop(prefetched);
+        self.drop_unused();
         self.cache.inner.prefetches.fetch_sub(1, Ordering::AcqRel);
     }
 }
