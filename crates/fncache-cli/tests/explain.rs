@@ -24,10 +24,8 @@ fn explain(env: &Env, old: &Path, new: &Path) -> Value {
     serde_json::from_slice(&output.stdout).unwrap()
 }
 
-/// Every edit scenario of the bench: the self-check agrees on at least `percent`% of
-/// functions, and every disagreement is a predicted hit that missed (a key that changed
-/// upstream), never a predicted miss that hit.
-fn check_every_edit(env: &Env, name: &str, original: &[u8], percent: u64) {
+/// Every edit scenario of the bench: the self-check agrees on at least 99% of functions.
+fn check_every_edit(env: &Env, name: &str, original: &[u8]) {
     let old = env.file(&format!("{name}.wasm"), original);
     for edit in Edit::ALL {
         if !edits::applies(edit, original).unwrap() {
@@ -56,12 +54,7 @@ fn check_every_edit(env: &Env, name: &str, original: &[u8], percent: u64) {
             })
             .collect();
         assert!(
-            wrong.iter().all(|f| f["actual_hit"] == false),
-            "{name} {}: a predicted miss hit: {wrong:?}",
-            edit.name()
-        );
-        assert!(
-            agree * 100 >= functions * percent,
+            agree * 100 >= functions * 99,
             "{name} {}: {agree} of {functions} as predicted: {wrong:?}",
             edit.name()
         );
@@ -72,7 +65,7 @@ fn check_every_edit(env: &Env, name: &str, original: &[u8], percent: u64) {
 fn explain_agrees_with_the_compile_on_every_edit_of_a_generated_program() {
     let env = Env::new();
     let original = wat::parse_str(generated_command(150, 4)).unwrap();
-    check_every_edit(&env, "generated", &original, 99);
+    check_every_edit(&env, "generated", &original);
 }
 
 #[test]
@@ -81,9 +74,78 @@ fn explain_agrees_with_the_compile_on_every_edit_of_sql_js() {
     let path =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../corpus/sql.js-1.15.2/sql-wasm.wasm");
     let original = std::fs::read(&path).expect("run scripts/fetch-corpus sql.js@1.15.2");
-    // Not 99%: compiled twice unchanged, 70 of sql.js's 1,941 functions miss the second time
-    // (keys that change between compiles upstream); explain predicts hits for them.
-    check_every_edit(&Env::new(), "sql.js", &original, 95);
+    check_every_edit(&Env::new(), "sql.js", &original);
+}
+
+/// Cranelift keeps exception tables from one function to the next in a compile context, and
+/// only a compile (not a cache hit) empties them: `c`, compiled after `b` that hit this time
+/// but missed when `c` was stored, misses although nothing changed. Explain predicts it. The
+/// day Cranelift clears those tables, this test fails and the model can go.
+#[test]
+fn explain_predicts_the_miss_that_a_leftover_exception_table_causes() {
+    let env = Env::new();
+    let module = env.file(
+        "leak.wat",
+        r#"(module
+            (func $a (export "a") (result i32) i32.const 1)
+            (func $b (result i32) i32.const 2)
+            (func $c (result i32) i32.const 3)
+            (func $d (result i32) i32.const 4))"#,
+    );
+    let explanation = explain(&env, &module, &module);
+    let reasons: Vec<(&str, &Value)> = explanation["functions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| (f["reason"].as_str().unwrap(), &f["actual_hit"]))
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            ("identical", &Value::Bool(true)),
+            ("identical", &Value::Bool(true)),
+            ("stale-context", &Value::Bool(false)),
+            ("identical", &Value::Bool(true)),
+        ]
+    );
+    assert_eq!(n(&explanation["self_check"], "agree"), 4);
+    assert!(
+        explanation["summary"][0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("exception table"),
+        "{}",
+        explanation["summary"]
+    );
+
+    // Three new functions with the same code: `c` misses although `b` stored the same code,
+    // since `b` was keyed with the trampoline's table and `c` with it emptied by `b`'s compile;
+    // `d` hits what `c` stored.
+    let twins = env.file(
+        "twins.wat",
+        r#"(module
+            (func $a (export "a") (result i32) i32.const 1)
+            (func $b (result i32) i32.const 5)
+            (func $c (result i32) i32.const 5)
+            (func $d (result i32) i32.const 5))"#,
+    );
+    let explanation = explain(&env, &module, &twins);
+    let reasons: Vec<&str> = explanation["functions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["reason"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            "identical",
+            "constants-changed",
+            "constants-changed",
+            "duplicate"
+        ]
+    );
+    assert_eq!(n(&explanation["self_check"], "agree"), 4);
 }
 
 #[test]
@@ -117,15 +179,14 @@ fn explain_names_the_cause_of_real_source_edits() {
         let check = &explanation["self_check"];
         let (agree, functions) = (n(check, "agree"), n(check, "functions"));
         eprintln!("zstd source edit {edit}: {agree} of {functions} as predicted");
-        // Keys that change between compiles upstream: 7% of zstd's functions miss even
-        // unchanged; they are predicted hits that missed, never the reverse.
-        assert!(agree * 100 >= functions * 88, "{edit}: {check}");
+        assert!(agree * 100 >= functions * 99, "{edit}: {check}");
         for f in explanation["functions"].as_array().unwrap() {
             if f["reason"] != "identical" && f["reason"] != "callees-renumbered" {
                 assert_eq!(f["actual_hit"], false, "{edit}: a predicted miss hit: {f}");
             }
         }
         if edit == "logic" {
+            check_every_edit(&env, "zstd", &std::fs::read(&original).unwrap());
             // The bench's synthetic edits of the same module. Re-encoded (wasm-encoder writes
             // LEB128 numbers unpadded), most bodies keep their instructions but not their
             // offsets; the constant edit changes its byte where it lies, and nothing else.
@@ -151,8 +212,14 @@ fn explain_names_the_cause_of_real_source_edits() {
                 .iter()
                 .map(|cause| (cause["reason"].as_str().unwrap(), n(cause, "functions")))
                 .collect();
+            assert!(reasons.contains(&("constants-changed", 1)), "{summary}");
             assert!(
-                reasons.contains(&("constants-changed", 1)) && reasons.len() == 2,
+                reasons.iter().all(|(reason, _)| [
+                    "constants-changed",
+                    "identical",
+                    "stale-context"
+                ]
+                .contains(reason)),
                 "{summary}"
             );
         }

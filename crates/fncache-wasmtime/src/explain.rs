@@ -8,12 +8,16 @@
 //! tables, memories and globals. Integer constants are part of the body: a data segment that
 //! grew moves every later address, and every function using one misses.
 //!
+//! Cranelift's key also covers an exception table that the compile before a function left in
+//! the same compile context ([`Leftover`]), so the prediction replays both compiles in
+//! Wasmtime's order: an unchanged function can miss (`stale-context`: sql.js 1.15.2 compiled
+//! twice, 70 of its 1,941 functions), and a changed one can hit what an earlier function of
+//! the same module stored (`duplicate`).
+//!
 //! The check compiles the old module into an in-memory incremental cache, then the new one,
 //! with one compile thread, so that lookups come in Wasmtime's order (each defined function,
 //! then its array-to-wasm trampoline if it escapes) and can be told apart per function. A
-//! function predicted to hit that misses is how keys that change from one compile to the next
-//! show up (upstream nondeterminism: sql.js 1.15.2 compiled twice, 70 of its 1,941 functions
-//! miss the second time).
+//! function whose real result differs from the prediction is a key explain does not model.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -32,6 +36,9 @@ pub enum Reason {
     Identical,
     /// The same body apart from callee indices (Cranelift abstracts them): a hit.
     CalleesRenumbered,
+    /// The same code (callees aside) as a function compiled before it in the same module, which
+    /// stored it: a hit, whatever the old module had.
+    Duplicate,
     /// The same body, but offsets it uses moved (imports, tables, memories or globals changed).
     LayoutChanged,
     /// Only integer constants differ.
@@ -39,6 +46,10 @@ pub enum Reason {
     /// The same instructions, at other offsets in the body (another encoding, e.g. LEB128
     /// numbers padded or not): Wasmtime records each instruction's offset in the code.
     EncodingChanged,
+    /// The same body and offsets, but Cranelift's key also covers an exception table that an
+    /// earlier compile left in the same compile context, and it is in another state than when
+    /// the function was stored (upstream: see [`Leftover`]).
+    StaleContext,
     /// A different body in a function the old module also had.
     BodyChanged,
     /// A function the old module did not have.
@@ -47,7 +58,10 @@ pub enum Reason {
 
 impl Reason {
     pub fn predicts_hit(self) -> bool {
-        matches!(self, Reason::Identical | Reason::CalleesRenumbered)
+        matches!(
+            self,
+            Reason::Identical | Reason::CalleesRenumbered | Reason::Duplicate
+        )
     }
 }
 
@@ -128,6 +142,8 @@ struct Shape {
 }
 
 struct Body {
+    /// The function's type, as text.
+    ty: String,
     size: u64,
     exact: blake3::Hash,
     callees_abstracted: blake3::Hash,
@@ -357,6 +373,7 @@ impl Body {
             constants_out.update(text.as_bytes());
         }
         let mut parsed = Body {
+            ty: ty.to_string(),
             size: bytes.len() as u64,
             exact: exact.finalize(),
             callees_abstracted: blake3::hash(b""),
@@ -438,6 +455,60 @@ impl Body {
         parsed.constants_abstracted = constants_out.finalize();
         Ok((parsed, refs))
     }
+}
+
+/// What one compile leaves in Cranelift's reused compile context for the key of the next
+/// (upstream, Cranelift 0.135 with Wasmtime 48).
+///
+/// `DataFlowGraph::clear` keeps `exception_tables`, and Wasmtime clears and reuses one context
+/// per compile thread, so a function's CLIF, and with it its key, carries the tables of what
+/// was compiled before it in that context. Only array-to-wasm trampolines make tables in
+/// modules without exception handling, and a trampoline starts from a new `Function`: its own
+/// key is clean and it leaves its one table. Compiling a function (a miss) empties every table
+/// it does not use (`eliminate_unreachable_code`); a cache hit compiles nothing and leaves them
+/// as they were. So the key of a function compiled after a trampoline depends on whether every
+/// function between them hit: an unchanged function misses when the ones before it hit this
+/// time but missed when it was stored. With one compile thread this is deterministic, and
+/// [`replay`] predicts it; with several, which function follows which in a context varies.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Leftover {
+    /// Nothing compiled in this context made a table yet.
+    Nothing,
+    /// The table of the trampoline of a function of this type, as the trampoline left it.
+    Table(String),
+    /// That table, emptied by a compile since.
+    Emptied,
+}
+
+/// A function's key as far as explain can tell: its body with callees abstracted, the offsets
+/// it uses, and what the compile before it left.
+type KeyModel = (blake3::Hash, Layout, Leftover);
+
+/// Replays Wasmtime's serial compile of `shape` over the keys stored so far, storing the
+/// misses: per defined function, whether it hits. Functions using `try_table` make tables of
+/// their own; those are not modelled.
+fn replay(shape: &Shape, stored: &mut HashSet<KeyModel>) -> Vec<bool> {
+    let mut leftover = Leftover::Nothing;
+    let mut hits = Vec::with_capacity(shape.functions.len());
+    for (i, body) in shape.functions.iter().enumerate() {
+        let key = (
+            body.callees_abstracted,
+            shape.layout(body),
+            leftover.clone(),
+        );
+        let hit = !stored.insert(key);
+        if !hit && leftover != Leftover::Nothing {
+            leftover = Leftover::Emptied;
+        }
+        hits.push(hit);
+        if shape
+            .escaping
+            .contains(&(shape.imported_functions + i as u32))
+        {
+            leftover = Leftover::Table(body.ty.clone());
+        }
+    }
+    hits
 }
 
 /// Explains every function of `new` against a cache filled by `old`; with `check`, compiles
@@ -539,6 +610,17 @@ pub fn explain(old: &[u8], new: &[u8], config: Option<Config>) -> Result<Explana
         }
         functions.push(explanation);
     }
+    // Replayed in compile order: unchanged functions that still miss because of what the
+    // compile before them left, and changed ones that hit what an earlier function stored.
+    let mut stored = HashSet::new();
+    replay(&old, &mut stored);
+    for (f, hit) in functions.iter_mut().zip(replay(&new, &mut stored)) {
+        match (f.reason.predicts_hit(), hit) {
+            (true, false) => f.reason = Reason::StaleContext,
+            (false, true) => f.reason = Reason::Duplicate,
+            _ => {}
+        }
+    }
 
     let self_check = match config {
         Some(config) => Some(check(
@@ -574,6 +656,10 @@ fn summarize(functions: &[FunctionExplanation], old: &Shape, new: &Shape) -> Vec
                     "{count} functions changed only in which function indices they call: \
                      served from the cache (Cranelift's key abstracts callees)"
                 ),
+                Reason::Duplicate => format!(
+                    "{count} functions have the same code (callees aside) as one compiled before \
+                     them in this module: served from the cache"
+                ),
                 Reason::LayoutChanged => {
                     let mut sections: Vec<&str> = functions
                         .iter()
@@ -589,6 +675,12 @@ fn summarize(functions: &[FunctionExplanation], old: &Shape, new: &Shape) -> Vec
                     )
                 }
                 Reason::ConstantsChanged => constants_text(functions, count, old, new),
+                Reason::StaleContext => format!(
+                    "{count} unchanged functions recompile because Cranelift's key for them \
+                     includes an exception table an earlier compile left behind, in another \
+                     state than when they were stored (upstream: Cranelift keeps exception \
+                     tables across the functions of one compile context)"
+                ),
                 Reason::BodyChanged => format!("{count} functions' code changed"),
                 Reason::EncodingChanged => format!(
                     "{count} functions have the same instructions at other offsets (the module \
