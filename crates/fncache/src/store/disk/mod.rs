@@ -44,8 +44,8 @@ use parking_lot::Mutex;
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
 
 use self::schema::{
-    check_layout, check_schema_version, configure_sqlite, immutable_uri, open_flags, open_writer,
-    replace_older_schema,
+    check_layout, check_schema_version, configure_sqlite, immutable_uri, open_flags,
+    open_writer_replacing_older,
 };
 use self::sql::GET_SQL;
 use self::value_files::MappedFile;
@@ -167,8 +167,7 @@ impl DiskStore {
         let writer = if read_only {
             None
         } else {
-            replace_older_schema(dir, &db_path)?;
-            let conn = open_writer(&db_path, options)?;
+            let conn = open_writer_replacing_older(dir, &db_path, options)?;
             let (clock, entries) = conn
                 .query_row(
                     "SELECT (SELECT value FROM meta WHERE name = 'clock'), \

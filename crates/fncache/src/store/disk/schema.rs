@@ -69,13 +69,26 @@ pub(super) fn check_schema_version(db_path: &Path, version: i64) -> Result<(), S
     })
 }
 
-/// A cache written by an older fncache holds nothing this one can use (the entry format and the
-/// fingerprint changed with it): start it afresh rather than leave the user without a cache.
-/// A newer schema is left alone (a newer fncache may be using it) and refused by `open_writer`.
-pub(super) fn replace_older_schema(dir: &Path, db_path: &Path) -> Result<(), StoreError> {
-    if !db_path.exists() {
-        return Ok(());
+/// [`open_writer`], except that a cache written by an older fncache, which holds nothing this
+/// one can use (the entry format and the fingerprint changed with it), is started afresh rather
+/// than leave the user without a cache. A newer schema is left alone (a newer fncache may be
+/// using it) and refused.
+pub(super) fn open_writer_replacing_older(
+    dir: &Path,
+    db_path: &Path,
+    options: &DiskOptions,
+) -> Result<Connection, StoreError> {
+    match open_writer(db_path, options) {
+        // Looked into only when the schema is not this one's: one connection in the usual case.
+        Err(StoreError::Incompatible { .. }) if replace_older_schema(dir, db_path)? => {
+            open_writer(db_path, options)
+        }
+        result => result,
     }
+}
+
+/// Removes the database if an older fncache wrote it; says whether it did.
+fn replace_older_schema(dir: &Path, db_path: &Path) -> Result<bool, StoreError> {
     let found = Connection::open_with_flags(db_path, open_flags(OpenFlags::SQLITE_OPEN_READ_ONLY))
         .and_then(|conn| {
             let version = conn.query_row("PRAGMA user_version", [], |row| row.get::<_, i64>(0))?;
@@ -96,9 +109,10 @@ pub(super) fn replace_older_schema(dir: &Path, db_path: &Path) -> Result<(), Sto
             value_files::remove_all(dir).map_err(|cause| StoreError::Io {
                 path: dir.join(value_files::VALUES_DIR),
                 cause,
-            })
+            })?;
+            Ok(true)
         }
-        _ => Ok(()),
+        _ => Ok(false),
     }
 }
 
@@ -265,6 +279,21 @@ pub(super) fn open_writer(db_path: &Path, options: &DiskOptions) -> Result<Conne
     // the largest transaction ever (the limit is about the disk, the log included).
     conn.execute_batch("PRAGMA synchronous = NORMAL; PRAGMA journal_size_limit = 4194304")
         .map_err(err)?;
+    // Most opens find this schema and the limit unchanged: a read, without the write lock that
+    // another process's commit may be holding.
+    let (version, limit): (i64, Option<i64>) = conn
+        .query_row(
+            "SELECT user_version, (SELECT value FROM meta WHERE name = 'max_bytes') \
+             FROM pragma_user_version",
+            [],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )
+        .or_else(|_| conn.query_row("PRAGMA user_version", [], |row| Ok((row.get(0)?, None))))
+        .map_err(err)?;
+    let wanted = options.max_bytes.map(|limit| limit.min(MAX_LIMIT) as i64);
+    if version == SCHEMA_VERSION && (wanted.is_none() || wanted == limit) {
+        return Ok(conn);
+    }
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(err)?;
