@@ -62,7 +62,8 @@ pub enum Probe {
 pub struct Sample {
     /// Nothing to a loaded module, in seconds.
     pub seconds: f64,
-    /// fncache only: the flush after the compile (the writes a compile leaves behind).
+    /// fncache only: the flush after the compile (the writes a compile leaves behind) and
+    /// closing the cache, both of which a process waits for before it exits.
     pub flush_seconds: f64,
     /// The adaptive compile's background fill of the function level (and its flush), waited
     /// for after the flush; 0 when it compiled with the function level.
@@ -188,6 +189,13 @@ impl Probe {
                 } else {
                     0.0
                 };
+                // Closing the cache is waited for too: the last connection to close copies the
+                // write-ahead log into the database (SQLite's checkpoint) before the process
+                // can exit.
+                let closing = Instant::now();
+                drop(compiler);
+                drop(cache);
+                let flush_seconds = flush_seconds + closing.elapsed().as_secs_f64();
                 Ok(Sample {
                     seconds,
                     flush_seconds,
