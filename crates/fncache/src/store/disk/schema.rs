@@ -352,15 +352,18 @@ pub(super) fn keep_log_on_close(conn: &Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
-/// The most the write-ahead log may take on disk for a cache of `limit` bytes: a sixteenth of
-/// it, between 64 KiB and 4 MiB. The limit is about the disk, the log included.
+/// The most the write-ahead log may keep between processes for a cache of `limit` bytes: a
+/// sixteenth of it, between 64 KiB and 256 KiB. Small, because every process's first
+/// connection reads the whole log to rebuild its index (SQLite's recovery: about 1 ms per MiB
+/// here; a 4 MiB budget made a module-level hit of zstd 3 ms slower). The limit is about the
+/// disk, the log included.
 pub(super) fn log_budget(limit: i64) -> u64 {
     let limit = if limit > 0 {
         limit as u64
     } else {
         crate::config::DEFAULT_MAX_BYTES
     };
-    (limit / 16).clamp(64 << 10, 4 << 20)
+    (limit / 16).clamp(64 << 10, 256 << 10)
 }
 
 /// Checkpoints once the log holds [`log_budget`], and cuts a checkpointed log back to it, so
