@@ -136,7 +136,9 @@ impl WriterState {
     /// processes: [`keep_log_on_close`](super::schema::keep_log_on_close)). A compile that wrote
     /// more than the budget grew the file past it, and SQLite's automatic checkpoint copies the
     /// log into the database but never shrinks the file: that log is checkpointed and cut to
-    /// nothing here, waiting at most a moment for other processes' readers.
+    /// nothing here. Without waiting: while another process reads or writes, the checkpoint
+    /// copies what it can, and the next writer to start the log afresh cuts it back
+    /// (`journal_size_limit`).
     fn stop(&mut self) {
         let log = self
             .db_path
@@ -146,7 +148,7 @@ impl WriterState {
         if size <= super::schema::log_budget(limit) {
             return;
         }
-        let _ = self.conn.busy_timeout(Duration::from_millis(100));
+        let _ = self.conn.busy_timeout(Duration::ZERO);
         if let Err(e) = self
             .conn
             .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
