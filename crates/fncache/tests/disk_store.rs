@@ -56,41 +56,6 @@ fn values_survive_reopening() {
     );
 }
 
-/// The write-ahead log stays between processes (no checkpoint when the cache closes), within
-/// its budget: a handle that wrote more leaves it cut back, one that wrote little leaves its
-/// writes in it, and either way the next handle reads everything.
-#[test]
-fn the_log_is_kept_between_handles_within_its_budget() {
-    const BUDGET: u64 = 256 << 10;
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("fncache.db-wal");
-    let log_size = || std::fs::metadata(&log).map_or(0, |m| m.len());
-    {
-        let cache = open(dir.path(), 1 << 30);
-        for i in 0..200 {
-            cache.insert(&namespace(), format!("big {i}").as_bytes(), &value(i, 8000));
-        }
-        cache.flush().unwrap();
-        assert!(log_size() > BUDGET, "the test must outgrow the budget");
-    }
-    assert!(log_size() <= BUDGET, "left {} bytes of log", log_size());
-    {
-        let cache = open(dir.path(), 1 << 30);
-        cache.insert(&namespace(), b"small", &value(1000, 3000));
-        cache.flush().unwrap();
-    }
-    let kept = log_size();
-    assert!(kept > 0 && kept <= BUDGET, "left {kept} bytes of log");
-    let cache = open(dir.path(), 1 << 30);
-    assert_eq!(cache.get(&namespace(), b"small"), Some(value(1000, 3000)));
-    for i in [0, 99, 199] {
-        assert_eq!(
-            cache.get(&namespace(), format!("big {i}").as_bytes()),
-            Some(value(i, 8000))
-        );
-    }
-}
-
 #[test]
 fn namespaces_do_not_see_each_other() {
     let dir = tempfile::tempdir().unwrap();

@@ -270,10 +270,6 @@ impl DiskStore {
             Connection::open_with_flags(&self.db_path, open_flags(access)).map_err(db_error)?
         };
         conn.busy_timeout(BUSY_TIMEOUT).map_err(db_error)?;
-        if !immutable && !self.read_only {
-            // A reader may be the last connection to close: it leaves the log as the writer does.
-            schema::keep_log_on_close(&conn).map_err(db_error)?;
-        }
         conn.execute_batch("PRAGMA query_only = 1")
             .map_err(db_error)?;
         let version: i64 = conn

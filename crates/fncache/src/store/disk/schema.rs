@@ -275,9 +275,10 @@ pub(super) fn open_writer(db_path: &Path, options: &DiskOptions) -> Result<Conne
             db_path.display()
         )));
     }
-    conn.execute_batch("PRAGMA synchronous = NORMAL")
+    // A checkpointed write-ahead log is cut back to this, so that it does not keep the size of
+    // the largest transaction ever (the limit is about the disk, the log included).
+    conn.execute_batch("PRAGMA synchronous = NORMAL; PRAGMA journal_size_limit = 4194304")
         .map_err(err)?;
-    keep_log_on_close(&conn).map_err(err)?;
     // Most opens find this schema and the limit unchanged: a read, without the write lock that
     // another process's commit may be holding.
     let (version, limit): (i64, Option<i64>) = conn
@@ -291,7 +292,6 @@ pub(super) fn open_writer(db_path: &Path, options: &DiskOptions) -> Result<Conne
         .map_err(err)?;
     let wanted = options.max_bytes.map(|limit| limit.min(MAX_LIMIT) as i64);
     if version == SCHEMA_VERSION && (wanted.is_none() || wanted == limit) {
-        size_log(&conn, limit.unwrap_or(0)).map_err(err)?;
         return Ok(conn);
     }
     let tx = conn
@@ -327,52 +327,5 @@ pub(super) fn open_writer(db_path: &Path, options: &DiskOptions) -> Result<Conne
         .map_err(err)?;
     }
     tx.commit().map_err(err)?;
-    let limit = conn
-        .query_row(
-            "SELECT value FROM meta WHERE name = 'max_bytes'",
-            [],
-            |row| row.get(0),
-        )
-        .map_err(err)?;
-    size_log(&conn, limit).map_err(err)?;
     Ok(conn)
-}
-
-/// Leaves the write-ahead log in place when the last connection closes, instead of copying it
-/// into the database then (SQLite's checkpoint on close: two `fsync`s and removing and
-/// recreating the log, 5-7 ms that every process waited for before it could exit). The log is
-/// copied in when it outgrows its budget ([`size_log`]): by SQLite as a commit crosses it, or
-/// by the writer as it stops ([`WriterState::stop`](super::writer::WriterState)). Between
-/// processes, what the log holds is read through it as usual.
-pub(super) fn keep_log_on_close(conn: &Connection) -> rusqlite::Result<()> {
-    conn.set_db_config(
-        rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
-        true,
-    )?;
-    Ok(())
-}
-
-/// The most the write-ahead log may keep between processes for a cache of `limit` bytes: a
-/// sixteenth of it, between 64 KiB and 256 KiB. Small, because every process's first
-/// connection reads the whole log to rebuild its index (SQLite's recovery: about 1 ms per MiB
-/// here; a 4 MiB budget made a module-level hit of zstd 3 ms slower). The limit is about the
-/// disk, the log included.
-pub(super) fn log_budget(limit: i64) -> u64 {
-    let limit = if limit > 0 {
-        limit as u64
-    } else {
-        crate::config::DEFAULT_MAX_BYTES
-    };
-    (limit / 16).clamp(64 << 10, 256 << 10)
-}
-
-/// Checkpoints once the log holds [`log_budget`], and cuts a checkpointed log back to it, so
-/// that the log does not keep the size of the largest transaction ever.
-fn size_log(conn: &Connection, limit: i64) -> rusqlite::Result<()> {
-    let budget = log_budget(limit);
-    let page_size: i64 = conn.query_row("PRAGMA page_size", [], |row| row.get(0))?;
-    conn.execute_batch(&format!(
-        "PRAGMA wal_autocheckpoint = {}; PRAGMA journal_size_limit = {budget}",
-        (budget / page_size.max(512) as u64).max(1)
-    ))
 }

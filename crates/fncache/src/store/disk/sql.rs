@@ -4,7 +4,7 @@
 use std::fs;
 use std::path::Path;
 
-use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use rusqlite::{params, OptionalExtension, Transaction};
 
 use super::value_files::{self, FILE_THRESHOLD};
 use super::{DB_FILE, LOW_WATER_PERCENT};
@@ -19,8 +19,8 @@ pub(super) const GET_SQL: &str =
      JOIN blob_data d ON d.id = m.data_id WHERE k.id = ?1";
 
 /// The cache's byte limit as stored in it (0, never set: the default).
-pub(super) fn stored_limit(conn: &Connection) -> rusqlite::Result<u64> {
-    let stored = conn
+pub(super) fn stored_limit(tx: &Transaction<'_>) -> rusqlite::Result<u64> {
+    let stored = tx
         .prepare_cached("SELECT value FROM meta WHERE name = 'max_bytes'")?
         .query_row([], |row| row.get::<_, i64>(0))
         .optional()?

@@ -129,32 +129,6 @@ impl WriterState {
         while let Some(batch) = queue.next_batch() {
             self.apply(batch);
         }
-        self.stop();
-    }
-
-    /// Leaves the write-ahead log within its budget as the process goes (it stays between
-    /// processes: [`keep_log_on_close`](super::schema::keep_log_on_close)). A compile that wrote
-    /// more than the budget grew the file past it, and SQLite's automatic checkpoint copies the
-    /// log into the database but never shrinks the file: that log is checkpointed and cut to
-    /// nothing here. Without waiting: while another process reads or writes, the checkpoint
-    /// copies what it can, and the next writer to start the log afresh cuts it back
-    /// (`journal_size_limit`).
-    fn stop(&mut self) {
-        let log = self
-            .db_path
-            .with_file_name(format!("{}-wal", super::DB_FILE));
-        let size = fs::symlink_metadata(&log).map_or(0, |m| m.len());
-        let limit = stored_limit(&self.conn).unwrap_or(0) as i64;
-        if size <= super::schema::log_budget(limit) {
-            return;
-        }
-        let _ = self.conn.busy_timeout(Duration::ZERO);
-        if let Err(e) = self
-            .conn
-            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
-        {
-            log::debug!("could not cut the write-ahead log back: {e}");
-        }
     }
 
     fn db_error(&self, cause: rusqlite::Error) -> StoreError {
@@ -429,10 +403,13 @@ impl WriterState {
         self.disk_ratio = (self.resting_disk_bytes() as f64 / accounted as f64).clamp(1.0, 4.0);
     }
 
-    /// What the cache takes on disk once no process has it open: the database, its log (kept
-    /// between processes, within its budget) and the value files.
+    /// What the cache takes on disk once no process has it open: the database and the value
+    /// files. The log is left out: it is checkpointed into the database and removed when the
+    /// last process closes it.
     fn resting_disk_bytes(&self) -> u64 {
-        super::sql::disk_bytes(&self.dir)
+        use std::os::unix::fs::MetadataExt;
+        let database = fs::symlink_metadata(&self.db_path).map_or(0, |m| m.blocks() * 512);
+        database + value_files::total_bytes(&self.dir)
     }
 
     /// Gives freed pages back to the file system, so that eviction shrinks the file.
