@@ -196,14 +196,22 @@ fn wait_until_still(path: &Path, wake: &Receiver<Wake>) -> Option<Wake> {
 }
 
 /// The heaviest cause of misses in `new` against `old`, in plain words (`fncache explain`'s
-/// prediction, without its check); none for components.
+/// prediction, without its check); none for components. What the edit did comes before the
+/// upstream key leak (`stale-context`), which is named only when nothing else missed: the
+/// developer can act on the one, not on the other.
 fn main_reason(old: &[u8], new: &[u8]) -> Option<String> {
+    use fncache_wasmtime::explain::Reason;
     let explanation = fncache_wasmtime::explain::explain(old, new, None).ok()?;
-    let cause = explanation
-        .summary
-        .into_iter()
-        .find(|cause| !cause.reason.predicts_hit())?;
-    Some(cause.text)
+    let misses = || {
+        explanation
+            .summary
+            .iter()
+            .filter(|cause| !cause.reason.predicts_hit())
+    };
+    let cause = misses()
+        .find(|cause| cause.reason != Reason::StaleContext)
+        .or_else(|| misses().next())?;
+    Some(cause.text.clone())
 }
 
 fn print_reload(reload: u64, report: &CompileReport, reason: Option<&str>, json: bool) {
