@@ -281,3 +281,35 @@ fn stop(running: Running, engine: &wasmtime::Engine) {
     engine.increment_epoch();
     let _ = running.thread.join();
 }
+
+#[cfg(test)]
+mod tests {
+    use super::main_reason;
+
+    /// `c` misses only because of the upstream key leak, and weighs more than `d`, whose
+    /// constant the edit changed: the reload line names the edit.
+    #[test]
+    fn the_main_reason_is_the_edit_before_the_upstream_leak() {
+        let module = |constant: i32| {
+            let heavy = "i32.const 1 i32.const 2 i32.add i32.const 3 i32.mul i32.const 4 \
+                         i32.sub i32.const 5 i32.xor i32.const 6 i32.or";
+            wat::parse_str(format!(
+                r#"(module
+                    (func $a (export "a") (result i32) i32.const 1)
+                    (func $b (result i32) {heavy} i32.const 7 i32.and)
+                    (func $c (result i32) {heavy} i32.const 8 i32.and)
+                    (func $d (result i32) i32.const {constant}))"#
+            ))
+            .unwrap()
+        };
+        let (old, new) = (module(4), module(5));
+        let explanation = fncache_wasmtime::explain::explain(&old, &new, None).unwrap();
+        assert_eq!(
+            explanation.summary[0].reason,
+            fncache_wasmtime::explain::Reason::StaleContext,
+            "the test needs the leak to weigh most"
+        );
+        let reason = main_reason(&old, &new).unwrap();
+        assert!(reason.contains("integer constants"), "{reason}");
+    }
+}
