@@ -118,6 +118,29 @@ fn explain_predicts_the_miss_that_a_leftover_exception_table_causes() {
         explanation["summary"]
     );
 
+    // A function that only a global refers to escapes too: its trampoline leaves the table.
+    let global = env.file(
+        "global.wat",
+        r#"(module
+            (func $a (result i32) i32.const 1)
+            (func $b (result i32) i32.const 2)
+            (func $c (result i32) i32.const 3)
+            (func $d (result i32) i32.const 4)
+            (global funcref (ref.func $a)))"#,
+    );
+    let explanation = explain(&env, &global, &global);
+    let reasons: Vec<&str> = explanation["functions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["reason"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        reasons,
+        ["identical", "identical", "stale-context", "identical"]
+    );
+    assert_eq!(n(&explanation["self_check"], "agree"), 4);
+
     // Three new functions with the same code: `c` misses although `b` stored the same code,
     // since `b` was keyed with the trampoline's table and `c` with it emptied by `b`'s compile;
     // `d` hits what `c` stored.

@@ -228,7 +228,14 @@ impl Shape {
                 }
                 Payload::GlobalSection(section) => {
                     for global in section {
-                        shape.globals.extend(format!("{:?};", global?.ty).bytes());
+                        let global = global?;
+                        shape.globals.extend(format!("{:?};", global.ty).bytes());
+                        // A function a global refers to escapes too (it gets a trampoline).
+                        for op in global.init_expr.get_operators_reader() {
+                            if let Operator::RefFunc { function_index } = op? {
+                                shape.escaping.insert(function_index);
+                            }
+                        }
                     }
                 }
                 Payload::ExportSection(section) => {
