@@ -221,7 +221,16 @@ impl Shape {
                     }
                 }
                 Payload::TableSection(section) => {
-                    shape.tables.extend(section_bytes(&section.range(), wasm))
+                    shape.tables.extend(section_bytes(&section.range(), wasm));
+                    for table in section {
+                        if let wasmparser::TableInit::Expr(expr) = table?.init {
+                            for op in expr.get_operators_reader() {
+                                if let Operator::RefFunc { function_index } = op? {
+                                    shape.escaping.insert(function_index);
+                                }
+                            }
+                        }
+                    }
                 }
                 Payload::MemorySection(section) => {
                     shape.memories.extend(section_bytes(&section.range(), wasm))
@@ -241,7 +250,10 @@ impl Shape {
                 Payload::ExportSection(section) => {
                     for export in section {
                         let export = export?;
-                        if export.kind == wasmparser::ExternalKind::Func {
+                        if matches!(
+                            export.kind,
+                            wasmparser::ExternalKind::Func | wasmparser::ExternalKind::FuncExact
+                        ) {
                             shape.escaping.insert(export.index);
                         }
                     }
