@@ -32,6 +32,17 @@ pub enum Probe {
         warm_with: Vec<PathBuf>,
         module: PathBuf,
     },
+    /// Wasmtime's incremental cache over an in-memory HashMap store, in a new process: the
+    /// store is loaded (untimed) from `snapshot`, written by [`Probe::Snapshot`], and the
+    /// engine is built in the timed span. The best a function-level store can do for a new
+    /// process, without the warm process the [`Probe::Ceiling`] compiles in.
+    CeilingNewProcess { snapshot: PathBuf, module: PathBuf },
+    /// Compiles `warm_with` into an in-memory store and writes the store to `snapshot`
+    /// (untimed preparation for [`Probe::CeilingNewProcess`]).
+    Snapshot {
+        warm_with: PathBuf,
+        snapshot: PathBuf,
+    },
     /// Wasmtime with no cache, in a process that compiled `warm_with` first (untimed): what the
     /// ceiling gains from running in a warm process rather than a new one.
     ColdInWarmProcess {
@@ -155,6 +166,36 @@ impl Probe {
                     ..Sample::default()
                 })
             }
+            Probe::Snapshot {
+                warm_with,
+                snapshot,
+            } => {
+                let store = Arc::new(MemoryStore::default());
+                let mut config = Config::new();
+                config.enable_incremental_compilation(store.clone())?;
+                compile_fresh(&Engine::new(&config)?, &read(warm_with)?)?;
+                store.save(snapshot)?;
+                Ok(Sample::default())
+            }
+            Probe::CeilingNewProcess { snapshot, module } => {
+                let store = Arc::new(MemoryStore::load(snapshot)?);
+                let wasm = read(module)?;
+                let start = Instant::now();
+                let mut config = Config::new();
+                config.enable_incremental_compilation(store.clone())?;
+                compile_fresh(&Engine::new(&config)?, &wasm)?;
+                let seconds = start.elapsed().as_secs_f64();
+                let counters = store.counters();
+                Ok(Sample {
+                    seconds,
+                    level: "function".into(),
+                    lookups: counters.0,
+                    hits: counters.1,
+                    hit_bytes: counters.2,
+                    inserted_bytes: counters.3,
+                    ..Sample::default()
+                })
+            }
             Probe::Fncache {
                 dir,
                 module,
@@ -249,6 +290,43 @@ struct MemoryStore {
 }
 
 impl MemoryStore {
+    /// Writes every entry to `path`: per entry, the key's and the value's lengths (u32, little
+    /// endian), then their bytes.
+    fn save(&self, path: &PathBuf) -> Result<()> {
+        let mut out = Vec::new();
+        for (key, value) in self.values.lock().unwrap().iter() {
+            for part in [key, value] {
+                out.extend_from_slice(&u32::try_from(part.len())?.to_le_bytes());
+                out.extend_from_slice(part);
+            }
+        }
+        std::fs::write(path, out).with_context(|| format!("cannot write {}", path.display()))
+    }
+
+    /// A store holding what [`MemoryStore::save`] wrote to `path`.
+    fn load(path: &PathBuf) -> Result<MemoryStore> {
+        let bytes = read(path)?;
+        let mut values = HashMap::new();
+        let mut rest = bytes.as_slice();
+        let take = |rest: &mut &[u8]| -> Result<Vec<u8>> {
+            anyhow::ensure!(rest.len() >= 4, "{} is truncated", path.display());
+            let len = u32::from_le_bytes(rest[..4].try_into()?) as usize;
+            anyhow::ensure!(rest.len() >= 4 + len, "{} is truncated", path.display());
+            let part = rest[4..4 + len].to_vec();
+            *rest = &rest[4 + len..];
+            Ok(part)
+        };
+        while !rest.is_empty() {
+            let key = take(&mut rest)?;
+            let value = take(&mut rest)?;
+            values.insert(key, value);
+        }
+        Ok(MemoryStore {
+            values: Mutex::new(values),
+            ..MemoryStore::default()
+        })
+    }
+
     fn counters(&self) -> (u64, u64, u64, u64) {
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
         (

@@ -134,6 +134,23 @@ pub fn measure(
                     module: target.clone(),
                 },
             )?;
+            // The same store in a new process: what the ceiling owes to its warm process.
+            let snapshot = dir(&format!("{name}-snapshot"));
+            run_probe(
+                &options.probe_command,
+                &Probe::Snapshot {
+                    warm_with: warm_with.clone(),
+                    snapshot: snapshot.clone(),
+                },
+            )?;
+            probe(
+                &format!("{name}/ceiling-new-process"),
+                Probe::CeilingNewProcess {
+                    snapshot: snapshot.clone(),
+                    module: target.clone(),
+                },
+            )?;
+            fs::remove_file(&snapshot)?;
             let adaptive = dir(&format!("{name}-adaptive-cache"));
             if warm_with == &subject.path {
                 copy_dir(&adaptive_base, &adaptive)?;
