@@ -317,8 +317,7 @@ pub(super) fn open_writer(db_path: &Path, options: &DiskOptions) -> Result<Conne
     } else {
         check_schema_version(db_path, version)?;
     }
-    if let Some(limit) = options.max_bytes {
-        let limit = limit.min(MAX_LIMIT) as i64;
+    if let Some(limit) = wanted {
         // Written only when it changes, so that opening a cache costs no write.
         tx.execute(
             "UPDATE meta SET value = ?1 WHERE name = 'max_bytes' AND value != ?1",
