@@ -219,7 +219,7 @@ impl Probe {
                 // What a process waits for before it exits: the manifest (written on a thread
                 // of its own after the compile) and the flush.
                 let flushing = Instant::now();
-                compiler.wait_for_manifests();
+                compiler.wait_for_background_writes();
                 cache.flush()?;
                 let flush_seconds = flushing.elapsed().as_secs_f64();
                 let filling = Instant::now();

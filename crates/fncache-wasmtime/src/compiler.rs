@@ -5,7 +5,9 @@
 //! from its value file with `Module::deserialize_open_file`: a small fraction of what even a
 //! 100% function-level hit costs, since that still translates every function
 //! (docs/performance.md has the figures). A changed module misses that key and compiles with
-//! the function level; its finished form is then stored for next time.
+//! the function level, built as Wasmtime builds it without a cache (`Module::new`, which
+//! spares the caller loading a precompiled copy back); its serialized form, byte for byte the
+//! precompiled one, is then stored for next time on a thread of its own.
 //!
 //! Components go the same way ([`Compiler::compile_component`]): Wasmtime compiles their core
 //! functions and trampolines through the same incremental cache, and the precompiled component
@@ -187,8 +189,9 @@ pub struct Compiler {
     adaptive_on: bool,
     /// Background fills not yet waited for.
     fills: Mutex<Vec<std::thread::JoinHandle<()>>>,
-    /// Manifests being written in the background, not yet waited for.
-    manifests: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// Writes a compile left to threads of their own (its manifest, its finished module), not
+    /// yet waited for.
+    background_writes: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
 /// The adaptive compile's engines, from the compiler's settings without the cache: one for the
@@ -239,7 +242,7 @@ impl Compiler {
             prefetch: true,
             adaptive_on: false,
             fills: Mutex::new(Vec::new()),
-            manifests: Mutex::new(Vec::new()),
+            background_writes: Mutex::new(Vec::new()),
         })
     }
 
@@ -272,16 +275,17 @@ impl Compiler {
     }
 
     /// Waits until the function level of every adaptive compile so far is filled, and every
-    /// manifest is handed to the cache ([`Cache::flush`] then stores them).
+    /// background write is handed to the cache ([`Cache::flush`] then stores them).
     pub fn wait_for_fill(&self) {
         join_all(&self.fills);
-        self.wait_for_manifests();
+        self.wait_for_background_writes();
     }
 
-    /// Waits until the manifests of the compiles so far (see [`crate::manifest`]) are handed
-    /// to the cache: they are written on a thread of their own after each compile.
-    pub fn wait_for_manifests(&self) {
-        join_all(&self.manifests);
+    /// Waits until what the compiles so far left to write on threads of their own is handed
+    /// to the cache: each one's manifest (see [`crate::manifest`]) and its finished module or
+    /// component, serialized and stored after the caller has it.
+    pub fn wait_for_background_writes(&self) {
+        join_all(&self.background_writes);
     }
 
     pub fn engine(&self) -> &Engine {
@@ -315,7 +319,7 @@ impl Compiler {
             adaptive: None,
             adaptive_on: false,
             fills: Mutex::new(Vec::new()),
-            manifests: Mutex::new(Vec::new()),
+            background_writes: Mutex::new(Vec::new()),
         })
     }
 
@@ -342,16 +346,7 @@ impl Compiler {
         name: Option<&str>,
     ) -> anyhow::Result<(Module, CompileReport)> {
         let binary = parse(wasm, WasmKind::Module)?;
-        self.compile_as(
-            &binary,
-            WasmKind::Module,
-            name,
-            load_module,
-            |engine, bytes| {
-                // SAFETY: `bytes` is this engine's own output.
-                unsafe { Module::deserialize(engine, bytes) }
-            },
-        )
+        self.compile_as(&binary, WasmKind::Module, name, load_module)
     }
 
     /// Compiles a component (binary or text format).
@@ -365,16 +360,7 @@ impl Compiler {
         name: Option<&str>,
     ) -> anyhow::Result<(Component, CompileReport)> {
         let binary = parse(wasm, WasmKind::Component)?;
-        self.compile_as(
-            &binary,
-            WasmKind::Component,
-            name,
-            load_component,
-            |engine, bytes| {
-                // SAFETY: `bytes` is this engine's own output.
-                unsafe { Component::deserialize(engine, bytes) }
-            },
-        )
+        self.compile_as(&binary, WasmKind::Component, name, load_component)
     }
 
     /// Compiles a core module or a component, whichever `wasm` is.
@@ -432,6 +418,7 @@ impl Compiler {
         let binary = wat::parse_bytes(wasm).context("not a WebAssembly module or component")?;
         let kind = WasmKind::of(&binary);
         self.renew_budget();
+        self.wait_for_background_writes(); // the last compile's module may be this one
         let start = Instant::now();
         let digest = *blake3::hash(&binary).as_bytes();
         let key = self.whole_key(kind, &digest);
@@ -442,22 +429,21 @@ impl Compiler {
             return Ok((precompiled, report));
         }
         let (precompiled, mut report) =
-            self.compile_functions(kind, &binary, &digest, name, key.as_deref())?;
+            self.compile_functions::<Precompiled>(kind, &binary, &digest, name, key.as_deref())?;
         report.seconds = start.elapsed().as_secs_f64();
-        Ok((precompiled, report))
+        Ok((precompiled.0, report))
     }
 
-    /// Serves `binary` whole from the cache (`load`), else compiles it with the function level
-    /// and loads the result (`deserialize`).
-    fn compile_as<T>(
+    /// Serves `binary` whole from the cache (`load`), else compiles it with the function level.
+    fn compile_as<T: Artifact>(
         &self,
         binary: &[u8],
         kind: WasmKind,
         name: Option<&str>,
         load: impl FnOnce(&Engine, &Value) -> anyhow::Result<T>,
-        deserialize: impl FnOnce(&Engine, &[u8]) -> wasmtime::Result<T>,
     ) -> anyhow::Result<(T, CompileReport)> {
         self.renew_budget();
+        self.wait_for_background_writes(); // the last compile's module may be this one
         let start = Instant::now();
         let digest = *blake3::hash(binary).as_bytes();
         let key = self.whole_key(kind, &digest);
@@ -477,11 +463,10 @@ impl Compiler {
                 ),
             }
         }
-        let (precompiled, mut report) =
-            self.compile_functions(kind, binary, &digest, name, key.as_deref())?;
-        let loaded = deserialize(&self.engine, &precompiled)?;
+        let (compiled, mut report) =
+            self.compile_functions::<T>(kind, binary, &digest, name, key.as_deref())?;
         report.seconds = start.elapsed().as_secs_f64();
-        Ok((loaded, report))
+        Ok((compiled, report))
     }
 
     /// The whole module or component from the cache, if it is there: read with `fetch`, which
@@ -512,19 +497,18 @@ impl Compiler {
     }
 
     /// Compiles with the function level and stores the finished module for next time.
-    fn compile_functions(
+    fn compile_functions<T: Artifact>(
         &self,
         kind: WasmKind,
         binary: &[u8],
         digest: &[u8; 32],
         name: Option<&str>,
         key: Option<&[u8]>,
-    ) -> anyhow::Result<(Vec<u8>, CompileReport)> {
+    ) -> anyhow::Result<(T, CompileReport)> {
         let functions = count_functions(binary)?;
         self.wait_for_fill(); // the fill before this compile may leave entries it can use
         let read_ahead = self.read_ahead(binary, digest, name)?;
         let deferred = self.deferring_engine(read_ahead.predicted_reuse);
-        let engine = deferred.unwrap_or(&self.engine);
         let before = self.counters();
         if kind == WasmKind::Component {
             // Wasmtime validates function bodies as it compiles them, in parallel, so the
@@ -537,9 +521,13 @@ impl Compiler {
                 .context("not a valid component")?;
         }
         // A binary that fails to compile stores nothing whole (the error returns here).
-        let precompiled = match kind {
-            WasmKind::Module => engine.precompile_module(binary),
-            WasmKind::Component => engine.precompile_component(binary),
+        let compiled = match deferred {
+            // Compiled by another engine: loaded into this one from its precompiled form.
+            Some(plain) => precompile(plain, kind, binary).and_then(|precompiled| {
+                let loaded = T::load(&self.engine, &precompiled)?;
+                Ok((loaded, Some(precompiled)))
+            }),
+            None => T::build(&self.engine, kind, binary).map(|built| (built, None)),
         };
         let fill_bodies = deferred.map(|_| read_ahead.bodies.clone());
         let manifest_store = self.functions.clone().filter(|_| deferred.is_none());
@@ -547,18 +535,18 @@ impl Compiler {
             manifest_store,
             binary,
             name,
-            precompiled.is_ok(),
+            compiled.is_ok(),
             self.adaptive_on,
         );
         if let Some(manifest) = manifest {
-            self.manifests.lock().unwrap().push(manifest);
+            self.background_writes.lock().unwrap().push(manifest);
         }
-        let precompiled = precompiled?;
+        let (compiled, precompiled) = compiled?;
         if let Some(bodies) = fill_bodies {
             self.fill_later(kind, binary, name, bodies, *digest);
         }
         if let (Some(store), Some(key)) = (&self.functions, key) {
-            store.cache().insert(store.namespace(), key, &precompiled);
+            self.store_whole(store, key, precompiled, compiled.serializer());
         }
         let after = self.counters();
         let lookups = after.lookups - before.lookups;
@@ -585,7 +573,33 @@ impl Compiler {
             prefetch_used: prefetch.report.used,
             seconds: 0.0,
         };
-        Ok((precompiled, report))
+        Ok((compiled, report))
+    }
+
+    /// Stores a finished module or component under `key` on a thread of its own, so that the
+    /// caller has it without waiting for it to be serialized, authenticated and handed to the
+    /// store (sql.js: 2.4 MB, 5-15 ms).
+    fn store_whole(
+        &self,
+        store: &Arc<FunctionStore>,
+        key: &[u8],
+        precompiled: Option<Vec<u8>>,
+        serializer: Serializer,
+    ) {
+        let (store, key) = (store.clone(), key.to_vec());
+        let write = move || {
+            let precompiled = match precompiled.map(Ok).unwrap_or_else(serializer) {
+                Ok(precompiled) => precompiled,
+                Err(error) => {
+                    log::debug!("cannot serialize the compiled module to store it: {error:#}");
+                    return;
+                }
+            };
+            store.cache().insert(store.namespace(), &key, &precompiled);
+        };
+        if let Some(thread) = spawn_or_run("fncache-store", write) {
+            self.background_writes.lock().unwrap().push(thread);
+        }
     }
 
     /// Finds the earlier compile `binary` most resembles and starts reading the entries it
@@ -830,6 +844,107 @@ fn store_manifest(
         namespace: store.namespace(),
     }
     .store(name, digest, &manifest);
+}
+
+/// Runs `work` on a new thread named `name`, or in this one if no thread can be started; the
+/// thread, if there is one.
+fn spawn_or_run(
+    name: &str,
+    work: impl FnOnce() + Send + 'static,
+) -> Option<std::thread::JoinHandle<()>> {
+    let work = Arc::new(Mutex::new(Some(work)));
+    let for_thread = work.clone();
+    let spawned = std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            if let Some(work) = for_thread.lock().unwrap().take() {
+                work()
+            }
+        });
+    match spawned {
+        Ok(thread) => Some(thread),
+        Err(error) => {
+            log::debug!("cannot start a thread ({error}); working in this one");
+            if let Some(work) = work.lock().unwrap().take() {
+                work()
+            }
+            None
+        }
+    }
+}
+
+/// Produces a compiled artifact's precompiled bytes, on whichever thread stores them.
+type Serializer = Box<dyn FnOnce() -> wasmtime::Result<Vec<u8>> + Send>;
+
+/// What a compile hands back: a module or a component of the compiler's engine, or the
+/// precompiled bytes of either.
+trait Artifact: Sized {
+    /// Compiles `binary`, of `kind`, with `engine`: what Wasmtime does without a cache
+    /// (`Module::new`), which is cheaper than precompiling and loading the result. Its
+    /// serialized form is byte for byte the precompiled one (tested).
+    fn build(engine: &Engine, kind: WasmKind, binary: &[u8]) -> wasmtime::Result<Self>;
+    /// Loads `precompiled`, made by an engine with `engine`'s fingerprint, into `engine`.
+    fn load(engine: &Engine, precompiled: &[u8]) -> wasmtime::Result<Self>;
+    /// What makes the precompiled bytes later, on another thread.
+    fn serializer(&self) -> Serializer;
+}
+
+impl Artifact for Module {
+    fn build(engine: &Engine, _: WasmKind, binary: &[u8]) -> wasmtime::Result<Module> {
+        Module::new(engine, binary)
+    }
+
+    fn load(engine: &Engine, precompiled: &[u8]) -> wasmtime::Result<Module> {
+        // SAFETY: the bytes are the output of an engine with this one's fingerprint, made in
+        // this process.
+        unsafe { Module::deserialize(engine, precompiled) }
+    }
+
+    fn serializer(&self) -> Serializer {
+        let module = self.clone();
+        Box::new(move || module.serialize())
+    }
+}
+
+impl Artifact for Component {
+    fn build(engine: &Engine, _: WasmKind, binary: &[u8]) -> wasmtime::Result<Component> {
+        Component::new(engine, binary)
+    }
+
+    fn load(engine: &Engine, precompiled: &[u8]) -> wasmtime::Result<Component> {
+        // SAFETY: as for `Module`.
+        unsafe { Component::deserialize(engine, precompiled) }
+    }
+
+    fn serializer(&self) -> Serializer {
+        let component = self.clone();
+        Box::new(move || component.serialize())
+    }
+}
+
+/// Precompiled bytes, of a core module or a component.
+struct Precompiled(Vec<u8>);
+
+impl Artifact for Precompiled {
+    fn build(engine: &Engine, kind: WasmKind, binary: &[u8]) -> wasmtime::Result<Precompiled> {
+        precompile(engine, kind, binary).map(Precompiled)
+    }
+
+    fn load(_: &Engine, precompiled: &[u8]) -> wasmtime::Result<Precompiled> {
+        Ok(Precompiled(precompiled.to_vec()))
+    }
+
+    fn serializer(&self) -> Serializer {
+        let precompiled = self.0.clone();
+        Box::new(move || Ok(precompiled))
+    }
+}
+
+fn precompile(engine: &Engine, kind: WasmKind, binary: &[u8]) -> wasmtime::Result<Vec<u8>> {
+    match kind {
+        WasmKind::Module => engine.precompile_module(binary),
+        WasmKind::Component => engine.precompile_component(binary),
+    }
 }
 
 fn join_all(threads: &Mutex<Vec<std::thread::JoinHandle<()>>>) {

@@ -96,6 +96,42 @@ fn cached_compiles_give_the_same_code_as_uncached_ones() {
     assert_eq!(run.call(&mut store, 4).unwrap(), 1 + 4 + 9); // 0 + 1 + 4 + 9
 }
 
+/// A compile that loads builds its module as Wasmtime does without a cache (`Module::new`) and
+/// stores its serialized form in the background: that form must be the precompiled one, byte
+/// for byte, or a later process would load something no engine compiled.
+#[test]
+fn a_loaded_compile_stores_its_module_as_the_precompiled_form() {
+    const COMPONENT: &str = r#"(component
+      (core module $m (func (export "f") (param i32) (result i32) (i32.add (local.get 0) (i32.const 7))))
+      (core instance $i (instantiate $m)))"#;
+    let uncached = Compiler::new(Config::new(), None).unwrap();
+    for wasm in [MODULE, COMPONENT] {
+        let (reference, _) = uncached.precompile(wasm.as_bytes()).unwrap();
+        let compiler = Compiler::new(Config::new(), Some(memory_cache())).unwrap();
+        let (_, report) = compiler.compile_any(wasm.as_bytes()).unwrap();
+        assert_eq!(report.level, Level::Function);
+        let (whole, report) = compiler.precompile(wasm.as_bytes()).unwrap();
+        assert_eq!(
+            report.level,
+            Level::Module,
+            "stored whole before the next compile"
+        );
+        assert!(
+            whole == reference,
+            "the stored form of {wasm} is not the precompiled one"
+        );
+    }
+    // The module handed back is the compiler's own, and runs.
+    let compiler = Compiler::new(Config::new(), Some(memory_cache())).unwrap();
+    let (module, _) = compiler.compile(MODULE.as_bytes()).unwrap();
+    let mut store = wasmtime::Store::new(compiler.engine(), ());
+    let instance = wasmtime::Instance::new(&mut store, &module, &[]).unwrap();
+    let run = instance
+        .get_typed_func::<i32, i32>(&mut store, "run")
+        .unwrap();
+    assert_eq!(run.call(&mut store, 3).unwrap(), 1 + 4); // 0 + 1 + 4
+}
+
 #[test]
 fn engines_with_different_settings_share_a_cache_without_mixing() {
     let cache = memory_cache();
