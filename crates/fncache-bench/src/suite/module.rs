@@ -103,11 +103,19 @@ pub fn measure(
         probe(EMPTY_ADAPTIVE, adaptive_probe(&adaptive_base, module()))?;
         let cache = dir("fncache");
         probe(EMPTY, fncache_probe(&cache, module(), true))?;
-        let base = dir("base");
-        copy_dir(&cache, &base)?;
         // Measured here, after the probe's process closed the database (and SQLite folded
         // its write-ahead log back in), which is what the cache takes at rest.
         disk = (dir_bytes(&cache)?, module_entry_bytes(&cache));
+        // The edit scenarios' cache, warmed on one thread as the ceilings' stores are
+        // (`probe::warm_up_config`).
+        let base = dir("base");
+        run_probe(
+            &options.probe_command,
+            &Probe::Prepare {
+                dir: base.clone(),
+                module: module(),
+            },
+        )?;
 
         probe(WARM_FUNCTIONS, fncache_probe(&cache, module(), false))?;
         let unchanged = probe(UNCHANGED, fncache_probe(&cache, module(), true))?;
@@ -124,7 +132,10 @@ pub fn measure(
             } else {
                 run_probe(
                     &options.probe_command,
-                    &fncache_probe(&warmed, warm_with.clone(), true),
+                    &Probe::Prepare {
+                        dir: warmed.clone(),
+                        module: warm_with.clone(),
+                    },
                 )?;
             }
             probe(
