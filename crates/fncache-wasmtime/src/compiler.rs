@@ -586,6 +586,9 @@ impl Compiler {
         precompiled: Option<Vec<u8>>,
         serializer: Serializer,
     ) {
+        if store.cache().store().is_read_only() {
+            return; // nothing would be stored: not worth serializing
+        }
         let (store, key) = (store.clone(), key.to_vec());
         let write = move || {
             let precompiled = match precompiled.map(Ok).unwrap_or_else(serializer) {
