@@ -123,20 +123,23 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 env: &guest.env,
             };
             let engine = compiler.engine();
-            let code = match (&compiled, &invoke) {
-                (Compiled::Module(module), Some(function)) => {
-                    wasi::invoke(engine, module, &guest, function)
+            // What the compile left to write (the module whole, its manifest, an adaptive
+            // fill) is written and flushed while the guest runs, not after it.
+            std::thread::scope(|scope| {
+                scope.spawn(|| finish(&compiler));
+                match (&compiled, &invoke) {
+                    (Compiled::Module(module), Some(function)) => {
+                        wasi::invoke(engine, module, &guest, function)
+                    }
+                    (Compiled::Module(module), None) => wasi::run_command(engine, module, &guest),
+                    (Compiled::Component(component), Some(function)) => {
+                        wasi::invoke_component(engine, component, &guest, function)
+                    }
+                    (Compiled::Component(component), None) => {
+                        wasi::run_component(engine, component, &guest)
+                    }
                 }
-                (Compiled::Module(module), None) => wasi::run_command(engine, module, &guest),
-                (Compiled::Component(component), Some(function)) => {
-                    wasi::invoke_component(engine, component, &guest, function)
-                }
-                (Compiled::Component(component), None) => {
-                    wasi::run_component(engine, component, &guest)
-                }
-            };
-            finish(&compiler);
-            code
+            })
         }
         Command::Watch {
             engine,

@@ -591,3 +591,30 @@ fn entries_read_ahead_are_verified_when_taken_and_missing_ones_are_misses() {
     assert_eq!(counters.rejected, 10, "{counters:?}");
     assert_eq!((counters.hits, counters.misses), (90, 20), "{counters:?}");
 }
+
+/// A flush copies the write-ahead log into the database file, so that closing the cache (which
+/// a process waits for before it exits) has nothing left to copy: the database file alone,
+/// read without its log, already holds what was flushed.
+#[test]
+fn a_flush_leaves_the_database_file_complete_without_its_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = open(dir.path(), 1 << 30);
+    for seed in 0..50u64 {
+        cache.insert(&namespace(), &seed.to_le_bytes(), &value(seed, 2000));
+    }
+    cache.flush().unwrap();
+    // The cache is still open: its log exists, and the file copied here is what a reader
+    // that ignores the log would see.
+    assert!(dir.path().join("fncache.db-wal").exists());
+    let copy = tempfile::tempdir().unwrap();
+    std::fs::copy(dir.path().join("fncache.db"), copy.path().join("alone.db")).unwrap();
+    let conn = rusqlite::Connection::open_with_flags(
+        copy.path().join("alone.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    let keys: i64 = conn
+        .query_row("SELECT COUNT(*) FROM keys", [], |row| row.get(0))
+        .unwrap();
+    assert_eq!(keys, 50);
+}
