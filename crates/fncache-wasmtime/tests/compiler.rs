@@ -121,6 +121,18 @@ fn a_loaded_compile_stores_its_module_as_the_precompiled_form() {
             "the stored form of {wasm} is not the precompiled one"
         );
     }
+    // Dropping the compiler right after a compile waits for the module to be stored: another
+    // compiler on the same cache is served whole.
+    let cache = memory_cache();
+    let compiler = Compiler::new(Config::new(), Some(cache.clone())).unwrap();
+    compiler.compile(MODULE.as_bytes()).unwrap();
+    drop(compiler);
+    let (whole, report) = Compiler::new(Config::new(), Some(cache))
+        .unwrap()
+        .precompile(MODULE.as_bytes())
+        .unwrap();
+    assert_eq!(report.level, Level::Module);
+    assert!(whole == uncached.precompile(MODULE.as_bytes()).unwrap().0);
     // The module handed back is the compiler's own, and runs.
     let compiler = Compiler::new(Config::new(), Some(memory_cache())).unwrap();
     let (module, _) = compiler.compile(MODULE.as_bytes()).unwrap();
