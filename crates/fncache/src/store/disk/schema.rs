@@ -28,6 +28,9 @@ pub(super) const SCHEMA: &str = "
         ('rejected', 0), ('remote_hits', 0), ('remote_errors', 0), ('max_bytes', 0);
 ";
 
+/// `PRAGMA auto_vacuum`'s value for incremental vacuum.
+const AUTO_VACUUM_INCREMENTAL: i64 = 2;
+
 /// Turns off SQLite's memory statistics before its first use in this process: they take one
 /// process-wide mutex on every allocation, which serialises the compile threads' lookups.
 pub(super) fn configure_sqlite() {
@@ -262,9 +265,17 @@ pub(super) fn open_writer(db_path: &Path, options: &DiskOptions) -> Result<Conne
         let _ = fs::set_permissions(db_path, fs::Permissions::from_mode(0o600));
     }
     conn.busy_timeout(BUSY_TIMEOUT).map_err(err)?;
-    // auto_vacuum only takes effect before the first table exists, so it comes first.
-    conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL")
+    // auto_vacuum only takes effect before the first table exists, so it comes first. Setting
+    // it writes the database header every time, even to the value it has: a write transaction
+    // with three `fsync`s at every open, and a checkpoint at every close, for a process that
+    // then only reads. So it is read first and set only on a new database.
+    let auto_vacuum: i64 = conn
+        .query_row("PRAGMA auto_vacuum", [], |row| row.get(0))
         .map_err(err)?;
+    if auto_vacuum != AUTO_VACUUM_INCREMENTAL {
+        conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL")
+            .map_err(err)?;
+    }
     let mode: String = conn
         .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
         .map_err(err)?;
