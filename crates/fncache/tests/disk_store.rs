@@ -618,3 +618,21 @@ fn a_flush_leaves_the_database_file_complete_without_its_log() {
         .unwrap();
     assert_eq!(keys, 50);
 }
+
+/// Opening a cache that exists writes nothing: a process that only reads (a module-level hit)
+/// then has no write transaction, no `fsync` and no log to fold back in at close.
+#[test]
+fn opening_an_existing_cache_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let cache = open(dir.path(), 1 << 30);
+        cache.insert(&namespace(), b"key", &value(1, 100));
+        cache.flush().unwrap();
+    }
+    let cache = open(dir.path(), 1 << 30);
+    assert_eq!(cache.get(&namespace(), b"key"), Some(value(1, 100)));
+    let log = std::fs::metadata(dir.path().join("fncache.db-wal"))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    assert_eq!(log, 0, "opening the cache wrote {log} bytes of log");
+}
