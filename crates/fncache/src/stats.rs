@@ -75,7 +75,9 @@ macro_rules! for_each_counter {
 impl Counters {
     pub fn add(&mut self, other: &Counters) {
         macro_rules! add {
-            ($($name:ident),*) => { $(self.$name += other.$name;)* };
+            // Saturating: counters can come from files another process wrote (see
+            // `store::disk::parked_counters`).
+            ($($name:ident),*) => { $(self.$name = self.$name.saturating_add(other.$name);)* };
         }
         for_each_counter!(add);
     }

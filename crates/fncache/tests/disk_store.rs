@@ -636,3 +636,92 @@ fn opening_an_existing_cache_writes_nothing() {
         .unwrap_or(0);
     assert_eq!(log, 0, "opening the cache wrote {log} bytes of log");
 }
+
+/// A session that only reads parks its counters in a file instead of a write transaction;
+/// `stats` counts them, and the next session that writes folds them in, once.
+#[test]
+fn a_session_that_only_reads_parks_its_counters_and_a_writer_folds_them_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let parked = || {
+        std::fs::read_dir(dir.path().join("counters"))
+            .map(|entries| entries.count())
+            .unwrap_or(0)
+    };
+    let log_bytes = || {
+        std::fs::metadata(dir.path().join("fncache.db-wal"))
+            .map(|m| m.len())
+            .unwrap_or(0)
+    };
+    {
+        let cache = open(dir.path(), 1 << 30);
+        cache.insert(&namespace(), b"key", &value(1, 100));
+        cache.flush().unwrap();
+    }
+    {
+        let cache = open(dir.path(), 1 << 30);
+        assert!(cache.get(&namespace(), b"key").is_some());
+        assert!(cache.get(&namespace(), b"missing").is_none());
+        cache.flush().unwrap();
+        assert_eq!(
+            log_bytes(),
+            0,
+            "a session that only read wrote to the database"
+        );
+        assert_eq!(parked(), 1);
+    }
+    let counters = open(dir.path(), 1 << 30).stats().unwrap().counters;
+    assert_eq!(
+        (counters.hits, counters.misses, counters.inserts),
+        (1, 1, 1)
+    );
+    {
+        let cache = open(dir.path(), 1 << 30);
+        cache.insert(&namespace(), b"other", &value(2, 100));
+        cache.flush().unwrap();
+    }
+    assert_eq!(parked(), 0, "the writer folded the parked counters");
+    let counters = open(dir.path(), 1 << 30).stats().unwrap().counters;
+    assert_eq!(
+        (counters.hits, counters.misses, counters.inserts),
+        (1, 1, 2)
+    );
+}
+
+/// What another user of a shared cache could put among the parked counters (a link, a FIFO,
+/// a large file, absurd values) is skipped: no hang, no panic, no effect on the counts.
+#[test]
+fn hostile_parked_counters_are_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let cache = open(dir.path(), 1 << 30);
+        cache.insert(&namespace(), b"key", &value(1, 100));
+        cache.flush().unwrap();
+    }
+    let counters = dir.path().join("counters");
+    std::fs::create_dir(&counters).unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", counters.join("link.counts")).unwrap();
+    let fifo = std::process::Command::new("mkfifo")
+        .arg(counters.join("fifo.counts"))
+        .status()
+        .unwrap();
+    assert!(fifo.success());
+    std::fs::write(counters.join("large.counts"), "hits 1\n".repeat(2000)).unwrap();
+    std::fs::write(
+        counters.join("absurd.counts"),
+        "hits 18446744073709551615\nmisses many\ninserts 1 2\n",
+    )
+    .unwrap();
+    let stats = open(dir.path(), 1 << 30).stats().unwrap().counters;
+    assert_eq!((stats.hits, stats.misses, stats.inserts), (0, 0, 1));
+    {
+        let cache = open(dir.path(), 1 << 30);
+        cache.insert(&namespace(), b"other", &value(2, 100));
+        cache.flush().unwrap();
+    }
+    let stats = open(dir.path(), 1 << 30).stats().unwrap().counters;
+    assert_eq!((stats.hits, stats.misses, stats.inserts), (0, 0, 2));
+    assert!(
+        std::fs::read_to_string("/etc/passwd").is_ok(),
+        "the link's target is untouched"
+    );
+}

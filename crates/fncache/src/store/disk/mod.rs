@@ -26,6 +26,7 @@
 //! [`writer`] (the writer thread and its group commit, eviction and vacuum), [`sql`] (the
 //! statements a transaction runs) and [`value_files`] (large values as files of their own).
 
+pub mod parked_counters;
 mod schema;
 mod sql;
 pub mod value_files;
@@ -493,7 +494,7 @@ impl Store for DiskStore {
     }
 
     fn counters(&self) -> Result<Counters, StoreError> {
-        self.with_reader(|conn| {
+        let mut counters = self.with_reader(|conn| {
             let mut counters = Counters::default();
             let mut stmt = conn.prepare_cached("SELECT name, value FROM meta")?;
             let rows = stmt.query_map([], |row| {
@@ -504,7 +505,10 @@ impl Store for DiskStore {
                 counters.set_named(&name, value.max(0) as u64);
             }
             Ok(counters)
-        })
+        })?;
+        // What processes that only read parked, not folded in by a commit yet.
+        counters.add(&parked_counters::peek(&self.dir));
+        Ok(counters)
     }
 
     fn usage(&self) -> Result<Usage, StoreError> {

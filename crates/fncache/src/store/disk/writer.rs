@@ -17,8 +17,8 @@ use super::sql::{
     add_counters, add_evictions, evict_within, low_water, meta, put, remove_value, set_meta,
     stored_limit, ValuesDir,
 };
-use super::value_files;
 use super::KEY_OVERHEAD;
+use super::{parked_counters, value_files};
 use crate::key::{Digest, KeyId, Link};
 use crate::stats::Counters;
 use crate::store::{Eviction, StoreError};
@@ -121,6 +121,18 @@ impl Queue {
     }
 }
 
+/// The sum of `ops`' counters if they are all counter records.
+fn only_counters(ops: &[Op]) -> Option<Counters> {
+    let mut total = Counters::default();
+    for op in ops {
+        match op {
+            Op::Record(delta) => total.add(delta),
+            _ => return None,
+        }
+    }
+    Some(total)
+}
+
 impl Op {
     /// Whether a caller is blocked waiting for this operation's answer.
     fn is_awaited(&self) -> bool {
@@ -153,6 +165,20 @@ impl WriterState {
         }
         let committed = if data.is_empty() {
             Ok(())
+        } else if let Some(counters) = only_counters(&data) {
+            // Nothing but counters (a process that only read): parked in a file rather than
+            // a transaction that would create the log and `fsync` three times.
+            if counters.is_zero() {
+                Ok(())
+            } else {
+                match parked_counters::park(&self.dir, &counters, self.shared) {
+                    Ok(()) => Ok(()),
+                    Err(error) => {
+                        log::debug!("counters not parked ({error}); committing them");
+                        self.commit(&data)
+                    }
+                }
+            }
         } else {
             self.commit(&data)
         };
@@ -295,6 +321,8 @@ impl WriterState {
             }
             set_meta(tx, "bytes", bytes)?;
             set_meta(tx, "clock", clock)?;
+            // Counters that processes which only read parked in files, folded in here.
+            counters.add(&parked_counters::fold(&dir));
             add_counters(tx, &counters)?;
             Ok((evicted, clock, entries))
         })?;
