@@ -109,7 +109,7 @@ pub fn peek(dir: &Path) -> Counters {
 /// `counters/` opened as a directory without following a link.
 fn open_dir(dir: &Path) -> io::Result<OwnedFd> {
     rustix::fs::open(
-        &dir.join(COUNTERS_DIR),
+        dir.join(COUNTERS_DIR),
         OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
         Mode::empty(),
     )
@@ -119,8 +119,7 @@ fn open_dir(dir: &Path) -> io::Result<OwnedFd> {
 /// The names in `parked` that end with `suffix`.
 fn names(parked: &OwnedFd, suffix: &str) -> io::Result<Vec<String>> {
     let mut found = Vec::new();
-    let mut entries = rustix::fs::Dir::read_from(parked)?;
-    while let Some(entry) = entries.next() {
+    for entry in rustix::fs::Dir::read_from(parked)? {
         let entry = entry?;
         if let Ok(name) = entry.file_name().to_str() {
             if name.ends_with(suffix) {
