@@ -88,12 +88,17 @@ fn cached_compiles_give_the_same_code_as_uncached_ones() {
 
     // And the cached module runs.
     let (module, _) = compiler.compile(MODULE.as_bytes()).unwrap();
+    assert_eq!(run(&compiler, &module, 4), 1 + 4 + 9); // 0 + 1 + 4 + 9
+}
+
+/// Calls MODULE's `run` export with `n`, in a store of `compiler`'s engine.
+fn run(compiler: &Compiler, module: &wasmtime::Module, n: i32) -> i32 {
     let mut store = wasmtime::Store::new(compiler.engine(), ());
-    let instance = wasmtime::Instance::new(&mut store, &module, &[]).unwrap();
+    let instance = wasmtime::Instance::new(&mut store, module, &[]).unwrap();
     let run = instance
         .get_typed_func::<i32, i32>(&mut store, "run")
         .unwrap();
-    assert_eq!(run.call(&mut store, 4).unwrap(), 1 + 4 + 9); // 0 + 1 + 4 + 9
+    run.call(&mut store, n).unwrap()
 }
 
 /// A compile that loads builds its module as Wasmtime does without a cache (`Module::new`) and
@@ -136,12 +141,7 @@ fn a_loaded_compile_stores_its_module_as_the_precompiled_form() {
     // The module handed back is the compiler's own, and runs.
     let compiler = Compiler::new(Config::new(), Some(memory_cache())).unwrap();
     let (module, _) = compiler.compile(MODULE.as_bytes()).unwrap();
-    let mut store = wasmtime::Store::new(compiler.engine(), ());
-    let instance = wasmtime::Instance::new(&mut store, &module, &[]).unwrap();
-    let run = instance
-        .get_typed_func::<i32, i32>(&mut store, "run")
-        .unwrap();
-    assert_eq!(run.call(&mut store, 3).unwrap(), 1 + 4); // 0 + 1 + 4
+    assert_eq!(run(&compiler, &module, 3), 1 + 4); // 0 + 1 + 4
 }
 
 #[test]

@@ -16,7 +16,7 @@
 //! another user can at worst skew the statistics.
 
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,6 +24,7 @@ use std::time::SystemTime;
 
 use rustix::fs::{AtFlags, Mode, OFlags};
 
+use super::value_files;
 use crate::stats::Counters;
 
 /// The directory of parked counters, inside the cache directory.
@@ -57,20 +58,7 @@ pub fn park(dir: &Path, counters: &Counters, shared: bool) -> io::Result<()> {
             text.push_str(&format!("{name} {value}\n"));
         }
     }
-    let file_mode = Mode::from_raw_mode(if shared { 0o640 } else { 0o600 });
-    let name = unique_name();
-    let written = rustix::fs::openat(
-        &parked,
-        &name,
-        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        file_mode,
-    )
-    .map_err(io::Error::from)
-    .and_then(|fd| File::from(fd).write_all(text.as_bytes()));
-    if written.is_err() {
-        let _ = rustix::fs::unlinkat(&parked, &name, AtFlags::empty());
-    }
-    written
+    value_files::create_new(&parked, &unique_name(), text.as_bytes(), shared)
 }
 
 /// Claims, reads and removes every parked file in `dir`'s `counters/`: their sum, for the

@@ -171,23 +171,33 @@ pub fn write(dir: &Path, digest: &Digest, body: &[u8], shared: bool) -> io::Resu
         .unwrap_or_default()
         .subsec_nanos();
     let temporary = format!("{name}.{}.{nanos}.tmp", std::process::id());
-    let file_mode = Mode::from_raw_mode(if shared { 0o640 } else { 0o600 });
-    let written = rustix::fs::openat(
-        &values,
-        &temporary,
-        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        file_mode,
-    )
-    .map_err(io::Error::from)
-    .and_then(|fd| File::from(fd).write_all(body));
+    create_new(&values, &temporary, body, shared)?;
     // rename(2) replaces whatever has the name (a link, another user's file) without following.
-    let renamed = written.and_then(|()| {
-        rustix::fs::renameat(&values, &temporary, &values, &name).map_err(io::Error::from)
-    });
+    let renamed =
+        rustix::fs::renameat(&values, &temporary, &values, &name).map_err(io::Error::from);
     if renamed.is_err() {
         let _ = rustix::fs::unlinkat(&values, &temporary, AtFlags::empty());
     }
     renamed
+}
+
+/// Creates `name` in the directory `dir` (a handle: nothing is reached through a path), never
+/// through a link nor over an existing file, with the cache's file mode, and writes `bytes` to
+/// it. Nothing is left behind when it fails.
+pub(super) fn create_new(dir: &OwnedFd, name: &str, bytes: &[u8], shared: bool) -> io::Result<()> {
+    let file_mode = Mode::from_raw_mode(if shared { 0o640 } else { 0o600 });
+    let written = rustix::fs::openat(
+        dir,
+        name,
+        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        file_mode,
+    )
+    .map_err(io::Error::from)
+    .and_then(|fd| File::from(fd).write_all(bytes));
+    if written.is_err() {
+        let _ = rustix::fs::unlinkat(dir, name, AtFlags::empty());
+    }
+    written
 }
 
 /// Removes a value's file; a file already gone is not an error.
