@@ -169,33 +169,34 @@ impl DiskStore {
             None
         } else {
             let conn = open_writer_replacing_older(dir, &db_path, options)?;
+            // The clock and the count kept in `meta`: a cache made before the count was kept
+            // makes no touches until this process's first commit counts it.
             let (clock, entries) = conn
                 .query_row(
                     "SELECT (SELECT value FROM meta WHERE name = 'clock'), \
-                     (SELECT COUNT(*) FROM blob_meta)",
+                     (SELECT value FROM meta WHERE name = 'entries')",
                     [],
-                    |row| Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?)),
+                    |row| Ok((row.get::<_, i64>(0)?, row.get::<_, Option<i64>>(1)?)),
                 )
                 .map_err(|cause| StoreError::Database {
                     path: db_path.clone(),
                     cause,
                 })?;
-            touch_floor.store(clock - entries / 2, Ordering::Relaxed);
+            if let Some(entries) = entries {
+                touch_floor.store(clock - entries / 2, Ordering::Relaxed);
+            }
             let queue = Arc::new(Queue::default());
             let writer_queue = queue.clone();
             let state = WriterState {
                 conn,
                 dir: dir.to_path_buf(),
-                entries,
                 touch_floor: touch_floor.clone(),
-                disk_ratio: 1.0,
+                disk_ratio: None,
                 db_path: db_path.clone(),
                 shared: options.shared,
                 pending: pending.clone(),
                 warned: AtomicBool::new(false),
             };
-            let mut state = state;
-            state.measure_disk_ratio();
             let thread = std::thread::Builder::new()
                 .name("fncache-writer".into())
                 .spawn(move || state.run(&writer_queue))

@@ -25,7 +25,8 @@ pub(super) const SCHEMA: &str = "
     CREATE TABLE blob_data (id INTEGER PRIMARY KEY, data BLOB NOT NULL);
     INSERT INTO meta VALUES ('bytes', 0), ('clock', 0), ('hits', 0), ('misses', 0),
         ('inserts', 0), ('evictions', 0), ('bytes_read', 0), ('bytes_written', 0),
-        ('rejected', 0), ('remote_hits', 0), ('remote_errors', 0), ('max_bytes', 0);
+        ('rejected', 0), ('remote_hits', 0), ('remote_errors', 0), ('max_bytes', 0),
+        ('entries', 0);
 ";
 
 /// `PRAGMA auto_vacuum`'s value for incremental vacuum.

@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::SyncSender;
 use std::sync::Arc;
@@ -14,8 +14,8 @@ use parking_lot::Mutex;
 use rusqlite::{params, Connection, Transaction, TransactionBehavior};
 
 use super::sql::{
-    add_counters, add_evictions, evict_within, low_water, meta, put, remove_value, set_meta,
-    stored_limit, ValuesDir,
+    add_counters, add_evictions, entries, evict_within, low_water, meta, put, remove_value,
+    set_entries, set_meta, stored_limit, ValuesDir,
 };
 use super::KEY_OVERHEAD;
 use super::{parked_counters, value_files};
@@ -49,13 +49,12 @@ pub(super) enum Op {
 pub(super) struct WriterState {
     pub(super) conn: Connection,
     pub(super) dir: PathBuf,
-    /// Values stored, as this writer counts them (other processes' writes are seen at open).
-    pub(super) entries: i64,
     /// Bytes on disk (database, log, value files) per accounted byte, measured after each
     /// eviction: SQLite's pages hold rows with slack, so the accounted total alone would let
     /// the directory grow past the limit. Eviction keeps the accounted bytes times this under
-    /// the limit.
-    pub(super) disk_ratio: f64,
+    /// the limit. Measured only once the cache is near its limit: it lists every value file,
+    /// which no process should pay for at open.
+    pub(super) disk_ratio: Option<f64>,
     pub(super) touch_floor: Arc<std::sync::atomic::AtomicI64>,
     pub(super) db_path: PathBuf,
     pub(super) shared: bool,
@@ -265,8 +264,9 @@ impl WriterState {
     }
 
     fn commit(&mut self, ops: &[Op]) -> Result<(), StoreError> {
-        let ratio = self.disk_ratio;
-        let dir = self.dir.clone();
+        let known_ratio = self.disk_ratio;
+        let mut measured_ratio = None;
+        let (dir, db_path) = (self.dir.clone(), self.db_path.clone());
         let shared = self.shared;
         let mut unlink = Vec::new();
         let evicted = self.in_transaction(|tx| {
@@ -275,7 +275,7 @@ impl WriterState {
             let max_bytes = stored_limit(tx)?;
             let mut bytes = meta(tx, "bytes")?;
             let mut clock = meta(tx, "clock")?;
-            let mut entries = 0;
+            let mut entries = entries(tx)?;
             let mut counters = Counters::default();
             for op in ops {
                 match op {
@@ -312,6 +312,14 @@ impl WriterState {
                 }
             }
             let mut evicted = false;
+            // The ratio is at most MAX_DISK_RATIO: below the limit by that much, it cannot matter.
+            let ratio = match known_ratio {
+                Some(ratio) => ratio,
+                None if bytes as f64 * MAX_DISK_RATIO > max_bytes as f64 => {
+                    *measured_ratio.insert(disk_ratio(&db_path, &dir, bytes))
+                }
+                None => 1.0,
+            };
             if bytes as f64 * ratio > max_bytes as f64 {
                 let target = (low_water(max_bytes) as f64 / ratio) as u64;
                 let eviction = evict_within(tx, &mut bytes, target, &mut unlink)?;
@@ -321,15 +329,18 @@ impl WriterState {
             }
             set_meta(tx, "bytes", bytes)?;
             set_meta(tx, "clock", clock)?;
+            set_entries(tx, entries)?;
             // Counters that processes which only read parked in files, folded in here.
             counters.add(&parked_counters::fold(&dir));
             add_counters(tx, &counters)?;
             Ok((evicted, clock, entries))
         })?;
-        let (evicted, clock, added_entries) = evicted;
-        self.entries += added_entries;
+        let (evicted, clock, entries) = evicted;
         self.touch_floor
-            .store(clock - self.entries.max(0) / 2, Ordering::Relaxed);
+            .store(clock - entries.max(0) / 2, Ordering::Relaxed);
+        if measured_ratio.is_some() {
+            self.disk_ratio = measured_ratio;
+        }
         self.unlink(&unlink);
         if evicted {
             self.vacuum();
@@ -351,18 +362,18 @@ impl WriterState {
     fn evict(&mut self, max_bytes: u64) -> Result<Eviction, StoreError> {
         let mut total = self.forget_lost_files()?;
         for _ in 0..4 {
-            let ratio = self.disk_ratio;
+            let ratio = self.measured_disk_ratio();
             let mut unlink = Vec::new();
             let eviction = self.in_transaction(|tx| {
                 let mut bytes = meta(tx, "bytes")?;
                 let target = (max_bytes as f64 / ratio) as u64;
                 let eviction = evict_within(tx, &mut bytes, target, &mut unlink)?;
                 set_meta(tx, "bytes", bytes)?;
+                set_entries(tx, entries(tx)? - eviction.entries as i64)?;
                 add_evictions(tx, eviction.entries)?;
                 Ok(eviction)
             })?;
             self.unlink(&unlink);
-            self.entries -= eviction.entries as i64;
             total.entries += eviction.entries;
             total.bytes += eviction.bytes;
             self.sweep_value_files();
@@ -397,10 +408,10 @@ impl WriterState {
                 }
             }
             set_meta(tx, "bytes", bytes)?;
+            set_entries(tx, entries(tx)? - lost.entries as i64)?;
             add_evictions(tx, lost.entries)?;
             Ok(lost)
         })?;
-        self.entries -= lost.entries as i64;
         Ok(lost)
     }
 
@@ -430,11 +441,10 @@ impl WriterState {
             .execute_batch(
                 "BEGIN IMMEDIATE;
                  DELETE FROM keys; DELETE FROM blob_meta; DELETE FROM blob_data;
-                 UPDATE meta SET value = 0 WHERE name = 'bytes';
+                 UPDATE meta SET value = 0 WHERE name IN ('bytes', 'entries');
                  COMMIT;",
             )
             .map_err(|e| self.db_error(e))?;
-        self.entries = 0;
         value_files::remove_all(&self.dir).map_err(|cause| StoreError::Io {
             path: self.dir.join(value_files::VALUES_DIR),
             cause,
@@ -443,30 +453,27 @@ impl WriterState {
         Ok(())
     }
 
-    /// Measures [`WriterState::disk_ratio`] (kept between 1 and 4).
-    pub(super) fn measure_disk_ratio(&mut self) {
+    /// Measures [`WriterState::disk_ratio`].
+    fn measure_disk_ratio(&mut self) {
         let accounted = self
             .conn
             .query_row("SELECT value FROM meta WHERE name = 'bytes'", [], |row| {
                 row.get::<_, i64>(0)
             })
-            .unwrap_or(0)
-            .max(0) as u64;
-        // Below this, the fixed size of an empty database says nothing about page slack.
-        if accounted < 64 << 10 {
-            self.disk_ratio = 1.0;
-            return;
-        }
-        self.disk_ratio = (self.resting_disk_bytes() as f64 / accounted as f64).clamp(1.0, 4.0);
+            .unwrap_or(0);
+        self.disk_ratio = Some(disk_ratio(&self.db_path, &self.dir, accounted));
     }
 
-    /// What the cache takes on disk once no process has it open: the database and the value
-    /// files. The log is left out: it is checkpointed into the database and removed when the
-    /// last process closes it.
+    /// [`WriterState::disk_ratio`], measured now if it is not known yet.
+    fn measured_disk_ratio(&mut self) -> f64 {
+        if self.disk_ratio.is_none() {
+            self.measure_disk_ratio();
+        }
+        self.disk_ratio.unwrap_or(1.0)
+    }
+
     fn resting_disk_bytes(&self) -> u64 {
-        use std::os::unix::fs::MetadataExt;
-        let database = fs::symlink_metadata(&self.db_path).map_or(0, |m| m.blocks() * 512);
-        database + value_files::total_bytes(&self.dir)
+        resting_disk_bytes(&self.db_path, &self.dir)
     }
 
     /// Gives freed pages back to the file system, so that eviction shrinks the file.
@@ -496,4 +503,27 @@ impl WriterState {
             log::debug!("incremental vacuum failed: {e}");
         }
     }
+}
+
+/// The most bytes on disk that one accounted byte is taken to cost: a bound on the measured
+/// ratio, so that a cache of odd files cannot make eviction empty it.
+const MAX_DISK_RATIO: f64 = 4.0;
+
+/// Bytes on disk per accounted byte (see [`WriterState::disk_ratio`]), between 1 and
+/// [`MAX_DISK_RATIO`].
+fn disk_ratio(db_path: &Path, dir: &Path, accounted: i64) -> f64 {
+    // Below this, the fixed size of an empty database says nothing about page slack.
+    if accounted < 64 << 10 {
+        return 1.0;
+    }
+    (resting_disk_bytes(db_path, dir) as f64 / accounted as f64).clamp(1.0, MAX_DISK_RATIO)
+}
+
+/// What the cache takes on disk once no process has it open: the database and the value
+/// files. The log is left out: it is checkpointed into the database and removed when the
+/// last process closes it.
+fn resting_disk_bytes(db_path: &Path, dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let database = fs::symlink_metadata(db_path).map_or(0, |m| m.blocks() * 512);
+    database + value_files::total_bytes(dir)
 }
