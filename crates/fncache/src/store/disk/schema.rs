@@ -23,6 +23,7 @@ pub(super) const SCHEMA: &str = "
         size INTEGER NOT NULL, last_used INTEGER NOT NULL, in_file INTEGER NOT NULL)
         WITHOUT ROWID;
     CREATE TABLE blob_data (id INTEGER PRIMARY KEY, data BLOB NOT NULL);
+    CREATE INDEX blob_meta_by_use ON blob_meta(last_used);
     INSERT INTO meta VALUES ('bytes', 0), ('clock', 0), ('hits', 0), ('misses', 0),
         ('inserts', 0), ('evictions', 0), ('bytes_read', 0), ('bytes_written', 0),
         ('rejected', 0), ('remote_hits', 0), ('remote_errors', 0), ('max_bytes', 0),

@@ -223,27 +223,46 @@ pub(super) fn remove_value(
 }
 
 /// Evicts least recently used values until `bytes <= target`.
+/// How much one eviction may stop at, short of its target: once it has evicted at least
+/// `values` values and freed at least `bytes` bytes.
+#[derive(Clone, Copy)]
+pub(super) struct EvictionBudget {
+    pub values: u64,
+    pub bytes: i64,
+}
+
 pub(super) fn evict_within(
     tx: &Transaction<'_>,
     bytes: &mut i64,
     target: u64,
+    budget: Option<EvictionBudget>,
     unlink: &mut Vec<Digest>,
 ) -> rusqlite::Result<Eviction> {
     let mut eviction = Eviction::default();
     if *bytes <= target as i64 {
         return Ok(eviction);
     }
-    // One sorted pass over the small rows picks every victim; removal follows.
+    // The oldest first, read from the index on `last_used` (a cache made before it had one gets
+    // it here, once): sorting the whole table took 150 ms at half a million values, for every
+    // eviction. Removal follows the reading.
+    tx.execute_batch("CREATE INDEX IF NOT EXISTS blob_meta_by_use ON blob_meta(last_used)")?;
     let mut victims = Vec::new();
     {
-        let mut stmt =
-            tx.prepare_cached("SELECT digest, size FROM blob_meta ORDER BY last_used")?;
+        let mut stmt = tx.prepare_cached(
+            "SELECT digest, size FROM blob_meta INDEXED BY blob_meta_by_use ORDER BY last_used",
+        )?;
         let mut rows = stmt.query([])?;
         let mut to_free = *bytes - target as i64;
+        let mut freed = 0;
         while to_free > 0 {
+            if budget.is_some_and(|b| victims.len() as u64 >= b.values && freed >= b.bytes) {
+                break;
+            }
             let Some(row) = rows.next()? else { break };
             let digest: Vec<u8> = row.get(0)?;
-            to_free -= row.get::<_, i64>(1)? + VALUE_OVERHEAD as i64;
+            let size = row.get::<_, i64>(1)? + VALUE_OVERHEAD as i64;
+            to_free -= size;
+            freed += size;
             victims.push(digest);
         }
     }

@@ -15,10 +15,10 @@ use rusqlite::{params, Connection, Transaction, TransactionBehavior};
 
 use super::sql::{
     add_counters, add_evictions, entries, evict_within, low_water, meta, put, remove_value,
-    set_entries, set_meta, stored_limit, ValuesDir,
+    set_entries, set_meta, stored_limit, EvictionBudget, ValuesDir,
 };
-use super::KEY_OVERHEAD;
 use super::{parked_counters, value_files};
+use super::{KEY_OVERHEAD, MIN_EVICTIONS_PER_COMMIT};
 use crate::key::{Digest, KeyId, Link};
 use crate::stats::Counters;
 use crate::store::{Eviction, StoreError};
@@ -276,6 +276,7 @@ impl WriterState {
             let mut bytes = meta(tx, "bytes")?;
             let mut clock = meta(tx, "clock")?;
             let mut entries = entries(tx)?;
+            let mut added_bytes = 0;
             let mut counters = Counters::default();
             for op in ops {
                 match op {
@@ -289,6 +290,7 @@ impl WriterState {
                         let values = ValuesDir { dir: &dir, shared };
                         let (added, new_value) = put(tx, values, key, link, digest, entry, clock)?;
                         bytes += added;
+                        added_bytes += added;
                         entries += i64::from(new_value);
                     }
                     Op::Touch(digest) => {
@@ -322,7 +324,11 @@ impl WriterState {
             };
             if bytes as f64 * ratio > max_bytes as f64 {
                 let target = (low_water(max_bytes) as f64 / ratio) as u64;
-                let eviction = evict_within(tx, &mut bytes, target, &mut unlink)?;
+                let budget = EvictionBudget {
+                    values: MIN_EVICTIONS_PER_COMMIT,
+                    bytes: added_bytes,
+                };
+                let eviction = evict_within(tx, &mut bytes, target, Some(budget), &mut unlink)?;
                 counters.evictions += eviction.entries;
                 entries -= eviction.entries as i64;
                 evicted = eviction.entries > 0;
@@ -367,7 +373,7 @@ impl WriterState {
             let eviction = self.in_transaction(|tx| {
                 let mut bytes = meta(tx, "bytes")?;
                 let target = (max_bytes as f64 / ratio) as u64;
-                let eviction = evict_within(tx, &mut bytes, target, &mut unlink)?;
+                let eviction = evict_within(tx, &mut bytes, target, None, &mut unlink)?;
                 set_meta(tx, "bytes", bytes)?;
                 set_entries(tx, entries(tx)? - eviction.entries as i64)?;
                 add_evictions(tx, eviction.entries)?;
