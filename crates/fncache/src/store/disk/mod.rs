@@ -64,13 +64,12 @@ pub const MAX_LIMIT: u64 = i64::MAX as u64;
 /// Eviction brings the accounted bytes down to this share of the limit, so that it runs once
 /// per many writes rather than on every one.
 pub const LOW_WATER_PERCENT: u64 = 90;
-/// A commit over the limit evicts toward [`LOW_WATER_PERCENT`], but may stop once it has
-/// freed the bytes it adds and evicted at least this many values. Eviction costs 40-80 µs a
-/// value (three B-trees, and the pages given back): bringing a full 1 GiB cache down to 90% in
-/// one commit evicted 34,000 values and held one process's flush for 11.7 s. Capped, a full
-/// cache evicts about what it takes in, commit by commit, and is over its limit by at most one
-/// commit's worth; an excess (a lowered limit) drains over the next commits, or at once with
-/// `gc`.
+/// A commit over the limit evicts toward [`LOW_WATER_PERCENT`], but may stop once the cache
+/// is under the limit again, it has freed the bytes it adds, and it has evicted at least this
+/// many values. Eviction costs 40-80 µs a value (three B-trees, and the pages given back):
+/// bringing a full 1 GiB cache down to 90% in one commit evicted 34,000 values and held one
+/// process's flush for 11.7 s. Now a full cache evicts about what it takes in, commit by
+/// commit, and every commit leaves it under its limit.
 pub const MIN_EVICTIONS_PER_COMMIT: u64 = 256;
 /// How long a process waits for another one's write transaction before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(30);

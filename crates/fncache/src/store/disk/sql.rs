@@ -223,12 +223,13 @@ pub(super) fn remove_value(
 }
 
 /// Evicts least recently used values until `bytes <= target`.
-/// How much one eviction may stop at, short of its target: once it has evicted at least
-/// `values` values and freed at least `bytes` bytes.
+/// Where one eviction may stop, short of its target: once it has evicted at least `values`
+/// values, freed at least `bytes` bytes, and left at most `under` accounted bytes.
 #[derive(Clone, Copy)]
 pub(super) struct EvictionBudget {
     pub values: u64,
     pub bytes: i64,
+    pub under: i64,
 }
 
 pub(super) fn evict_within(
@@ -255,7 +256,10 @@ pub(super) fn evict_within(
         let mut to_free = *bytes - target as i64;
         let mut freed = 0;
         while to_free > 0 {
-            if budget.is_some_and(|b| victims.len() as u64 >= b.values && freed >= b.bytes) {
+            let enough = |b: EvictionBudget| {
+                victims.len() as u64 >= b.values && freed >= b.bytes && *bytes - freed <= b.under
+            };
+            if budget.is_some_and(enough) {
                 break;
             }
             let Some(row) = rows.next()? else { break };

@@ -327,6 +327,7 @@ impl WriterState {
                 let budget = EvictionBudget {
                     values: MIN_EVICTIONS_PER_COMMIT,
                     bytes: added_bytes,
+                    under: (max_bytes as f64 / ratio) as i64,
                 };
                 let eviction = evict_within(tx, &mut bytes, target, Some(budget), &mut unlink)?;
                 counters.evictions += eviction.entries;
