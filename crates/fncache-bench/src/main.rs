@@ -30,6 +30,11 @@ struct Cli {
     /// local warm, warm from Redis with an empty disk, and a compile with Redis down
     #[arg(long, value_name = "URL")]
     against_redis: Option<String>,
+    /// Measure a full cache instead: fill caches to this limit (e.g. 1GiB, the default limit;
+    /// it takes that much disk three times over), then time a module-level hit from one and a
+    /// first compile that makes one evict, against a small cache
+    #[arg(long, value_name = "SIZE", conflicts_with = "against_redis")]
+    full_cache: Option<bytesize::ByteSize>,
     /// Print one JSON object on stdout
     #[arg(long)]
     json: bool,
@@ -60,9 +65,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
         return print_saved_bench(saved);
     }
     let runs = cli.runs as usize;
-    match &cli.against_redis {
-        Some(url) => bench_remote(&cli.inputs, runs, url, cli.json),
-        None => bench(&cli.inputs, runs, cli.json),
+    match (&cli.against_redis, cli.full_cache) {
+        (Some(url), _) => bench_remote(&cli.inputs, runs, url, cli.json),
+        (None, Some(limit)) => bench_full(&cli.inputs, runs, limit.as_u64(), cli.json),
+        (None, None) => bench(&cli.inputs, runs, cli.json),
     }
 }
 
@@ -157,6 +163,31 @@ fn bench_remote(inputs: &[PathBuf], runs: usize, url: &str, json: bool) -> Resul
     } else {
         for report in &reports {
             print!("{}", suite::render_remote(report));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn bench_full(inputs: &[PathBuf], runs: usize, limit: u64, json: bool) -> Result<ExitCode> {
+    use fncache_bench::suite::{self, Progress, Subject};
+    let (_scratch, options) = bench_options(runs)?;
+    let mut progress = Progress::new(inputs.len() * suite::full_probe_count(runs));
+    let mut reports = Vec::new();
+    for input in inputs {
+        let subject = Subject::of_file(input);
+        reports.push(suite::measure_full(
+            &subject,
+            limit,
+            &options,
+            &mut progress,
+        )?);
+    }
+    progress.finish();
+    if json {
+        println!("{}", json!({ "runs": runs, "full_cache": reports }));
+    } else {
+        for report in &reports {
+            print!("{}", suite::render_full(report));
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -69,6 +69,10 @@ pub enum Probe {
     /// Compiles `module` into the fncache in `dir`, both levels, on one compile thread
     /// (untimed preparation of an edit scenario's cache; see [`warm_up_config`]).
     Prepare { dir: PathBuf, module: PathBuf },
+    /// Fills the fncache in `dir` to its limit, `max_bytes` (stored in the cache), with values
+    /// the size of a compiled function under a namespace of their own, oldest first: a cache
+    /// in long use (untimed preparation of the full-cache rows).
+    Fill { dir: PathBuf, max_bytes: u64 },
 }
 
 /// What a probe measured.
@@ -266,6 +270,10 @@ impl Probe {
                 cache.flush()?;
                 Ok(Sample::default())
             }
+            Probe::Fill { dir, max_bytes } => {
+                fill(dir, *max_bytes)?;
+                Ok(Sample::default())
+            }
             Probe::Prepare { dir, module } => {
                 let cache = Cache::open(&CacheConfig::new().directory(dir))?;
                 let compiler = Compiler::new(warm_up_config(), Some(cache.clone()))?;
@@ -298,6 +306,41 @@ fn compile_fresh(engine: &Engine, wasm: &[u8]) -> Result<()> {
         WasmKind::Module => drop(Module::new(engine, wasm)?),
         WasmKind::Component => drop(wasmtime::component::Component::new(engine, wasm)?),
     }
+    Ok(())
+}
+
+/// The mean size of a filler value, about what sql.js's compiled functions take on disk
+/// (2,047 B each); sizes spread evenly from a quarter of it to 1.75 times it.
+const FILLER_VALUE_BYTES: usize = 2048;
+
+/// See [`Probe::Fill`]. Inserts a tenth more than the limit holds, so that the cache has
+/// evicted and sits at its limit, as one in long use does.
+fn fill(dir: &PathBuf, max_bytes: u64) -> Result<()> {
+    let cache = Cache::open(
+        &CacheConfig::new()
+            .directory(dir)
+            .max_bytes(max_bytes)
+            .compression(fncache::Compression::None),
+    )?;
+    let namespace = fncache::Namespace::from_parts([("fncache-bench", b"filler".as_slice())]);
+    let per_value =
+        FILLER_VALUE_BYTES as u64 + fncache::store::VALUE_OVERHEAD + fncache::store::KEY_OVERHEAD;
+    let count = max_bytes / per_value * 11 / 10;
+    let mut value = vec![0u8; FILLER_VALUE_BYTES * 7 / 4];
+    for i in 0..count {
+        // Distinct and incompressible, as compiled code nearly is.
+        blake3::Hasher::new()
+            .update(&i.to_le_bytes())
+            .finalize_xof()
+            .fill(&mut value);
+        let len = FILLER_VALUE_BYTES / 4
+            + (value[0] as usize * 256 + value[1] as usize) % (FILLER_VALUE_BYTES * 3 / 2);
+        cache.insert(&namespace, &i.to_le_bytes(), &value[..len]);
+        if i % 4096 == 4095 {
+            cache.flush()?; // the writer's queue stays small
+        }
+    }
+    cache.flush()?;
     Ok(())
 }
 

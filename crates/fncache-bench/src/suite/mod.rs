@@ -9,16 +9,19 @@
 //! a copy of the cache warmed by the original, next to the ceiling warmed the same way.
 //!
 //! The parts: [`module`] (one module, its edits and its previous release), [`remote`] (the
-//! Redis tier), [`family`] (modules sharing code), [`corpus`] (what a corpus directory holds);
+//! Redis tier), [`full`] (a cache at its size limit), [`family`] (modules sharing code),
+//! [`corpus`] (what a corpus directory holds);
 //! here, what they share: samples, medians, probes in fresh processes, progress.
 
 mod corpus;
 mod family;
+mod full;
 mod module;
 mod remote;
 
 pub use corpus::discover;
 pub use family::{family_steps, measure_family, render_family, Family, FamilyReport, MemberReport};
+pub use full::{full_probe_count, measure_full, render_full, FullReport};
 pub use module::{measure, probe_count, render, ModuleReport};
 pub use remote::{measure_remote, remote_probe_count, render_remote, RemoteReport};
 
@@ -265,6 +268,9 @@ pub(crate) fn dir_bytes(dir: &Path) -> Result<u64> {
     Ok(total)
 }
 
+/// Copies a cache directory for a probe, and writes the copy out to the disk: a cache a user
+/// runs was written long before, and the first `fsync` of a copy still in the page cache would
+/// write the whole copy (a 1 GiB cache: half a second) on the probe's time.
 pub(crate) fn copy_dir(from: &Path, to: &Path) -> Result<()> {
     fs::create_dir_all(to)?;
     for entry in fs::read_dir(from)? {
@@ -274,6 +280,7 @@ pub(crate) fn copy_dir(from: &Path, to: &Path) -> Result<()> {
             copy_dir(&entry.path(), &target)?;
         } else {
             fs::copy(entry.path(), &target)?;
+            fs::File::open(&target)?.sync_all()?;
         }
     }
     Ok(())
