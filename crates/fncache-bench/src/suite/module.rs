@@ -309,7 +309,8 @@ pub(crate) fn module_entry_bytes(cache: &Path) -> u64 {
 pub fn probe_count(subject: &Subject, runs: usize) -> Result<usize> {
     let scenarios =
         edited(subject)?.len() + subject.previous.is_some() as usize + subject.source_edits.len();
-    Ok(runs * (9 + 3 * scenarios))
+    // Nine rows per run, and four per scenario: ceiling, ceiling-new-process, fncache, adaptive.
+    Ok(runs * (9 + 4 * scenarios))
 }
 
 /// Every edit that applies to `subject`, with the edited binary. A component's edits are made
