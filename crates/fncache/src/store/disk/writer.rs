@@ -381,10 +381,11 @@ impl WriterState {
             let mut unlink = Vec::new();
             let eviction = self.in_transaction(|tx| {
                 let mut bytes = meta(tx, "bytes")?;
+                let before = entries(tx)?; // counted before any row goes, if it must be
                 let target = (max_bytes as f64 / ratio) as u64;
                 let eviction = evict_within(tx, &mut bytes, target, None, &mut unlink)?;
                 set_meta(tx, "bytes", bytes)?;
-                set_entries(tx, entries(tx)? - eviction.entries as i64)?;
+                set_entries(tx, before - eviction.entries as i64)?;
                 add_evictions(tx, eviction.entries)?;
                 Ok(eviction)
             })?;
@@ -413,6 +414,7 @@ impl WriterState {
                 .filter_map(|r| r.map(|d| Digest::from_slice(&d)).transpose())
                 .collect::<rusqlite::Result<_>>()?;
             let mut bytes = meta(tx, "bytes")?;
+            let before = entries(tx)?; // counted before any row goes, if it must be
             let mut lost = Eviction::default();
             for digest in digests {
                 if fs::symlink_metadata(value_files::path(&dir, &digest)).is_err() {
@@ -423,7 +425,7 @@ impl WriterState {
                 }
             }
             set_meta(tx, "bytes", bytes)?;
-            set_entries(tx, entries(tx)? - lost.entries as i64)?;
+            set_entries(tx, before - lost.entries as i64)?;
             add_evictions(tx, lost.entries)?;
             Ok(lost)
         })?;
