@@ -1,6 +1,7 @@
-//! A cache at its size limit, as one in long use is: a module-level hit from it, and a first
-//! compile that takes it over its limit (so that the commit evicts), each next to the same in a
-//! small cache. Opening a cache and evicting from it must not cost in proportion to its size.
+//! A cache at its size limit, as one in long use is: a module-level hit from it, an edit (one
+//! constant changed) compiled from it, and a first compile that takes it over its limit (so
+//! that the commit evicts), each next to the same in a small cache. Opening a cache, reading
+//! from it and evicting from it must not cost in proportion to its size.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -18,6 +19,10 @@ pub const FULL_UNCHANGED: &str = "full-cache-unchanged";
 /// The first compile into the full cache, which evicts (its small-cache twin is [`EMPTY`]).
 pub const FULL_EMPTY: &str = "full-cache-empty";
 
+/// One constant changed, compiled from the small cache holding the module, and from the full one.
+pub const SMALL_EDIT: &str = "edit-const";
+pub const FULL_EDIT: &str = "full-cache-edit-const";
+
 /// One module measured against a full cache.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct FullReport {
@@ -32,11 +37,13 @@ pub struct FullReport {
     /// Full over small, end to end (the flush included).
     pub unchanged_full_to_small: f64,
     pub empty_full_to_small: f64,
+    #[serde(default)]
+    pub edit_full_to_small: f64,
 }
 
-/// Probes [`measure_full`] runs: two fills and a compile, then `runs` times its five rows.
+/// Probes [`measure_full`] runs: two fills and a compile, then `runs` times its seven rows.
 pub fn full_probe_count(runs: usize) -> usize {
-    3 + runs * 5
+    3 + runs * 7
 }
 
 /// Fills two caches to `limit` (one then holding `subject` too), then, run by run: cold; a
@@ -51,6 +58,11 @@ pub fn measure_full(
     let scratch = options.scratch.join(format!("{}-full", subject.name));
     fs::create_dir_all(&scratch)?;
     let module = || subject.path.clone();
+    let edited = scratch.join("edit-const.wasm");
+    fs::write(
+        &edited,
+        crate::edits::apply(crate::edits::Edit::ChangeConstant, &fs::read(&subject.path)?)?,
+    )?;
     let (holding, without) = (scratch.join("holding"), scratch.join("without"));
     let what = format!("{}: filling two caches to {}", subject.name, size(limit));
     let mut samples = Samples::default();
@@ -64,14 +76,19 @@ pub fn measure_full(
             },
         )?;
     }
+    // Both caches an edit is compiled from hold the module compiled the same way (one compile
+    // thread, as the module suite's edit scenarios do), so that they hold the same keys.
+    let small = scratch.join("small-holding");
     progress.step(&what);
-    run_probe(
-        &options.probe_command,
-        &Probe::Prepare {
-            dir: holding.clone(),
-            module: module(),
-        },
-    )?;
+    for dir in [&holding, &small] {
+        run_probe(
+            &options.probe_command,
+            &Probe::Prepare {
+                dir: dir.clone(),
+                module: module(),
+            },
+        )?;
+    }
     let stats = fncache::Cache::open(&fncache::CacheConfig::new().directory(&without))?.stats()?;
     for run in 0..options.runs {
         let dir = |name: &str| scratch.join(format!("{name}-{run}"));
@@ -87,9 +104,14 @@ pub fn measure_full(
         probe(EMPTY, fncache_probe(&dir("small"), module(), true))?;
         probe(UNCHANGED, fncache_probe(&dir("small"), module(), true))?;
         probe(FULL_UNCHANGED, fncache_probe(&holding, module(), true))?;
+        copy_dir(&small, &dir("small-edit"))?;
+        probe(SMALL_EDIT, fncache_probe(&dir("small-edit"), edited.clone(), true))?;
+        copy_dir(&holding, &dir("full-edit"))?;
+        probe(FULL_EDIT, fncache_probe(&dir("full-edit"), edited.clone(), true))?;
+        let _ = fs::remove_dir_all(dir("full-edit"));
         copy_dir(&without, &dir("full"))?;
         probe(FULL_EMPTY, fncache_probe(&dir("full"), module(), true))?;
-        for name in ["small", "full"] {
+        for name in ["small", "small-edit", "full"] {
             let _ = fs::remove_dir_all(dir(name));
         }
     }
@@ -104,6 +126,7 @@ pub fn measure_full(
         disk_bytes: stats.disk_bytes.unwrap_or(0),
         unchanged_full_to_small: ms(FULL_UNCHANGED) / ms(UNCHANGED),
         empty_full_to_small: ms(FULL_EMPTY) / ms(EMPTY),
+        edit_full_to_small: ms(FULL_EDIT) / ms(SMALL_EDIT),
         rows,
     })
 }
@@ -126,7 +149,15 @@ pub fn render_full(report: &FullReport) -> String {
         "  {:<26} {:>10} {:>9} {:>12} {:>10}\n",
         "configuration", "ms", "x cold", "compile ms", "flush ms"
     ));
-    for name in [COLD, EMPTY, FULL_EMPTY, UNCHANGED, FULL_UNCHANGED] {
+    for name in [
+        COLD,
+        EMPTY,
+        FULL_EMPTY,
+        UNCHANGED,
+        FULL_UNCHANGED,
+        SMALL_EDIT,
+        FULL_EDIT,
+    ] {
         let row = &report.rows[name];
         out.push_str(&format!(
             "  {:<26} {:>10.1} {:>9.4} {:>12.1} {:>10.1}\n",
@@ -134,8 +165,9 @@ pub fn render_full(report: &FullReport) -> String {
         ));
     }
     out.push_str(&format!(
-        "  unchanged module, full / small cache {:>8.3}\n  first compile, full / small cache    {:>8.3}\n",
-        report.unchanged_full_to_small, report.empty_full_to_small
+        "  unchanged module, full / small cache {:>8.3}\n  first compile, full / small cache    {:>8.3}\n  \
+         edit-const, full / small cache       {:>8.3}\n",
+        report.unchanged_full_to_small, report.empty_full_to_small, report.edit_full_to_small
     ));
     out
 }
