@@ -61,7 +61,10 @@ pub fn measure_full(
     let edited = scratch.join("edit-const.wasm");
     fs::write(
         &edited,
-        crate::edits::apply(crate::edits::Edit::ChangeConstant, &fs::read(&subject.path)?)?,
+        crate::edits::apply(
+            crate::edits::Edit::ChangeConstant,
+            &fs::read(&subject.path)?,
+        )?,
     )?;
     let (holding, without) = (scratch.join("holding"), scratch.join("without"));
     let what = format!("{}: filling two caches to {}", subject.name, size(limit));
@@ -105,9 +108,15 @@ pub fn measure_full(
         probe(UNCHANGED, fncache_probe(&dir("small"), module(), true))?;
         probe(FULL_UNCHANGED, fncache_probe(&holding, module(), true))?;
         copy_dir(&small, &dir("small-edit"))?;
-        probe(SMALL_EDIT, fncache_probe(&dir("small-edit"), edited.clone(), true))?;
+        probe(
+            SMALL_EDIT,
+            fncache_probe(&dir("small-edit"), edited.clone(), true),
+        )?;
         copy_dir(&holding, &dir("full-edit"))?;
-        probe(FULL_EDIT, fncache_probe(&dir("full-edit"), edited.clone(), true))?;
+        probe(
+            FULL_EDIT,
+            fncache_probe(&dir("full-edit"), edited.clone(), true),
+        )?;
         let _ = fs::remove_dir_all(dir("full-edit"));
         copy_dir(&without, &dir("full"))?;
         probe(FULL_EMPTY, fncache_probe(&dir("full"), module(), true))?;
