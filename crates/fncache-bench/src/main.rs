@@ -144,50 +144,56 @@ fn bench(inputs: &[PathBuf], runs: usize, json: bool) -> Result<ExitCode> {
 }
 
 fn bench_remote(inputs: &[PathBuf], runs: usize, url: &str, json: bool) -> Result<ExitCode> {
-    use fncache_bench::suite::{self, Progress, Subject};
-    let (_scratch, options) = bench_options(runs)?;
-    let mut progress = Progress::new(inputs.len() * suite::remote_probe_count(runs));
-    let mut reports = Vec::new();
-    for input in inputs {
-        let subject = Subject::of_file(input);
-        reports.push(suite::measure_remote(
-            &subject,
-            url,
-            &options,
-            &mut progress,
-        )?);
-    }
-    progress.finish();
-    if json {
-        println!("{}", json!({ "runs": runs, "remote": reports }));
-    } else {
-        for report in &reports {
-            print!("{}", suite::render_remote(report));
-        }
-    }
-    Ok(ExitCode::SUCCESS)
+    use fncache_bench::suite;
+    bench_each(
+        inputs,
+        runs,
+        json,
+        ("remote", suite::remote_probe_count(runs)),
+        |subject, options, progress| suite::measure_remote(subject, url, options, progress),
+        suite::render_remote,
+    )
 }
 
 fn bench_full(inputs: &[PathBuf], runs: usize, limit: u64, json: bool) -> Result<ExitCode> {
-    use fncache_bench::suite::{self, Progress, Subject};
+    use fncache_bench::suite;
+    bench_each(
+        inputs,
+        runs,
+        json,
+        ("full_cache", suite::full_probe_count(runs)),
+        |subject, options, progress| suite::measure_full(subject, limit, options, progress),
+        suite::render_full,
+    )
+}
+
+/// Measures each input file alone with `measure` (`probes` per input, for the progress bar),
+/// then prints the reports: with `--json`, as `{"runs": …, NAME: [reports]}`.
+fn bench_each<R: serde::Serialize>(
+    inputs: &[PathBuf],
+    runs: usize,
+    json: bool,
+    (name, probes): (&str, usize),
+    mut measure: impl FnMut(
+        &fncache_bench::suite::Subject,
+        &fncache_bench::suite::Options,
+        &mut fncache_bench::suite::Progress,
+    ) -> Result<R>,
+    render: impl Fn(&R) -> String,
+) -> Result<ExitCode> {
+    use fncache_bench::suite::{Progress, Subject};
     let (_scratch, options) = bench_options(runs)?;
-    let mut progress = Progress::new(inputs.len() * suite::full_probe_count(runs));
+    let mut progress = Progress::new(inputs.len() * probes);
     let mut reports = Vec::new();
     for input in inputs {
-        let subject = Subject::of_file(input);
-        reports.push(suite::measure_full(
-            &subject,
-            limit,
-            &options,
-            &mut progress,
-        )?);
+        reports.push(measure(&Subject::of_file(input), &options, &mut progress)?);
     }
     progress.finish();
     if json {
-        println!("{}", json!({ "runs": runs, "full_cache": reports }));
+        println!("{}", json!({ "runs": runs, name: reports }));
     } else {
         for report in &reports {
-            print!("{}", suite::render_full(report));
+            print!("{}", render(report));
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -395,7 +395,7 @@ impl WriterState {
             self.sweep_value_files();
             self.vacuum_now();
             self.measure_disk_ratio();
-            if eviction.entries == 0 || self.resting_disk_bytes() <= max_bytes {
+            if eviction.entries == 0 || resting_disk_bytes(&self.db_path, &self.dir) <= max_bytes {
                 break;
             }
         }
@@ -488,10 +488,6 @@ impl WriterState {
             self.measure_disk_ratio();
         }
         self.disk_ratio.unwrap_or(1.0)
-    }
-
-    fn resting_disk_bytes(&self) -> u64 {
-        resting_disk_bytes(&self.db_path, &self.dir)
     }
 
     /// Gives freed pages back to the file system, so that eviction shrinks the file.
