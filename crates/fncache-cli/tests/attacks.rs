@@ -43,12 +43,31 @@ fn db(env: &Env) -> rusqlite::Connection {
 
 fn key_ids(env: &Env) -> Vec<Vec<u8>> {
     db(env)
-        .prepare("SELECT id FROM keys")
+        .prepare("SELECT key FROM entries")
         .unwrap()
         .query_map([], |row| row.get(0))
         .unwrap()
         .collect::<Result<_, _>>()
         .unwrap()
+}
+
+/// Points `key` at a copy of the value `source` holds, as one with write access to the
+/// database would: the key keeps its own link, or gets `link` if given. Returns the rows changed.
+fn point_key_at(env: &Env, key: &[u8], source: &[u8], link: Option<&[u8]>) -> usize {
+    let conn = db(env);
+    conn.execute(
+        "INSERT INTO blob_data (data) SELECT d.data FROM entries e \
+         JOIN blob_data d ON d.id = e.data_id WHERE e.key = ?1",
+        [source],
+    )
+    .unwrap();
+    conn.execute(
+        "INSERT OR REPLACE INTO entries (key, link, digest, data_id, size, last_used, in_file) \
+         SELECT ?1, coalesce(?3, (SELECT link FROM entries WHERE key = ?1)), digest, \
+         last_insert_rowid(), size, last_used, in_file FROM entries WHERE key = ?2",
+        rusqlite::params![key, source, link],
+    )
+    .unwrap()
 }
 
 /// The key among `keys` whose value is the largest (a module's whole entry), with its digest.
@@ -57,8 +76,7 @@ fn largest(env: &Env, keys: &[Vec<u8>]) -> (Vec<u8>, Vec<u8>) {
     keys.iter()
         .map(|id| {
             conn.query_row(
-                "SELECT k.id, k.digest, m.size FROM keys k JOIN blob_meta m ON m.digest = k.digest \
-                 WHERE k.id = ?1",
+                "SELECT key, digest, size FROM entries WHERE key = ?1",
                 [id],
                 |row| Ok((row.get(0)?, row.get(1)?, row.get::<_, i64>(2)?)),
             )
@@ -85,29 +103,19 @@ fn a_key_pointed_at_another_modules_value_is_rejected_not_run() {
         .filter(|k| !keys_of_a.contains(k))
         .collect();
     let (module_key_of_a, _) = largest(&env, &keys_of_a);
-    let (_, module_value_of_b) = largest(&env, &keys_of_b);
-    let point_a_at_b = || {
-        db(&env)
-            .execute(
-                "UPDATE keys SET digest = ?1 WHERE id = ?2",
-                rusqlite::params![module_value_of_b, module_key_of_a],
-            )
-            .unwrap()
-    };
-
-    assert_eq!(point_a_at_b(), 1);
+    let (module_key_of_b, _) = largest(&env, &keys_of_b);
+    assert_eq!(
+        point_key_at(&env, &module_key_of_a, &module_key_of_b, None),
+        1
+    );
     let verify = env.fncache(&["verify", "--json"]);
     assert_eq!(verify.status.code(), Some(1), "verify saw nothing");
     let report: Value = serde_json::from_slice(&verify.stdout).unwrap();
     assert_eq!(n(&report, "rejected"), 1, "{report}");
 
     // verify removed the false key; plant it again for the compile to meet.
-    db(&env)
-        .execute(
-            "INSERT INTO keys (id, digest, link) VALUES (?1, ?2, zeroblob(32))",
-            rusqlite::params![module_key_of_a, module_value_of_b],
-        )
-        .unwrap();
+    let zeros = [0u8; 32];
+    point_key_at(&env, &module_key_of_a, &module_key_of_b, Some(&zeros));
     let rejected = n(&env.stats(), "rejected");
     let output = run(&a);
     assert_eq!(stdout(&output), "this is A", "{}", stderr(&output));
@@ -129,12 +137,19 @@ fn keys_pointed_at_other_functions_values_are_rejected_and_recompiled() {
     env.compile(&module, &reference, &["--no-cache"]);
     let functions_only = ["--no-module-level"];
     env.compile(&module, &env.dir.path().join("cold.cwasm"), &functions_only);
-    // Rotate: each key takes the digest of the next one (by id order).
-    let changed = db(&env)
+    // Rotate: each key takes the value of the next one (by key order), keeping its own link.
+    let conn = db(&env);
+    conn.execute_batch(
+        "CREATE TEMP TABLE next AS SELECT e.key, n.digest, n.data_id, n.size, n.in_file
+             FROM entries e JOIN entries n ON n.key = coalesce(
+                 (SELECT min(e2.key) FROM entries e2 WHERE e2.key > e.key),
+                 (SELECT min(e3.key) FROM entries e3));",
+    )
+    .unwrap();
+    let changed = conn
         .execute(
-            "UPDATE keys SET digest = coalesce(
-                (SELECT k2.digest FROM keys k2 WHERE k2.id > keys.id ORDER BY k2.id LIMIT 1),
-                (SELECT min(k3.digest) FROM keys k3))",
+            "UPDATE entries SET (digest, data_id, size, in_file) = \
+             (SELECT digest, data_id, size, in_file FROM next WHERE next.key = entries.key)",
             [],
         )
         .unwrap();

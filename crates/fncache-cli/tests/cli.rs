@@ -22,7 +22,7 @@ fn a_second_process_reuses_the_first_ones_functions() {
 /// The stored values' ids.
 fn value_ids(cache_dir: &Path) -> Vec<i64> {
     let conn = rusqlite::Connection::open(cache_dir.join("fncache.db")).unwrap();
-    let mut statement = conn.prepare("SELECT data_id FROM blob_meta").unwrap();
+    let mut statement = conn.prepare("SELECT data_id FROM entries").unwrap();
     let ids = statement
         .query_map([], |row| row.get(0))
         .unwrap()
@@ -41,7 +41,7 @@ fn damage_most_recently_used_entry(cache_dir: &Path, stable: &[i64], edit: fn(&m
     let (id, mut data): (i64, Vec<u8>) = conn
         .query_row(
             &format!(
-                "SELECT d.id, d.data FROM blob_meta m JOIN blob_data d ON d.id = m.data_id \
+                "SELECT d.id, d.data FROM entries m JOIN blob_data d ON d.id = m.data_id \
                  WHERE m.data_id IN ({}) AND {FUNCTION_ENTRY} \
                  ORDER BY m.last_used DESC LIMIT 1",
                 ids.join(",")

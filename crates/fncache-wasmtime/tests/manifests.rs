@@ -151,8 +151,8 @@ fn a_damaged_entry_read_ahead_is_rejected_and_compiled_again() {
     for key in &keys {
         let (id, mut data): (i64, Vec<u8>) = conn
             .query_row(
-                "SELECT d.id, d.data FROM keys k JOIN blob_meta m ON m.digest = k.digest \
-                 JOIN blob_data d ON d.id = m.data_id WHERE k.id = ?1",
+                "SELECT d.id, d.data FROM entries e JOIN blob_data d ON d.id = e.data_id \
+                 WHERE e.key = ?1",
                 [key.0.as_bytes()],
                 |row| Ok((row.get(0)?, row.get(1)?)),
             )
@@ -199,7 +199,12 @@ fn a_manifest_whose_entries_were_evicted_degrades_to_ordinary_lookups() {
     // Evicted: the keys and their values gone, the manifest left.
     let conn = database(dir.path());
     for key in &keys {
-        conn.execute("DELETE FROM keys WHERE id = ?1", [key.0.as_bytes()])
+        conn.execute(
+            "DELETE FROM blob_data WHERE id = (SELECT data_id FROM entries WHERE key = ?1)",
+            [key.0.as_bytes()],
+        )
+        .unwrap();
+        conn.execute("DELETE FROM entries WHERE key = ?1", [key.0.as_bytes()])
             .unwrap();
     }
     drop(conn);

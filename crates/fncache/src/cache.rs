@@ -260,12 +260,13 @@ impl Cache {
                 if count {
                     session.misses.fetch_add(1, Ordering::Relaxed);
                 }
-                let mut removed = self.inner.store.remove_key(&key);
-                // A damaged value is removed for every key; a value from a shared store is
-                // not, since the local copy under that digest may be a genuine one.
-                if rejection != Rejection::Link && found.origin == Origin::Local {
-                    removed = removed.and(self.inner.store.remove_value(&found.digest));
-                }
+                // A damaged value is removed wherever keys share it; a value from a shared
+                // store is not, since the local copy under that digest may be a genuine one.
+                let removed = if rejection != Rejection::Link && found.origin == Origin::Local {
+                    self.inner.store.remove_damaged(&key, &found.digest)
+                } else {
+                    self.inner.store.remove_key(&key)
+                };
                 if let Err(error) = removed {
                     self.warn_once(&error);
                 }

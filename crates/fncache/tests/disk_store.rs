@@ -136,8 +136,13 @@ fn least_recently_used_goes_first() {
     assert!(cache.get(&namespace(), b"e").is_some());
 }
 
+/// Each key keeps its own copy of a small value (one randomly keyed tree per value, see
+/// `store::disk`), and the limit counts every copy. A value in a file is shared by its keys:
+/// the file stays until the last of them goes.
 #[test]
-fn one_value_under_many_keys_is_stored_once() {
+fn small_values_are_kept_per_key_and_a_value_file_until_its_last_key_goes() {
+    use fncache::store::{Store, StoredEntry};
+    use fncache::{Digest, KeyId, Link};
     let dir = tempfile::tempdir().unwrap();
     let cache = open(dir.path(), 1 << 30);
     for i in 0..20u8 {
@@ -145,8 +150,49 @@ fn one_value_under_many_keys_is_stored_once() {
     }
     cache.flush().unwrap();
     let stats = cache.stats().unwrap();
-    assert_eq!((stats.entries, stats.keys), (1, 20));
-    assert!(stats.bytes < 2 * 3000 + 20 * KEY_OVERHEAD + VALUE_OVERHEAD + 100);
+    assert_eq!((stats.entries, stats.keys), (20, 20));
+    assert!(stats.bytes >= 20 * (3000 + KEY_OVERHEAD + VALUE_OVERHEAD));
+    drop(cache);
+
+    // The store alone (it moves bytes and checks nothing): two keys, one large value.
+    let store = DiskStore::open(dir.path(), 1 << 30, false).unwrap();
+    let entry: Arc<[u8]> = value(9, LARGE).into();
+    let digest = Digest::of(&entry);
+    let (one, two) = (KeyId(Digest::of(b"one")), KeyId(Digest::of(b"two")));
+    for key in [one, two] {
+        store
+            .put(key, Link(Digest::of(b"link")), digest, entry.clone())
+            .unwrap();
+    }
+    store.flush().unwrap();
+    assert_eq!(value_files(dir.path()).len(), 1);
+    store.remove_key(&one).unwrap();
+    store.flush().unwrap();
+    assert!(store.get(&one).unwrap().is_none());
+    let found = store
+        .get(&two)
+        .unwrap()
+        .expect("the other key keeps the file");
+    assert!(matches!(found.entry, StoredEntry::Split { .. }));
+    assert_eq!(found.entry.len(), LARGE);
+    store.remove_key(&two).unwrap();
+    store.flush().unwrap();
+    assert!(
+        value_files(dir.path()).is_empty(),
+        "the last key took the file"
+    );
+
+    // A damaged file goes with every key that shares it.
+    for key in [one, two] {
+        store
+            .put(key, Link(Digest::of(b"link")), digest, entry.clone())
+            .unwrap();
+    }
+    store.remove_damaged(&one, &digest).unwrap();
+    store.flush().unwrap();
+    assert!(store.get(&two).unwrap().is_none());
+    assert!(value_files(dir.path()).is_empty());
+    assert_eq!(store.usage().unwrap().entries, 20);
 }
 
 /// Damage done through SQLite itself, as a disk error or a meddling process would: `edit`
@@ -614,7 +660,7 @@ fn a_flush_leaves_the_database_file_complete_without_its_log() {
     )
     .unwrap();
     let keys: i64 = conn
-        .query_row("SELECT COUNT(*) FROM keys", [], |row| row.get(0))
+        .query_row("SELECT COUNT(*) FROM entries", [], |row| row.get(0))
         .unwrap();
     assert_eq!(keys, 50);
 }
@@ -744,7 +790,7 @@ fn the_count_of_values_kept_for_opening_follows_the_rows() {
             .optional()
             .unwrap();
         let rows = conn
-            .query_row("SELECT COUNT(*) FROM blob_meta", [], |r| r.get(0))
+            .query_row("SELECT COUNT(*) FROM entries", [], |r| r.get(0))
             .unwrap();
         (kept, rows)
     };

@@ -172,6 +172,15 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Removes a value (found damaged) and every key pointing at it.
     fn remove_value(&self, digest: &Digest) -> Result<(), StoreError>;
 
+    /// Removes `key`, whose value (`digest`) was found damaged, and the value wherever other
+    /// keys share that copy of it. Default: [`Store::remove_key`] and [`Store::remove_value`],
+    /// for a store that keeps a value once for all its keys; a store that keeps a copy per key
+    /// removes just that one, without looking for the others.
+    fn remove_damaged(&self, key: &KeyId, digest: &Digest) -> Result<(), StoreError> {
+        self.remove_key(key)?;
+        self.remove_value(digest)
+    }
+
     /// Adds `delta` to the store's counters (persistent stores keep them across processes).
     fn record(&self, delta: &Counters);
 

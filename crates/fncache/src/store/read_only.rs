@@ -44,6 +44,10 @@ impl Store for ReadOnlyStore {
         Ok(())
     }
 
+    fn remove_damaged(&self, _key: &KeyId, _digest: &Digest) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     fn record(&self, _delta: &Counters) {}
 
     fn take_counters(&self) -> Counters {

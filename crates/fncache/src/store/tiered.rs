@@ -124,6 +124,10 @@ impl Store for TieredStore {
         self.each(|tier| tier.remove_value(digest))
     }
 
+    fn remove_damaged(&self, key: &KeyId, digest: &Digest) -> Result<(), StoreError> {
+        self.each(|tier| tier.remove_damaged(key, digest))
+    }
+
     fn record(&self, delta: &Counters) {
         let mut delta = *delta;
         for (index, tier) in self.tiers.iter().enumerate() {

@@ -5,17 +5,24 @@
 //! shared by many processes without any locking of our own.
 //!
 //! Layout (schema version [`SCHEMA_VERSION`]):
-//! - `keys(id, digest, link)`: a key points at a value's digest; the link binds the two with
-//!   the cache's secret ([`Link`]), so that a row pointed elsewhere is rejected on read;
-//! - `blob_meta(digest, data_id, size, last_used)`: small rows the LRU order is kept in, apart
-//!   from the large values so that recording a use never rewrites a value. `last_used` is a
-//!   logical clock shared by all processes (exact LRU at the granularity of a write batch) and
-//!   is deliberately not indexed: a hit's touch is then one small-row update, while eviction,
-//!   which runs once per tenth of the limit written, sorts the rows once;
+//! - `entries(key, link, digest, data_id, size, last_used, in_file)`: one row per key, with
+//!   everything but the bytes. The link binds the key to the value's digest with the cache's
+//!   secret ([`Link`]), so that a row pointed elsewhere is rejected on read. `last_used` is a
+//!   logical clock shared by all processes (exact LRU at the granularity of a write batch),
+//!   indexed (`entries_by_use`) so that eviction reads the oldest first;
 //! - `blob_data(id, data)`: the encoded entries, or only the header of one whose body is in a
 //!   file of its own (`in_file`, for entries of at least [`FILE_THRESHOLD`] bytes: whole
-//!   modules, which load fastest mapped; see [`value_files`]);
-//! - `meta(name, value)`: the accounted byte total, the use clock and persistent counters.
+//!   modules, which load fastest mapped; see [`value_files`]). Its ids grow with every insert,
+//!   so inserts append to it and the oldest values sit together;
+//! - `meta(name, value)`: the accounted byte total, the use clock, the number of rows and the
+//!   persistent counters.
+//!
+//! One randomly keyed tree per value: a lookup searches `entries` by key, then `blob_data` by
+//! id; an insert or an eviction changes one random leaf. Schema 3 kept values once for all the
+//! keys that share them, at the price of two more random trees (a digest index and the values'
+//! own rows); in a full cache that doubled the cost of inserts and evictions (docs/performance.md,
+//! "One tree per value"). A value shared by several keys is now stored once per key, except a
+//! value in a file, which its keys share (`entries_in_file` finds them).
 //!
 //! Writes never block a compile: `put` hands the entry to a writer thread, which commits
 //! whatever has queued up in one transaction, records uses (LRU touches) in the same
@@ -51,14 +58,14 @@ use self::schema::{
 use self::sql::GET_SQL;
 use self::value_files::MappedFile;
 use self::writer::{Op, Pending, Queue, Writer, WriterState};
-use super::{Eviction, Found, Store, StoreError, StoredEntry, Usage, KEY_OVERHEAD};
+use super::{Eviction, Found, Store, StoreError, StoredEntry, Usage};
 use crate::key::{Digest, KeyId, Link};
 use crate::stats::Counters;
 
 /// The database file inside the cache directory.
 pub const DB_FILE: &str = "fncache.db";
 /// Bumped when the schema changes; a cache with another version is refused, not misread.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 /// The largest limit a cache takes (SQLite's integers are signed).
 pub const MAX_LIMIT: u64 = i64::MAX as u64;
 /// Eviction brings the accounted bytes down to this share of the limit, so that it runs once
@@ -91,9 +98,9 @@ pub struct DiskStore {
     readers: Mutex<Vec<Connection>>,
     /// Values handed to `put` and not yet committed.
     pending: Pending,
-    /// Values this handle recorded a use of in the current [`TOUCH_PERIOD`]: a value used again
+    /// Keys this handle recorded a use of in the current [`TOUCH_PERIOD`]: a key used again
     /// and again by one process is recorded once a period, not once a hit.
-    touched: Mutex<(Instant, HashSet<Digest>)>,
+    touched: Mutex<(Instant, HashSet<KeyId>)>,
     /// Values last used at or after this clock are recent enough not to be touched again: the
     /// newer half of the cache's history when it was opened. A warm compile's thousands of
     /// hits then cost no write at all, and eviction (which takes the oldest tenth) still never
@@ -305,12 +312,12 @@ impl DiskStore {
         result
     }
 
-    fn first_use_this_period(&self, digest: Digest) -> bool {
+    fn first_use_this_period(&self, key: KeyId) -> bool {
         let mut touched = self.touched.lock();
         if touched.0.elapsed() > TOUCH_PERIOD {
             *touched = (Instant::now(), HashSet::new());
         }
-        touched.1.insert(digest)
+        touched.1.insert(key)
     }
 
     fn send(&self, op: Op) -> Result<(), StoreError> {
@@ -334,7 +341,7 @@ impl DiskStore {
     }
     /// The entry a row of [`GET_SQL`] describes: a value file is opened and mapped here, and a
     /// use is recorded if the value is old enough to need one.
-    fn found(&self, row: Option<Row>) -> Result<Option<Found>, StoreError> {
+    fn found(&self, key: &KeyId, row: Option<Row>) -> Result<Option<Found>, StoreError> {
         // A digest or link column of the wrong length is a damaged index row: nothing to serve.
         let Some((Some(digest), stored, in_file, last_used, Some(link))) = row else {
             return Ok(None);
@@ -355,8 +362,8 @@ impl DiskStore {
             StoredEntry::Whole(stored)
         };
         let stale = last_used < self.touch_floor.load(Ordering::Relaxed);
-        if stale && !self.read_only && self.first_use_this_period(digest) {
-            self.send(Op::Touch(digest))?;
+        if stale && !self.read_only && self.first_use_this_period(*key) {
+            self.send(Op::Touch(*key))?;
         }
         Ok(Some(Found::local(digest, link, entry)))
     }
@@ -398,7 +405,7 @@ impl Store for DiskStore {
             )));
         }
         let row = self.with_reader(|conn| read_row(conn, key))?;
-        self.found(row)
+        self.found(key, row)
     }
 
     fn get_many(
@@ -451,7 +458,7 @@ impl Store for DiskStore {
             })()
             .map_err(|e| self.db_error(e))?;
             for (key, row) in rows {
-                if let Some(entry) = self.found(Some(row))? {
+                if let Some(entry) = self.found(&key, Some(row))? {
                     found(key, entry);
                 }
             }
@@ -486,9 +493,20 @@ impl Store for DiskStore {
         self.send(Op::RemoveKey(*key))
     }
 
+    /// Removes every key whose value has `digest`. Each key holds its own copy of a value (but
+    /// for values in files), and no index on digests is kept for them: the writer finds them
+    /// in one pass over the keys per commit, which suits `verify`; a compile that finds a
+    /// damaged value calls [`Store::remove_damaged`], which costs no pass.
     fn remove_value(&self, digest: &Digest) -> Result<(), StoreError> {
         self.pending.lock().retain(|_, (d, _, _)| d != digest);
         self.send(Op::RemoveValue(*digest))
+    }
+
+    /// Removes `key`, whose copy of the value was found damaged, and the other keys only if
+    /// they share it (a value in a file).
+    fn remove_damaged(&self, key: &KeyId, digest: &Digest) -> Result<(), StoreError> {
+        self.pending.lock().remove(key);
+        self.send(Op::RemoveDamaged(*key, *digest))
     }
 
     fn record(&self, delta: &Counters) {
@@ -522,9 +540,11 @@ impl Store for DiskStore {
     fn usage(&self) -> Result<Usage, StoreError> {
         self.with_reader(|conn| {
             let count = |sql: &str| conn.query_row(sql, [], |row| row.get::<_, i64>(0));
+            // Every key holds a value of its own (see `remove_value`).
+            let keys = count("SELECT COUNT(*) FROM entries")? as u64;
             Ok(Usage {
-                entries: count("SELECT COUNT(*) FROM blob_meta")? as u64,
-                keys: count("SELECT COUNT(*) FROM keys")? as u64,
+                entries: keys,
+                keys,
                 bytes: count("SELECT value FROM meta WHERE name = 'bytes'")?.max(0) as u64,
             })
         })
@@ -551,8 +571,8 @@ impl Store for DiskStore {
     fn for_each_entry(&self, visit: &mut dyn FnMut(Digest, &[u8])) -> Result<(), StoreError> {
         self.with_reader(|conn| {
             let mut stmt = conn.prepare(
-                "SELECT m.digest, d.data, m.in_file FROM blob_meta m \
-                 JOIN blob_data d ON d.id = m.data_id",
+                "SELECT e.digest, d.data, e.in_file FROM entries e \
+                 JOIN blob_data d ON d.id = e.data_id",
             )?;
             let mut rows = stmt.query([])?;
             while let Some(row) = rows.next()? {
@@ -579,7 +599,7 @@ impl Store for DiskStore {
 
     fn for_each_link(&self, visit: &mut dyn FnMut(KeyId, Digest, Link)) -> Result<(), StoreError> {
         self.with_reader(|conn| {
-            let mut stmt = conn.prepare("SELECT id, digest, link FROM keys")?;
+            let mut stmt = conn.prepare("SELECT key, digest, link FROM entries")?;
             let mut rows = stmt.query([])?;
             while let Some(row) = rows.next()? {
                 let blob = |i| row.get_ref(i).and_then(|v| Ok(v.as_blob()?.to_vec()));

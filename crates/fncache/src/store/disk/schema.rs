@@ -15,15 +15,14 @@ use crate::trust;
 
 pub(super) const SCHEMA: &str = "
     CREATE TABLE meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
-    CREATE TABLE keys (id BLOB PRIMARY KEY, digest BLOB NOT NULL, link BLOB NOT NULL)
+    CREATE TABLE entries (
+        key BLOB PRIMARY KEY, link BLOB NOT NULL, digest BLOB NOT NULL,
+        data_id INTEGER NOT NULL, size INTEGER NOT NULL, last_used INTEGER NOT NULL,
+        in_file INTEGER NOT NULL)
         WITHOUT ROWID;
-    CREATE INDEX keys_by_digest ON keys(digest);
-    CREATE TABLE blob_meta (
-        digest BLOB PRIMARY KEY, data_id INTEGER NOT NULL,
-        size INTEGER NOT NULL, last_used INTEGER NOT NULL, in_file INTEGER NOT NULL)
-        WITHOUT ROWID;
+    CREATE INDEX entries_by_use ON entries(last_used);
+    CREATE INDEX entries_in_file ON entries(digest) WHERE in_file;
     CREATE TABLE blob_data (id INTEGER PRIMARY KEY, data BLOB NOT NULL);
-    CREATE INDEX blob_meta_by_use ON blob_meta(last_used);
     INSERT INTO meta VALUES ('bytes', 0), ('clock', 0), ('hits', 0), ('misses', 0),
         ('inserts', 0), ('evictions', 0), ('bytes_read', 0), ('bytes_written', 0),
         ('rejected', 0), ('remote_hits', 0), ('remote_errors', 0), ('max_bytes', 0),
@@ -97,11 +96,13 @@ fn replace_older_schema(dir: &Path, db_path: &Path) -> Result<bool, StoreError> 
     let found = Connection::open_with_flags(db_path, open_flags(OpenFlags::SQLITE_OPEN_READ_ONLY))
         .and_then(|conn| {
             let version = conn.query_row("PRAGMA user_version", [], |row| row.get::<_, i64>(0))?;
+            // Schemas 1-3 kept `keys` and `blob_meta`; 4 keeps `entries`.
             let ours = conn.query_row(
-                "SELECT COUNT(*) FROM sqlite_master WHERE name IN ('meta', 'keys', 'blob_meta')",
+                "SELECT (SELECT COUNT(*) FROM sqlite_master WHERE name = 'meta') \
+                 + (SELECT COUNT(*) FROM sqlite_master WHERE name IN ('blob_meta', 'entries'))",
                 [],
                 |row| row.get::<_, i64>(0),
-            )? == 3;
+            )? == 2;
             Ok((version, ours))
         });
     match found {
@@ -144,7 +145,7 @@ pub fn make_room(dir: &Path, shared: bool) -> Result<u64, StoreError> {
     )
     .map_err(db_error)?;
     let in_files: Vec<Digest> = conn
-        .prepare("SELECT digest FROM blob_meta WHERE in_file ORDER BY last_used")
+        .prepare("SELECT digest FROM entries WHERE in_file GROUP BY digest ORDER BY max(last_used)")
         .and_then(|mut stmt| {
             stmt.query_map([], |row| row.get::<_, Vec<u8>>(0))?
                 .filter_map(|r| r.map(|d| Digest::from_slice(&d)).transpose())

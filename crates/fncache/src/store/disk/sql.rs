@@ -1,6 +1,7 @@
 //! The statements the writer's transactions run: storing, removing and evicting values, and
 //! the counters kept in `meta`.
 
+use std::collections::HashSet;
 use std::fs;
 use std::path::Path;
 
@@ -13,10 +14,10 @@ use crate::key::{Digest, KeyId, Link};
 use crate::stats::Counters;
 use crate::store::{Eviction, KEY_OVERHEAD, VALUE_OVERHEAD};
 
-pub(super) const GET_SQL: &str =
-    "SELECT k.digest, d.data, m.in_file, m.last_used, k.link FROM keys k \
-     JOIN blob_meta m ON m.digest = k.digest \
-     JOIN blob_data d ON d.id = m.data_id WHERE k.id = ?1";
+/// A lookup: one search in the randomly keyed `entries`, one in `blob_data`, whose ids grow
+/// with every insert.
+pub(super) const GET_SQL: &str = "SELECT e.digest, d.data, e.in_file, e.last_used, e.link \
+     FROM entries e JOIN blob_data d ON d.id = e.data_id WHERE e.key = ?1";
 
 /// The cache's byte limit as stored in it (0, never set: the default).
 pub(super) fn stored_limit(tx: &Transaction<'_>) -> rusqlite::Result<u64> {
@@ -65,7 +66,7 @@ pub(super) fn entries(tx: &Transaction<'_>) -> rusqlite::Result<i64> {
         .optional()?;
     match kept {
         Some(entries) => Ok(entries),
-        None => tx.query_row("SELECT COUNT(*) FROM blob_meta", [], |row| row.get(0)),
+        None => tx.query_row("SELECT COUNT(*) FROM entries", [], |row| row.get(0)),
     }
 }
 
@@ -116,18 +117,34 @@ pub(super) fn add_evictions(tx: &Transaction<'_>, entries: u64) -> rusqlite::Res
     )
 }
 
-/// Stores one value under one key; returns the accounted bytes added and whether the value is
-/// new (not only a new key for a value already stored).
+/// Bytes accounted for one row of `entries`: its value and its key.
+fn accounted(size: i64) -> i64 {
+    size + (VALUE_OVERHEAD + KEY_OVERHEAD) as i64
+}
+
+/// One value to store under one key, as [`Store::put`](crate::store::Store::put) takes it.
+pub(super) struct NewEntry<'a> {
+    pub(super) key: &'a KeyId,
+    pub(super) link: &'a Link,
+    pub(super) digest: &'a Digest,
+    pub(super) entry: &'a [u8],
+}
+
+/// Stores `new`, replacing what its key held; returns the accounted bytes added and the rows
+/// added (0 or 1).
 pub(super) fn put(
     tx: &Transaction<'_>,
     values: ValuesDir<'_>,
-    key: &KeyId,
-    link: &Link,
-    digest: &Digest,
-    entry: &[u8],
+    new: NewEntry<'_>,
     clock: i64,
-) -> rusqlite::Result<(i64, bool)> {
-    let mut added = 0;
+    unlink: &mut Vec<Digest>,
+) -> rusqlite::Result<(i64, i64)> {
+    let NewEntry {
+        key,
+        link,
+        digest,
+        entry,
+    } = new;
     let in_file = entry.len() >= FILE_THRESHOLD;
     if in_file {
         // Before the row, so that a committed row always has its file (a file without a row
@@ -140,89 +157,135 @@ pub(super) fn put(
             },
         )?;
     }
-    let known = tx
-        .prepare_cached("UPDATE blob_meta SET last_used = ?1 WHERE digest = ?2")?
-        .execute(params![clock, digest.as_bytes()])?
-        > 0;
-    if !known {
-        let stored = if in_file { &entry[..HEADER_LEN] } else { entry };
-        tx.prepare_cached("INSERT INTO blob_data (data) VALUES (?1)")?
-            .execute([stored])?;
-        let data_id = tx.last_insert_rowid();
-        tx.prepare_cached(
-            "INSERT INTO blob_meta (digest, data_id, size, last_used, in_file) \
-             VALUES (?1, ?2, ?3, ?4, ?5)",
-        )?
-        .execute(params![
-            digest.as_bytes(),
-            data_id,
-            entry.len() as i64,
-            clock,
-            in_file
-        ])?;
-        added += entry.len() as i64 + VALUE_OVERHEAD as i64;
-    }
     let current: Option<(Vec<u8>, Vec<u8>)> = tx
-        .prepare_cached("SELECT digest, link FROM keys WHERE id = ?1")?
+        .prepare_cached("SELECT digest, link FROM entries WHERE key = ?1")?
         .query_row([key.0.as_bytes()], |row| Ok((row.get(0)?, row.get(1)?)))
         .optional()?;
+    let mut added = 0;
+    let mut rows = 1;
     match current {
-        None => {
-            tx.prepare_cached("INSERT INTO keys (id, digest, link) VALUES (?1, ?2, ?3)")?
-                .execute(params![
-                    key.0.as_bytes(),
-                    digest.as_bytes(),
-                    link.as_bytes()
-                ])?;
-            added += KEY_OVERHEAD as i64;
+        Some((d, l)) if d == digest.as_bytes() && l == link.as_bytes() => {
+            tx.prepare_cached("UPDATE entries SET last_used = ?1 WHERE key = ?2")?
+                .execute(params![clock, key.0.as_bytes()])?;
+            return Ok((0, 0));
         }
-        Some((d, l)) if d != digest.as_bytes() || l != link.as_bytes() => {
-            tx.prepare_cached("UPDATE keys SET digest = ?2, link = ?3 WHERE id = ?1")?
-                .execute(params![
-                    key.0.as_bytes(),
-                    digest.as_bytes(),
-                    link.as_bytes()
-                ])?;
+        Some(_) => {
+            // A key that now points elsewhere (a false link rewritten, a value stored anew):
+            // the old row goes, with its bytes.
+            let (freed, _) = remove_key(tx, key, unlink)?;
+            added -= freed;
+            rows = 0;
         }
-        Some(_) => {}
+        None => {}
     }
-    Ok((added, !known))
+    let stored = if in_file { &entry[..HEADER_LEN] } else { entry };
+    tx.prepare_cached("INSERT INTO blob_data (data) VALUES (?1)")?
+        .execute([stored])?;
+    let data_id = tx.last_insert_rowid();
+    tx.prepare_cached(
+        "INSERT INTO entries (key, link, digest, data_id, size, last_used, in_file) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?
+    .execute(params![
+        key.0.as_bytes(),
+        link.as_bytes(),
+        digest.as_bytes(),
+        data_id,
+        entry.len() as i64,
+        clock,
+        in_file
+    ])?;
+    added += accounted(entry.len() as i64);
+    Ok((added, rows))
 }
 
-/// Removes a value and the keys pointing at it; returns the accounted bytes freed and whether
-/// there was such a value. A value kept in a file is added to `unlink`, for removal once the
-/// transaction has committed.
-pub(super) fn remove_value(
+/// Removes a key and the value it holds; returns the accounted bytes freed and whether there
+/// was such a key. A value file that no other row shares is added to `unlink`, for removal once
+/// the transaction has committed.
+pub(super) fn remove_key(
+    tx: &Transaction<'_>,
+    key: &KeyId,
+    unlink: &mut Vec<Digest>,
+) -> rusqlite::Result<(i64, bool)> {
+    let found: Option<(Vec<u8>, i64, i64, bool)> = tx
+        .prepare_cached("SELECT digest, data_id, size, in_file FROM entries WHERE key = ?1")?
+        .query_row([key.0.as_bytes()], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+        })
+        .optional()?;
+    let Some((digest, data_id, size, in_file)) = found else {
+        return Ok((0, false));
+    };
+    tx.prepare_cached("DELETE FROM entries WHERE key = ?1")?
+        .execute([key.0.as_bytes()])?;
+    tx.prepare_cached("DELETE FROM blob_data WHERE id = ?1")?
+        .execute([data_id])?;
+    if in_file {
+        let shared = tx
+            .prepare_cached("SELECT 1 FROM entries WHERE digest = ?1 AND in_file LIMIT 1")?
+            .exists([&digest])?;
+        if let (false, Some(digest)) = (shared, Digest::from_slice(&digest)) {
+            unlink.push(digest);
+        }
+    }
+    Ok((accounted(size), true))
+}
+
+/// Removes every key whose value has one of `digests`; returns the accounted bytes freed and
+/// the keys removed. Values kept in files are found through their index; the others by one
+/// pass over the keys, since no index on digests is kept for them (it would be a third randomly
+/// keyed tree for every insert): this serves `verify`, not a compile.
+pub(super) fn remove_values(
+    tx: &Transaction<'_>,
+    digests: &HashSet<Digest>,
+    unlink: &mut Vec<Digest>,
+) -> rusqlite::Result<(i64, i64)> {
+    if digests.is_empty() {
+        return Ok((0, 0));
+    }
+    let keys: Vec<KeyId> = {
+        let mut stmt = tx.prepare_cached("SELECT key, digest FROM entries")?;
+        let mut rows = stmt.query([])?;
+        let mut keys = Vec::new();
+        while let Some(row) = rows.next()? {
+            let digest = Digest::from_slice(row.get_ref(1)?.as_blob()?);
+            if digest.is_some_and(|d| digests.contains(&d)) {
+                if let Some(key) = Digest::from_slice(row.get_ref(0)?.as_blob()?) {
+                    keys.push(KeyId(key));
+                }
+            }
+        }
+        keys
+    };
+    let (mut freed, mut removed) = (0, 0);
+    for key in &keys {
+        let (bytes, found) = remove_key(tx, key, unlink)?;
+        freed += bytes;
+        removed += i64::from(found);
+    }
+    Ok((freed, removed))
+}
+
+/// Removes every key whose value is kept in the file of `digest` (found damaged or lost);
+/// returns the accounted bytes freed and the keys removed.
+pub(super) fn remove_file_value(
     tx: &Transaction<'_>,
     digest: &Digest,
     unlink: &mut Vec<Digest>,
-) -> rusqlite::Result<(i64, bool)> {
-    let found: Option<(i64, i64, bool)> = tx
-        .prepare_cached("SELECT data_id, size, in_file FROM blob_meta WHERE digest = ?1")?
-        .query_row([digest.as_bytes()], |row| {
-            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
-        })
-        .optional()?;
-    let keys = tx
-        .prepare_cached("DELETE FROM keys WHERE digest = ?1")?
-        .execute([digest.as_bytes()])? as i64;
-    let Some((data_id, size, in_file)) = found else {
-        return Ok((keys * KEY_OVERHEAD as i64, false));
-    };
-    if in_file {
-        unlink.push(*digest);
+) -> rusqlite::Result<(i64, i64)> {
+    let keys: Vec<Vec<u8>> = tx
+        .prepare_cached("SELECT key FROM entries WHERE digest = ?1 AND in_file")?
+        .query_map([digest.as_bytes()], |row| row.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    let (mut freed, mut removed) = (0, 0);
+    for key in keys.iter().filter_map(|k| Digest::from_slice(k)).map(KeyId) {
+        let (bytes, found) = remove_key(tx, &key, unlink)?;
+        freed += bytes;
+        removed += i64::from(found);
     }
-    tx.prepare_cached("DELETE FROM blob_data WHERE id = ?1")?
-        .execute([data_id])?;
-    tx.prepare_cached("DELETE FROM blob_meta WHERE digest = ?1")?
-        .execute([digest.as_bytes()])?;
-    Ok((
-        size + VALUE_OVERHEAD as i64 + keys * KEY_OVERHEAD as i64,
-        true,
-    ))
+    Ok((freed, removed))
 }
 
-/// Evicts least recently used values until `bytes <= target`.
 /// Where one eviction may stop, short of its target: once it has evicted at least `values`
 /// values, freed at least `bytes` bytes, and left at most `under` accounted bytes.
 #[derive(Clone, Copy)]
@@ -232,6 +295,7 @@ pub(super) struct EvictionBudget {
     pub under: i64,
 }
 
+/// Evicts least recently used keys, with their values, until `bytes <= target`.
 pub(super) fn evict_within(
     tx: &Transaction<'_>,
     bytes: &mut i64,
@@ -243,14 +307,11 @@ pub(super) fn evict_within(
     if *bytes <= target as i64 {
         return Ok(eviction);
     }
-    // The oldest first, read from the index on `last_used` (a cache made before it had one gets
-    // it here, once): sorting the whole table took 150 ms at half a million values, for every
-    // eviction. Removal follows the reading.
-    tx.execute_batch("CREATE INDEX IF NOT EXISTS blob_meta_by_use ON blob_meta(last_used)")?;
+    // The oldest first, read from the index on `last_used`; removal follows the reading.
     let mut victims = Vec::new();
     {
         let mut stmt = tx.prepare_cached(
-            "SELECT digest, size FROM blob_meta INDEXED BY blob_meta_by_use ORDER BY last_used",
+            "SELECT key, size, data_id FROM entries INDEXED BY entries_by_use ORDER BY last_used",
         )?;
         let mut rows = stmt.query([])?;
         let mut to_free = *bytes - target as i64;
@@ -263,23 +324,26 @@ pub(super) fn evict_within(
                 break;
             }
             let Some(row) = rows.next()? else { break };
-            let digest: Vec<u8> = row.get(0)?;
-            let size = row.get::<_, i64>(1)? + VALUE_OVERHEAD as i64;
+            let key: Vec<u8> = row.get(0)?;
+            let size = accounted(row.get::<_, i64>(1)?);
             to_free -= size;
             freed += size;
-            victims.push(digest);
+            victims.push((key, row.get::<_, i64>(2)?));
         }
     }
-    for victim in victims {
+    for (victim, data_id) in victims {
         if *bytes <= target as i64 {
             break;
         }
-        let Some(digest) = Digest::from_slice(&victim) else {
-            tx.prepare_cached("DELETE FROM blob_meta WHERE digest = ?1")?
+        let Some(key) = Digest::from_slice(&victim).map(KeyId) else {
+            // A key column of the wrong length: a damaged row, removed without a count.
+            tx.prepare_cached("DELETE FROM entries WHERE key = ?1")?
                 .execute([&victim])?;
+            tx.prepare_cached("DELETE FROM blob_data WHERE id = ?1")?
+                .execute([data_id])?;
             continue;
         };
-        let (freed, _) = remove_value(tx, &digest, unlink)?;
+        let (freed, _) = remove_key(tx, &key, unlink)?;
         *bytes -= freed;
         eviction.entries += 1;
         eviction.bytes += freed.max(0) as u64;

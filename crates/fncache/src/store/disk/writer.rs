@@ -14,11 +14,12 @@ use parking_lot::Mutex;
 use rusqlite::{params, Connection, Transaction, TransactionBehavior};
 
 use super::sql::{
-    add_counters, add_evictions, entries, evict_within, low_water, meta, put, remove_value,
-    set_entries, set_meta, stored_limit, EvictionBudget, ValuesDir,
+    add_counters, add_evictions, entries, evict_within, low_water, meta, put, remove_file_value,
+    remove_key, remove_values, set_entries, set_meta, stored_limit, EvictionBudget, NewEntry,
+    ValuesDir,
 };
+use super::MIN_EVICTIONS_PER_COMMIT;
 use super::{parked_counters, value_files};
-use super::{KEY_OVERHEAD, MIN_EVICTIONS_PER_COMMIT};
 use crate::key::{Digest, KeyId, Link};
 use crate::stats::Counters;
 use crate::store::{Eviction, StoreError};
@@ -37,8 +38,10 @@ pub(super) enum Op {
         digest: Digest,
         entry: Arc<[u8]>,
     },
-    Touch(Digest),
+    Touch(KeyId),
     RemoveKey(KeyId),
+    /// A key whose value was found damaged: the key, and every key sharing its value's file.
+    RemoveDamaged(KeyId, Digest),
     RemoveValue(Digest),
     Record(Counters),
     Flush(SyncSender<Result<(), StoreError>>),
@@ -278,6 +281,9 @@ impl WriterState {
             let mut entries = entries(tx)?;
             let mut added_bytes = 0;
             let mut counters = Counters::default();
+            // Values to remove by digest, gathered so that one pass over the keys finds them
+            // all (see `remove_values`); removed before a later put could store them again.
+            let mut doomed = HashSet::new();
             for op in ops {
                 match op {
                     Op::Put {
@@ -286,33 +292,51 @@ impl WriterState {
                         digest,
                         entry,
                     } => {
+                        if !doomed.is_empty() {
+                            let doomed = std::mem::take(&mut doomed);
+                            let (freed, removed) = remove_values(tx, &doomed, &mut unlink)?;
+                            bytes -= freed;
+                            entries -= removed;
+                        }
                         clock += 1;
                         let values = ValuesDir { dir: &dir, shared };
-                        let (added, new_value) = put(tx, values, key, link, digest, entry, clock)?;
+                        let new = NewEntry {
+                            key,
+                            link,
+                            digest,
+                            entry,
+                        };
+                        let (added, rows) = put(tx, values, new, clock, &mut unlink)?;
                         bytes += added;
                         added_bytes += added;
-                        entries += i64::from(new_value);
+                        entries += rows;
                     }
-                    Op::Touch(digest) => {
+                    Op::Touch(key) => {
                         clock += 1;
-                        tx.prepare_cached("UPDATE blob_meta SET last_used = ?1 WHERE digest = ?2")?
-                            .execute(params![clock, digest.as_bytes()])?;
+                        tx.prepare_cached("UPDATE entries SET last_used = ?1 WHERE key = ?2")?
+                            .execute(params![clock, key.0.as_bytes()])?;
                     }
                     Op::RemoveKey(key) => {
-                        let removed = tx
-                            .prepare_cached("DELETE FROM keys WHERE id = ?1")?
-                            .execute([key.0.as_bytes()])?;
-                        bytes -= removed as i64 * KEY_OVERHEAD as i64;
-                    }
-                    Op::RemoveValue(digest) => {
-                        let (freed, removed) = remove_value(tx, digest, &mut unlink)?;
+                        let (freed, removed) = remove_key(tx, key, &mut unlink)?;
                         bytes -= freed;
                         entries -= i64::from(removed);
+                    }
+                    Op::RemoveDamaged(key, digest) => {
+                        let (freed, removed) = remove_key(tx, key, &mut unlink)?;
+                        let (shared_freed, shared) = remove_file_value(tx, digest, &mut unlink)?;
+                        bytes -= freed + shared_freed;
+                        entries -= i64::from(removed) + shared;
+                    }
+                    Op::RemoveValue(digest) => {
+                        doomed.insert(*digest);
                     }
                     Op::Record(delta) => counters.add(delta),
                     _ => {}
                 }
             }
+            let (freed, removed) = remove_values(tx, &doomed, &mut unlink)?;
+            bytes -= freed;
+            entries -= removed;
             let mut evicted = false;
             // The ratio is at most MAX_DISK_RATIO: below the limit by that much, it cannot matter.
             let ratio = match known_ratio {
@@ -409,7 +433,7 @@ impl WriterState {
         let mut unlink = Vec::new();
         let lost = self.in_transaction(|tx| {
             let digests: Vec<Digest> = tx
-                .prepare("SELECT digest FROM blob_meta WHERE in_file")?
+                .prepare("SELECT DISTINCT digest FROM entries WHERE in_file")?
                 .query_map([], |row| row.get::<_, Vec<u8>>(0))?
                 .filter_map(|r| r.map(|d| Digest::from_slice(&d)).transpose())
                 .collect::<rusqlite::Result<_>>()?;
@@ -418,9 +442,9 @@ impl WriterState {
             let mut lost = Eviction::default();
             for digest in digests {
                 if fs::symlink_metadata(value_files::path(&dir, &digest)).is_err() {
-                    let (freed, _) = remove_value(tx, &digest, &mut unlink)?;
+                    let (freed, removed) = remove_file_value(tx, &digest, &mut unlink)?;
                     bytes -= freed;
-                    lost.entries += 1;
+                    lost.entries += removed as u64;
                     lost.bytes += freed.max(0) as u64;
                 }
             }
@@ -440,7 +464,7 @@ impl WriterState {
         let dir = self.dir.clone();
         let swept = self.in_transaction(|tx| {
             let in_files: HashSet<Digest> = tx
-                .prepare("SELECT digest FROM blob_meta WHERE in_file")?
+                .prepare("SELECT digest FROM entries WHERE in_file")?
                 .query_map([], |row| row.get::<_, Vec<u8>>(0))?
                 .filter_map(|r| r.map(|d| Digest::from_slice(&d)).transpose())
                 .collect::<rusqlite::Result<_>>()?;
@@ -457,7 +481,7 @@ impl WriterState {
         self.conn
             .execute_batch(
                 "BEGIN IMMEDIATE;
-                 DELETE FROM keys; DELETE FROM blob_meta; DELETE FROM blob_data;
+                 DELETE FROM entries; DELETE FROM blob_data;
                  UPDATE meta SET value = 0 WHERE name IN ('bytes', 'entries');
                  COMMIT;",
             )
