@@ -73,9 +73,9 @@ pub const MAX_LIMIT: u64 = i64::MAX as u64;
 pub const LOW_WATER_PERCENT: u64 = 90;
 /// A commit over the limit evicts toward [`LOW_WATER_PERCENT`], but may stop once the cache
 /// is under the limit again, it has freed the bytes it adds, and it has evicted at least this
-/// many values. Eviction costs 40-80 µs a value (three B-trees, and the pages given back):
-/// bringing a full 1 GiB cache down to 90% in one commit evicted 34,000 values and held one
-/// process's flush for 11.7 s. Now a full cache evicts about what it takes in, commit by
+/// many values. Eviction cost 40-80 µs a value in schema 3 (three B-trees, and the pages given
+/// back), about half that now: bringing a full 1 GiB cache down to 90% in one commit evicted
+/// 34,000 values and held one process's flush for 11.7 s. Now a full cache evicts about what it takes in, commit by
 /// commit, and every commit leaves it under its limit.
 pub const MIN_EVICTIONS_PER_COMMIT: u64 = 256;
 /// How long a process waits for another one's write transaction before giving up.
