@@ -888,3 +888,51 @@ fn a_commit_over_the_limit_evicts_about_what_it_adds() {
         assert!(stats.bytes <= limit + one_commit, "{} bytes", stats.bytes);
     }
 }
+
+/// A new cache's database is made aside and linked into place whole, by whichever of several
+/// handles opening it at once comes first: every one opens it, they share it, it has the
+/// settings that must precede its first table, and nothing made aside is left behind.
+#[test]
+fn a_new_cache_opened_by_many_at_once_is_made_once_and_shared() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cache");
+    let barrier = Arc::new(std::sync::Barrier::new(8));
+    let handles: Vec<_> = (0..8u64)
+        .map(|i| {
+            let (path, barrier) = (path.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                let cache = open(&path, 1 << 30);
+                cache.insert(&namespace(), &i.to_le_bytes(), &value(i, 500));
+                cache.flush().unwrap();
+                cache
+            })
+        })
+        .collect();
+    let caches: Vec<Cache> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    for cache in &caches {
+        for i in 0..8u64 {
+            assert_eq!(
+                cache.get(&namespace(), &i.to_le_bytes()),
+                Some(value(i, 500))
+            );
+        }
+    }
+    drop(caches);
+    let names: Vec<String> = std::fs::read_dir(&path)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(names.iter().all(|n| !n.contains(".new-")), "{names:?}");
+    let conn = rusqlite::Connection::open(path.join("fncache.db")).unwrap();
+    let setting = |pragma: &str| -> String {
+        conn.query_row(&format!("PRAGMA {pragma}"), [], |r| {
+            r.get::<_, rusqlite::types::Value>(0)
+        })
+        .map(|v| format!("{v:?}"))
+        .unwrap()
+    };
+    assert_eq!(setting("auto_vacuum"), "Integer(2)");
+    assert_eq!(setting("journal_mode"), "Text(\"wal\")");
+    assert_eq!(open(&path, 1 << 30).stats().unwrap().entries, 8);
+}
