@@ -135,6 +135,27 @@ fn only_counters(ops: &[Op]) -> Option<Counters> {
     Some(total)
 }
 
+/// The writer of a store whose connection could not be opened (on its own thread, after the
+/// store was): one warning, then every operation refused, as a failed commit would be.
+pub(super) fn refuse_all(queue: &Queue, pending: &Pending, error: &StoreError) {
+    log::warn!("cannot write to the cache ({error}); compiling without storing results");
+    while let Some(batch) = queue.next_batch() {
+        pending.lock().clear(); // nothing that waits would ever be written
+        let refused = || StoreError::Unusable(error.to_string());
+        for op in batch {
+            match op {
+                Op::Flush(reply) | Op::Clear(reply) => {
+                    let _ = reply.send(Err(refused()));
+                }
+                Op::Evict(_, reply) => {
+                    let _ = reply.send(Err(refused()));
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
 impl Op {
     /// Whether a caller is blocked waiting for this operation's answer.
     fn is_awaited(&self) -> bool {
@@ -576,4 +597,50 @@ fn resting_disk_bytes(db_path: &Path, dir: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     let database = fs::symlink_metadata(db_path).map_or(0, |m| m.blocks() * 512);
     database + value_files::total_bytes(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A writer whose connection could not be opened answers every flush with the error and
+    /// forgets what waited to be written, instead of leaving callers blocked or served
+    /// values that will never be stored.
+    #[test]
+    fn a_writer_without_a_connection_refuses_and_forgets() {
+        let queue = Arc::new(Queue::default());
+        let pending: Pending = Arc::default();
+        let (key, digest) = (KeyId(Digest::of(b"key")), Digest::of(b"entry"));
+        let entry: Arc<[u8]> = Arc::from(&b"entry"[..]);
+        let link = Link(Digest::of(b"link"));
+        pending.lock().insert(key, (digest, link, entry.clone()));
+        let thread = {
+            let (queue, pending) = (queue.clone(), pending.clone());
+            std::thread::spawn(move || {
+                refuse_all(
+                    &queue,
+                    &pending,
+                    &StoreError::Unusable("no connection".into()),
+                )
+            })
+        };
+        queue
+            .push(Op::Put {
+                key,
+                link,
+                digest,
+                entry,
+            })
+            .unwrap();
+        let (reply, answer) = std::sync::mpsc::sync_channel(1);
+        queue.push(Op::Flush(reply)).unwrap();
+        let error = answer
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap()
+            .unwrap_err();
+        assert!(error.to_string().contains("no connection"), "{error}");
+        assert!(pending.lock().is_empty());
+        queue.close();
+        thread.join().unwrap();
+    }
 }
