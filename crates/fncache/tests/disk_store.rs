@@ -182,6 +182,25 @@ fn small_values_are_kept_per_key_and_a_value_file_until_its_last_key_goes() {
         "the last key took the file"
     );
 
+    // In one commit, the last key of a file goes and another key takes the same value: the
+    // file stays. Likewise a key stored again with another link (a new secret).
+    let link = Link(Digest::of(b"link"));
+    store.put(one, link, digest, entry.clone()).unwrap();
+    store.flush().unwrap();
+    store.remove_key(&one).unwrap();
+    store.put(two, link, digest, entry.clone()).unwrap();
+    store.flush().unwrap();
+    let kept = store.get(&two).unwrap().expect("two holds the file");
+    assert_eq!(kept.entry.len(), LARGE);
+    let new_link = Link(Digest::of(b"new link"));
+    store.put(two, new_link, digest, entry.clone()).unwrap();
+    store.flush().unwrap();
+    let kept = store.get(&two).unwrap().expect("kept with its new link");
+    assert_eq!(kept.entry.len(), LARGE);
+    store.remove_key(&two).unwrap();
+    store.flush().unwrap();
+    assert!(value_files(dir.path()).is_empty());
+
     // A damaged file goes with every key that shares it.
     for key in [one, two] {
         store

@@ -200,8 +200,8 @@ pub(super) fn put(
 }
 
 /// Removes a key and the value it holds; returns the accounted bytes freed and whether there
-/// was such a key. A value file that no other row shares is added to `unlink`, for removal once
-/// the transaction has committed.
+/// was such a key. A value kept in a file is added to `unlink`, for removal once the
+/// transaction has committed if no row refers to it by then ([`keep_unreferenced`]).
 pub(super) fn remove_key(
     tx: &Transaction<'_>,
     key: &KeyId,
@@ -220,15 +220,32 @@ pub(super) fn remove_key(
         .execute([key.0.as_bytes()])?;
     tx.prepare_cached("DELETE FROM blob_data WHERE id = ?1")?
         .execute([data_id])?;
-    if in_file {
-        let shared = tx
-            .prepare_cached("SELECT 1 FROM entries WHERE digest = ?1 AND in_file LIMIT 1")?
-            .exists([&digest])?;
-        if let (false, Some(digest)) = (shared, Digest::from_slice(&digest)) {
-            unlink.push(digest);
-        }
+    if let (true, Some(digest)) = (in_file, Digest::from_slice(&digest)) {
+        unlink.push(digest);
     }
     Ok((accounted(size), true))
+}
+
+/// Keeps in `unlink` only the value files that no row refers to, at the end of a transaction:
+/// the keys of a value in a file share it, and a put later in the same transaction may have
+/// taken up the file of a key removed before it (the same value under another key, or under
+/// the same key with a new link), finding it in place.
+pub(super) fn keep_unreferenced(
+    tx: &Transaction<'_>,
+    unlink: &mut Vec<Digest>,
+) -> rusqlite::Result<()> {
+    unlink.sort_unstable();
+    unlink.dedup();
+    let mut referenced =
+        tx.prepare_cached("SELECT 1 FROM entries WHERE digest = ?1 AND in_file LIMIT 1")?;
+    let mut unreferenced = Vec::with_capacity(unlink.len());
+    for digest in unlink.drain(..) {
+        if !referenced.exists([digest.as_bytes()])? {
+            unreferenced.push(digest);
+        }
+    }
+    *unlink = unreferenced;
+    Ok(())
 }
 
 /// Removes every key whose value has one of `digests`; returns the accounted bytes freed and

@@ -14,9 +14,9 @@ use parking_lot::Mutex;
 use rusqlite::{params, Connection, Transaction, TransactionBehavior};
 
 use super::sql::{
-    add_counters, add_evictions, entries, evict_within, low_water, meta, put, remove_file_value,
-    remove_key, remove_values, set_entries, set_meta, stored_limit, EvictionBudget, NewEntry,
-    ValuesDir,
+    add_counters, add_evictions, entries, evict_within, keep_unreferenced, low_water, meta, put,
+    remove_file_value, remove_key, remove_values, set_entries, set_meta, stored_limit,
+    EvictionBudget, NewEntry, ValuesDir,
 };
 use super::MIN_EVICTIONS_PER_COMMIT;
 use super::{parked_counters, value_files};
@@ -385,6 +385,7 @@ impl WriterState {
             // Counters that processes which only read parked in files, folded in here.
             counters.add(&parked_counters::fold(&dir));
             add_counters(tx, &counters)?;
+            keep_unreferenced(tx, &mut unlink)?;
             Ok((evicted, clock, entries, max_bytes))
         })?;
         let (evicted, clock, entries, max_bytes) = evicted;
@@ -429,6 +430,7 @@ impl WriterState {
                 let before = entries(tx)?; // counted before any row goes, if it must be
                 let target = (max_bytes as f64 / ratio) as u64;
                 let eviction = evict_within(tx, &mut bytes, target, None, &mut unlink)?;
+                keep_unreferenced(tx, &mut unlink)?;
                 set_meta(tx, "bytes", bytes)?;
                 set_entries(tx, before - eviction.entries as i64)?;
                 add_evictions(tx, eviction.entries)?;
