@@ -644,7 +644,8 @@ impl Compiler {
             if self.adaptive_on && shared < ADAPTIVE_MIN_SHARED && abstracted {
                 // Too little byte for byte; callees renumbered (a function or an import added
                 // before them) still hit, so look again with them left out before deciding.
-                ahead.bodies = BodyPrints::with_callees_abstracted(binary)?;
+                ahead.bodies =
+                    BodyPrints::with_callees_abstracted_reusing(binary, &[&earlier.bodies])?;
                 shared = shared.max(ahead.bodies.shared_with_callees_abstracted(&earlier.bodies));
             }
             ahead.predicted_reuse = Some(shared);
@@ -652,6 +653,7 @@ impl Compiler {
                 ahead.source = Some(source);
                 ahead.prefetch = Some(store.cache().prefetch(store.namespace(), &earlier.keys));
             }
+            ahead.earlier_bodies = Some(earlier.bodies);
         }
         Ok(ahead)
     }
@@ -730,7 +732,9 @@ impl Compiler {
                     return;
                 }
                 let keys = first_occurrences(store.take_looked_up());
-                let bodies = BodyPrints::with_callees_abstracted(&binary).unwrap_or(bodies);
+                // What the prediction parsed already is taken, not parsed again.
+                let bodies = BodyPrints::with_callees_abstracted_reusing(&binary, &[&bodies])
+                    .unwrap_or(bodies);
                 store_manifest(store, name.as_deref(), &digest, Manifest { keys, bodies });
             });
         match fill {
@@ -770,6 +774,9 @@ impl Compiler {
 #[derive(Default)]
 struct ReadAhead {
     bodies: BodyPrints,
+    /// The bodies of the earlier compile it resembles, whose prints with callees abstracted
+    /// this one's manifest takes for the bodies it shares with it.
+    earlier_bodies: Option<BodyPrints>,
     digest: [u8; 32],
     source: Option<FoundBy>,
     predicted_reuse: Option<f64>,
@@ -787,8 +794,9 @@ struct ReadAheadDone {
 impl ReadAhead {
     /// Ends the read-ahead and, if the compile succeeded, leaves this compile's manifest for
     /// the next one. For the adaptive compile, whose predictions need the fingerprints with
-    /// callees abstracted (which parse every instruction: sql.js, 18 ms), on a thread of its
-    /// own; otherwise with the bytes' fingerprints only, at once (under a millisecond).
+    /// callees abstracted (which parse every instruction that changed since the earlier
+    /// compile: sql.js, 14-33 ms for all of it), on a thread of its own; otherwise with the
+    /// bytes' fingerprints only, at once (under a millisecond).
     fn finish(
         self,
         store: Option<Arc<FunctionStore>>,
@@ -815,21 +823,19 @@ impl ReadAhead {
             store_manifest(&store, name, &self.digest, manifest);
             return (done, None);
         }
-        let (binary, name, digest, bodies) = (
+        let (binary, name, digest, bodies, earlier) = (
             binary.to_vec(),
             name.map(str::to_string),
             self.digest,
             self.bodies,
+            self.earlier_bodies.unwrap_or_default(),
         );
         let thread = std::thread::Builder::new()
             .name("fncache-manifest".into())
             .spawn(move || {
-                let bodies = match bodies.bodies.first() {
-                    Some(body) if body.callees_abstracted == 0 => {
-                        BodyPrints::with_callees_abstracted(&binary).unwrap_or(bodies)
-                    }
-                    _ => bodies,
-                };
+                let known = [&bodies, &earlier];
+                let bodies =
+                    BodyPrints::with_callees_abstracted_reusing(&binary, &known).unwrap_or(bodies);
                 store_manifest(&store, name.as_deref(), &digest, Manifest { keys, bodies });
             });
         (done, thread.ok())
