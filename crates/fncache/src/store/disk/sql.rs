@@ -216,39 +216,14 @@ pub(super) fn remove_key(
     let Some((digest, data_id, size, in_file)) = found else {
         return Ok((0, false));
     };
-    let row = EntryRow {
-        key: key.0.as_bytes(),
-        digest: &digest,
-        data_id,
-        size,
-        in_file,
-    };
-    Ok((remove_row(tx, &row, unlink)?, true))
-}
-
-/// What removing a row of `entries` needs to know of it.
-struct EntryRow<'a> {
-    key: &'a [u8],
-    digest: &'a [u8],
-    data_id: i64,
-    size: i64,
-    in_file: bool,
-}
-
-/// Removes `row` and its bytes; returns the accounted bytes freed (see [`remove_key`]).
-fn remove_row(
-    tx: &Transaction<'_>,
-    row: &EntryRow<'_>,
-    unlink: &mut Vec<Digest>,
-) -> rusqlite::Result<i64> {
     tx.prepare_cached("DELETE FROM entries WHERE key = ?1")?
-        .execute([row.key])?;
+        .execute([key.0.as_bytes()])?;
     tx.prepare_cached("DELETE FROM blob_data WHERE id = ?1")?
-        .execute([row.data_id])?;
-    if let (true, Some(digest)) = (row.in_file, Digest::from_slice(row.digest)) {
+        .execute([data_id])?;
+    if let (true, Some(digest)) = (in_file, Digest::from_slice(&digest)) {
         unlink.push(digest);
     }
-    Ok(accounted(row.size))
+    Ok((accounted(size), true))
 }
 
 /// Keeps in `unlink` only the value files that no row refers to, at the end of a transaction:
@@ -353,8 +328,7 @@ pub(super) fn evict_within(
     let mut victims = Vec::new();
     {
         let mut stmt = tx.prepare_cached(
-            "SELECT key, size, data_id, digest, in_file FROM entries INDEXED BY entries_by_use \
-             ORDER BY last_used",
+            "SELECT key, size, data_id FROM entries INDEXED BY entries_by_use ORDER BY last_used",
         )?;
         let mut rows = stmt.query([])?;
         let mut to_free = *bytes - target as i64;
@@ -367,34 +341,26 @@ pub(super) fn evict_within(
                 break;
             }
             let Some(row) = rows.next()? else { break };
-            let size: i64 = row.get(1)?;
-            to_free -= accounted(size);
-            freed += accounted(size);
-            // Read here whole, so that removing it takes no second search by key.
-            victims.push((
-                row.get::<_, Vec<u8>>(0)?,
-                size,
-                row.get(2)?,
-                row.get::<_, Vec<u8>>(3)?,
-                row.get(4)?,
-            ));
+            let key: Vec<u8> = row.get(0)?;
+            let size = accounted(row.get::<_, i64>(1)?);
+            to_free -= size;
+            freed += size;
+            victims.push((key, row.get::<_, i64>(2)?));
         }
     }
-    for (key, size, data_id, digest, in_file) in victims {
+    for (victim, data_id) in victims {
         if *bytes <= target as i64 {
             break;
         }
-        let row = EntryRow {
-            key: &key,
-            digest: &digest,
-            data_id,
-            size,
-            in_file,
+        let Some(key) = Digest::from_slice(&victim).map(KeyId) else {
+            // A key column of the wrong length: a damaged row, removed without a count.
+            tx.prepare_cached("DELETE FROM entries WHERE key = ?1")?
+                .execute([&victim])?;
+            tx.prepare_cached("DELETE FROM blob_data WHERE id = ?1")?
+                .execute([data_id])?;
+            continue;
         };
-        let freed = remove_row(tx, &row, unlink)?;
-        if key.len() != 32 {
-            continue; // a key column of the wrong length: a damaged row, removed uncounted
-        }
+        let (freed, _) = remove_key(tx, &key, unlink)?;
         *bytes -= freed;
         eviction.entries += 1;
         eviction.bytes += freed.max(0) as u64;
