@@ -1,8 +1,10 @@
 //! Where entries live: one trait, one file per backend.
 //!
-//! A store is content-addressed: a [`KeyId`] points at the [`Digest`] of an encoded entry, and
-//! each distinct entry is kept once however many keys point at it (Wasmtime hands the same
-//! compiled function over under several keys). Stores move bytes; they do not decode them.
+//! A store is content-addressed: a [`KeyId`] points at the [`Digest`] of an encoded entry. A
+//! store may keep each distinct entry once however many keys point at it (the memory store:
+//! Wasmtime hands the same compiled function over under several keys), or a copy per key (the
+//! disk store, but for values in files, and Redis), which [`Store::remove_damaged`] lets it
+//! remove without looking for the others. Stores move bytes; they do not decode them.
 //! Verification, counting and the decision to fall back to compiling belong to
 //! [`Cache`](crate::Cache).
 //!
