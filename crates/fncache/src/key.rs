@@ -8,8 +8,9 @@
 //!   Wasmtime's). Two engines with different fingerprints never see each other's keys.
 //! - A [`KeyId`] is what a store is indexed by: the digest of a namespace and a caller's key
 //!   (Cranelift's own key for a function).
-//! - A [`Digest`] of a value's content names the stored value, so one value reached under many
-//!   keys is stored once.
+//! - A [`Digest`] of a value's content names the stored value and checks it: a value file on
+//!   disk is named by it (and shared by every key of that value), and the entry's header
+//!   carries it.
 //! - A [`Link`] binds a key to the digest it points at, with the cache's secret. The value's
 //!   own MAC proves who wrote the value, not which key it answers; without the link, whoever
 //!   can write a store's index (one SQL `UPDATE`, one Redis `SET`) could make a key serve
