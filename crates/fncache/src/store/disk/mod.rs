@@ -260,17 +260,16 @@ impl DiskStore {
             return None;
         }
         let reader = self.checkout().ok()?;
-        let read = reader.query_row(
-            "SELECT (SELECT value FROM meta WHERE name = 'max_bytes'), \
-             (SELECT value FROM meta WHERE name = 'clock'), \
-             (SELECT value FROM meta WHERE name = 'entries')",
+        let limit = reader.query_row(
+            "SELECT value FROM meta WHERE name = 'max_bytes'",
             [],
-            |row| Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?, row.get(2)?)),
+            |row| row.get::<_, i64>(0),
         );
+        let clock = use_clock(&reader);
         self.checkin(reader);
-        let (limit, clock, entries) = read.ok()?;
         let wanted = options.max_bytes.map(|limit| limit.min(MAX_LIMIT) as i64);
-        (wanted.is_none() || wanted == Some(limit)).then_some((clock, entries))
+        let limit = limit.ok()?;
+        (wanted.is_none() || wanted == Some(limit)).then_some(clock.ok()?)
     }
 
     pub fn directory(&self) -> &Path {

@@ -274,13 +274,7 @@ pub(super) fn remove_values(
         }
         keys
     };
-    let (mut freed, mut removed) = (0, 0);
-    for key in &keys {
-        let (bytes, found) = remove_key(tx, key, unlink)?;
-        freed += bytes;
-        removed += i64::from(found);
-    }
-    Ok((freed, removed))
+    remove_keys(tx, &keys, unlink)
 }
 
 /// Removes every key whose value is kept in the file of `digest` (found damaged or lost);
@@ -294,9 +288,23 @@ pub(super) fn remove_file_value(
         .prepare_cached("SELECT key FROM entries WHERE digest = ?1 AND in_file")?
         .query_map([digest.as_bytes()], |row| row.get(0))?
         .collect::<rusqlite::Result<_>>()?;
+    let keys: Vec<KeyId> = keys
+        .iter()
+        .filter_map(|k| Digest::from_slice(k))
+        .map(KeyId)
+        .collect();
+    remove_keys(tx, &keys, unlink)
+}
+
+/// [`remove_key`] for each of `keys`; returns the accounted bytes freed and the keys removed.
+fn remove_keys(
+    tx: &Transaction<'_>,
+    keys: &[KeyId],
+    unlink: &mut Vec<Digest>,
+) -> rusqlite::Result<(i64, i64)> {
     let (mut freed, mut removed) = (0, 0);
-    for key in keys.iter().filter_map(|k| Digest::from_slice(k)).map(KeyId) {
-        let (bytes, found) = remove_key(tx, &key, unlink)?;
+    for key in keys {
+        let (bytes, found) = remove_key(tx, key, unlink)?;
         freed += bytes;
         removed += i64::from(found);
     }
