@@ -220,7 +220,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 Ok(cache) => cache,
             };
             let before = cache.stats()?;
-            cache.clear()?;
+            if let Err(error) = cache.clear() {
+                // Room was made, and the disk filled again before the database could be
+                // written: what clear is for is still done by removing it whole.
+                drop(cache);
+                return clear_unusable(global, error.into());
+            }
             if global.json {
                 println!(
                     "{}",

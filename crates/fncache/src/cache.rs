@@ -145,7 +145,7 @@ impl Cache {
     }
 
     /// Opens the cache for maintenance (`gc`, `clear`): like [`Cache::open`], but a cache whose
-    /// disk is too full to open it for writing first gets room made without writing
+    /// disk is too full to write it first gets room made without writing
     /// ([`disk::make_room`](crate::store::disk::make_room)). Returns the cache and the number of
     /// value files removed to make room. A cache that is read-only for any other reason is
     /// left as it is.
@@ -157,11 +157,13 @@ impl Cache {
                 read_only: false,
                 shared: config.shared,
             };
-            match DiskStore::open_with(&dir, &writable) {
-                Err(error) if error.is_disk_full() => {
-                    removed = crate::store::disk::make_room(&dir, config.shared)?;
-                }
-                _ => {} // opened, or failing for a reason Cache::open reports
+            let full = match DiskStore::open_with(&dir, &writable) {
+                Err(error) => error.is_disk_full(),
+                // The log stays between processes, so a full disk may open: ask the file system.
+                Ok(_) => crate::store::disk::lacks_room(&dir),
+            };
+            if full {
+                removed = crate::store::disk::make_room(&dir, config.shared)?;
             }
         }
         Ok((Cache::open(config)?, removed))

@@ -657,35 +657,75 @@ fn entries_read_ahead_are_verified_when_taken_and_missing_ones_are_misses() {
     assert_eq!((counters.hits, counters.misses), (90, 20), "{counters:?}");
 }
 
-/// A flush copies the write-ahead log into the database file, so that closing the cache (which
-/// a process waits for before it exits) has nothing left to copy: the database file alone,
-/// read without its log, already holds what was flushed.
-#[test]
-fn a_flush_leaves_the_database_file_complete_without_its_log() {
-    let dir = tempfile::tempdir().unwrap();
-    let cache = open(dir.path(), 1 << 30);
-    for seed in 0..50u64 {
-        cache.insert(&namespace(), &seed.to_le_bytes(), &value(seed, 2000));
-    }
-    cache.flush().unwrap();
-    // The cache is still open: its log exists, and the file copied here is what a reader
-    // that ignores the log would see.
-    assert!(dir.path().join("fncache.db-wal").exists());
+/// The write-ahead log's bytes (empty when there is none): what a session wrote since the
+/// last checkpoint that cut it.
+fn log_of(dir: &std::path::Path) -> Vec<u8> {
+    std::fs::read(dir.join("fncache.db-wal")).unwrap_or_default()
+}
+
+/// How many keys the database file holds when read alone, without its log.
+fn keys_without_the_log(dir: &std::path::Path) -> i64 {
     let copy = tempfile::tempdir().unwrap();
-    std::fs::copy(dir.path().join("fncache.db"), copy.path().join("alone.db")).unwrap();
+    std::fs::copy(dir.join("fncache.db"), copy.path().join("alone.db")).unwrap();
     let conn = rusqlite::Connection::open_with_flags(
         copy.path().join("alone.db"),
         rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
     )
     .unwrap();
-    let keys: i64 = conn
-        .query_row("SELECT COUNT(*) FROM entries", [], |row| row.get(0))
-        .unwrap();
-    assert_eq!(keys, 50);
+    conn.query_row("SELECT COUNT(*) FROM entries", [], |row| row.get(0))
+        .unwrap()
+}
+
+/// A small session's log stays in place for the next process: its flush and its close copy
+/// nothing into the database (no checkpoint, no `fsync`), and the next process reads the
+/// entries through the log. A log past the budget is copied in and cut by the flush, so that
+/// a cache at rest keeps at most the budget in its log.
+#[test]
+fn a_flush_keeps_a_small_log_for_the_next_process_and_cuts_a_long_one() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let cache = open(dir.path(), 1 << 30);
+        for seed in 0..5u64 {
+            cache.insert(&namespace(), &seed.to_le_bytes(), &value(seed, 2000));
+        }
+        cache.flush().unwrap();
+    }
+    let log = log_of(dir.path()).len() as u64;
+    assert!(
+        log > 0 && log <= fncache::store::disk::LOG_BUDGET,
+        "{log} bytes of log"
+    );
+    assert_eq!(
+        keys_without_the_log(dir.path()),
+        0,
+        "the close copied the log"
+    );
+    {
+        let cache = open(dir.path(), 1 << 30);
+        assert_eq!(
+            cache.get(&namespace(), &3u64.to_le_bytes()),
+            Some(value(3, 2000))
+        );
+        for seed in 5..300u64 {
+            cache.insert(&namespace(), &seed.to_le_bytes(), &value(seed, 2000));
+        }
+        cache.flush().unwrap();
+        let log = log_of(dir.path()).len() as u64;
+        assert!(
+            log <= fncache::store::disk::LOG_BUDGET,
+            "{log} bytes of log"
+        );
+        assert_eq!(keys_without_the_log(dir.path()), 300);
+    }
+    let cache = open(dir.path(), 1 << 30);
+    assert_eq!(
+        cache.get(&namespace(), &299u64.to_le_bytes()),
+        Some(value(299, 2000))
+    );
 }
 
 /// Opening a cache that exists writes nothing: a process that only reads (a module-level hit)
-/// then has no write transaction, no `fsync` and no log to fold back in at close.
+/// then has no write transaction, no `fsync` and nothing added to the log.
 #[test]
 fn opening_an_existing_cache_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
@@ -694,12 +734,16 @@ fn opening_an_existing_cache_writes_nothing() {
         cache.insert(&namespace(), b"key", &value(1, 100));
         cache.flush().unwrap();
     }
+    let before = log_of(dir.path());
     let cache = open(dir.path(), 1 << 30);
     assert_eq!(cache.get(&namespace(), b"key"), Some(value(1, 100)));
-    let log = std::fs::metadata(dir.path().join("fncache.db-wal"))
-        .map(|m| m.len())
-        .unwrap_or(0);
-    assert_eq!(log, 0, "opening the cache wrote {log} bytes of log");
+    let after = log_of(dir.path());
+    assert!(
+        after == before,
+        "opening the cache wrote to its log ({} bytes, {} before)",
+        after.len(),
+        before.len()
+    );
 }
 
 /// A session that only reads parks its counters in a file instead of a write transaction;
@@ -712,24 +756,19 @@ fn a_session_that_only_reads_parks_its_counters_and_a_writer_folds_them_once() {
             .map(|entries| entries.count())
             .unwrap_or(0)
     };
-    let log_bytes = || {
-        std::fs::metadata(dir.path().join("fncache.db-wal"))
-            .map(|m| m.len())
-            .unwrap_or(0)
-    };
     {
         let cache = open(dir.path(), 1 << 30);
         cache.insert(&namespace(), b"key", &value(1, 100));
         cache.flush().unwrap();
     }
+    let log_before = log_of(dir.path());
     {
         let cache = open(dir.path(), 1 << 30);
         assert!(cache.get(&namespace(), b"key").is_some());
         assert!(cache.get(&namespace(), b"missing").is_none());
         cache.flush().unwrap();
-        assert_eq!(
-            log_bytes(),
-            0,
+        assert!(
+            log_of(dir.path()) == log_before,
             "a session that only read wrote to the database"
         );
         assert_eq!(parked(), 1);

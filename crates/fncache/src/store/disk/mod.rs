@@ -52,8 +52,8 @@ use parking_lot::Mutex;
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
 
 use self::schema::{
-    check_layout, check_schema_version, configure_sqlite, immutable_uri, open_flags, open_writer,
-    open_writer_replacing_older,
+    check_layout, check_schema_version, configure_sqlite, immutable_uri, index_read_only_uri,
+    keep_log_on_close, open_flags, open_writer, open_writer_replacing_older,
 };
 use self::sql::GET_SQL;
 use self::value_files::MappedFile;
@@ -86,6 +86,19 @@ pub const TOUCH_PERIOD: Duration = Duration::from_secs(60);
 const MAX_IDLE_READERS: usize = 8;
 /// Keys [`Store::get_many`] reads in one read transaction before handing them over.
 const GET_MANY_CHUNK: usize = 128;
+
+/// How a reader's connection takes part in the write-ahead log.
+#[derive(Clone, Copy)]
+enum Reading {
+    /// Through the shared-memory index, as every process that can write it does.
+    Shared,
+    /// With the index read-only (in memory when no other process has it): sees the log and
+    /// writes nothing, for a disk too full to rebuild the index.
+    IndexReadOnly,
+    /// The database file alone, as if nothing changed it: for a directory whose log cannot
+    /// be read at all.
+    Immutable,
+}
 
 /// A cache directory on disk. See the module documentation.
 pub struct DiskStore {
@@ -260,6 +273,12 @@ impl DiskStore {
             return None;
         }
         let reader = self.checkout().ok()?;
+        // A database this process may not write opens read-only without a word: the writer's
+        // own open, on this thread, says so.
+        if reader.is_readonly(rusqlite::MAIN_DB).unwrap_or(true) {
+            self.checkin(reader);
+            return None;
+        }
         let limit = reader.query_row(
             "SELECT value FROM meta WHERE name = 'max_bytes'",
             [],
@@ -287,28 +306,37 @@ impl DiskStore {
         if let Some(conn) = self.readers.lock().pop() {
             return Ok(conn);
         }
-        match self.open_reader(false) {
-            // A WAL database in a directory we cannot write has no shared-memory index to join:
-            // read it as an immutable file. Safe even if its owner writes meanwhile, because a
-            // torn read fails entry verification and counts as a miss.
-            Err(StoreError::Database { .. }) if self.read_only => self.open_reader(true),
+        match self.open_reader(Reading::Shared) {
+            // A WAL database whose shared-memory index cannot be written (a full disk, a
+            // directory we cannot write): read with the index in memory, which still sees the
+            // log; failing that, as an immutable file. Safe even if its owner writes meanwhile,
+            // because a torn read fails entry verification and counts as a miss.
+            Err(StoreError::Database { .. }) if self.read_only => self
+                .open_reader(Reading::IndexReadOnly)
+                .or_else(|_| self.open_reader(Reading::Immutable)),
             result => result,
         }
     }
 
-    fn open_reader(&self, immutable: bool) -> Result<Connection, StoreError> {
+    fn open_reader(&self, reading: Reading) -> Result<Connection, StoreError> {
         let db_error = |e| self.db_error(e);
-        let conn = if immutable {
-            let flags = open_flags(OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_URI);
-            Connection::open_with_flags(immutable_uri(&self.db_path), flags).map_err(db_error)?
-        } else {
-            let access = if self.read_only {
-                OpenFlags::SQLITE_OPEN_READ_ONLY
-            } else {
-                OpenFlags::SQLITE_OPEN_READ_WRITE
-            };
-            Connection::open_with_flags(&self.db_path, open_flags(access)).map_err(db_error)?
-        };
+        let by_uri = open_flags(OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_URI);
+        let conn = match reading {
+            Reading::Shared => {
+                let access = if self.read_only {
+                    OpenFlags::SQLITE_OPEN_READ_ONLY
+                } else {
+                    OpenFlags::SQLITE_OPEN_READ_WRITE
+                };
+                Connection::open_with_flags(&self.db_path, open_flags(access))
+            }
+            Reading::IndexReadOnly => {
+                Connection::open_with_flags(index_read_only_uri(&self.db_path), by_uri)
+            }
+            Reading::Immutable => Connection::open_with_flags(immutable_uri(&self.db_path), by_uri),
+        }
+        .map_err(db_error)?;
+        keep_log_on_close(&conn).map_err(db_error)?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(db_error)?;
         conn.execute_batch("PRAGMA query_only = 1")
             .map_err(db_error)?;
@@ -665,5 +693,5 @@ impl Store for DiskStore {
     }
 }
 
-pub use schema::{make_room, remove_database};
+pub use schema::{lacks_room, make_room, remove_database, LOG_BUDGET, MAINTENANCE_ROOM};
 pub use sql::disk_bytes;

@@ -48,8 +48,22 @@ pub(super) fn configure_sqlite() {
     });
 }
 
-/// `file:` URI of `path` with `immutable=1`, every byte but unreserved ones percent-encoded.
+/// `file:` URI of `path` with `immutable=1`: read as a file that nothing changes, without
+/// its log or its shared-memory index.
 pub(super) fn immutable_uri(path: &Path) -> String {
+    file_uri(path, "mode=ro&immutable=1")
+}
+
+/// `file:` URI of `path` for a reader that writes nothing at all, not even the log's
+/// shared-memory index: with no other process in the cache, SQLite reads the log into memory
+/// instead of rebuilding the index on disk (which a full disk refuses). Unlike an immutable
+/// read, it sees what the log holds.
+pub(super) fn index_read_only_uri(path: &Path) -> String {
+    file_uri(path, "mode=ro&readonly_shm=1")
+}
+
+/// `file:` URI of `path` with `query`, every byte but unreserved ones percent-encoded.
+fn file_uri(path: &Path, query: &str) -> String {
     use std::os::unix::ffi::OsStrExt;
     let mut uri = String::from("file:");
     for &byte in path.as_os_str().as_bytes() {
@@ -59,9 +73,37 @@ pub(super) fn immutable_uri(path: &Path) -> String {
             uri.push_str(&format!("%{byte:02X}"));
         }
     }
-    uri.push_str("?mode=ro&immutable=1");
+    uri.push('?');
+    uri.push_str(query);
     uri
 }
+
+/// The write-ahead log stays in place when a process closes the cache
+/// (`SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE`). Copying it into the database at the last close cost
+/// every writing process a checkpoint and three `fsync`s before it could exit, and the next
+/// one created the log again; a flush instead cuts the log back when it is past
+/// [`LOG_BUDGET`]. Set on every connection: whichever closes last would otherwise copy it.
+pub(super) fn keep_log_on_close(conn: &Connection) -> rusqlite::Result<()> {
+    conn.set_db_config(
+        rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
+        true,
+    )
+    .map(|_| ())
+}
+
+/// The error of a database opened read-only where it was to be written.
+pub(super) fn not_writable() -> rusqlite::Error {
+    rusqlite::Error::SqliteFailure(
+        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_READONLY),
+        Some("the database file is not writable by this user".into()),
+    )
+}
+
+/// The most log a flush leaves in place for the next process (docs/design.md, "The disk
+/// store"): the next process's first connection reads it all to rebuild the log's index, and
+/// at rest it counts against the limit's tolerance (256 KiB). A log past it is copied into
+/// the database and cut to nothing.
+pub const LOG_BUDGET: u64 = 256 << 10;
 
 pub(super) fn check_schema_version(db_path: &Path, version: i64) -> Result<(), StoreError> {
     if version == SCHEMA_VERSION {
@@ -191,11 +233,25 @@ fn replace_older_schema(dir: &Path, db_path: &Path) -> Result<bool, StoreError> 
     }
 }
 
+/// Whether the file system under `dir` has too little room for the cache to write: less
+/// than [`MAINTENANCE_ROOM`] free. A full disk no longer shows at open, since the log and its
+/// index stay between processes (nothing needs to be created), so `gc` and `clear` ask the
+/// file system. Unknown (no `statvfs`) counts as room.
+pub fn lacks_room(dir: &Path) -> bool {
+    rustix::fs::statvfs(dir)
+        .is_ok_and(|fs| fs.f_bavail.saturating_mul(fs.f_frsize) < MAINTENANCE_ROOM)
+}
+
+/// The free space below which `gc` and `clear` make room before they write: what one commit
+/// can add to the log (`journal_size_limit`).
+pub const MAINTENANCE_ROOM: u64 = 4 << 20;
+
 /// Frees disk space without writing to the database, so that a cache on a full disk can be
-/// opened for writing again (by `gc` and `clear`): removes value files, least recently used
-/// first, until the database opens for writing. Their rows become misses, which the next
-/// eviction removes. Returns how many files were removed; an error if the database still cannot
-/// be written when none are left.
+/// written again (by `gc` and `clear`): removes value files, least recently used first, until
+/// the database opens for writing and the file system has [`MAINTENANCE_ROOM`] free, or none
+/// are left. Their rows become misses, which the next eviction removes. Returns how many files
+/// were removed; an error if the database still cannot be opened for writing when none are
+/// left.
 pub fn make_room(dir: &Path, shared: bool) -> Result<u64, StoreError> {
     configure_sqlite();
     let dir = &fs::canonicalize(dir).map_err(|cause| StoreError::Io {
@@ -208,20 +264,23 @@ pub fn make_room(dir: &Path, shared: bool) -> Result<u64, StoreError> {
         path: db_path.clone(),
         cause,
     };
-    let conn = Connection::open_with_flags(
-        immutable_uri(&db_path),
-        open_flags(OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_URI),
-    )
-    .map_err(db_error)?;
-    let in_files: Vec<Digest> = conn
-        .prepare("SELECT digest FROM entries WHERE in_file GROUP BY digest ORDER BY max(last_used)")
-        .and_then(|mut stmt| {
-            stmt.query_map([], |row| row.get::<_, Vec<u8>>(0))?
-                .filter_map(|r| r.map(|d| Digest::from_slice(&d)).transpose())
-                .collect::<rusqlite::Result<Vec<_>>>()
-        })
+    // Read with the log (which holds the latest rows), writing nothing; as an immutable file
+    // if even that fails.
+    let flags = open_flags(OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_URI);
+    let list = |uri: String| -> rusqlite::Result<Vec<Digest>> {
+        let conn = Connection::open_with_flags(uri, flags)?;
+        let mut stmt = conn.prepare(
+            "SELECT digest FROM entries WHERE in_file GROUP BY digest ORDER BY max(last_used)",
+        )?;
+        let digests = stmt
+            .query_map([], |row| row.get::<_, Vec<u8>>(0))?
+            .filter_map(|r| r.map(|d| Digest::from_slice(&d)).transpose())
+            .collect();
+        digests
+    };
+    let in_files = list(index_read_only_uri(&db_path))
+        .or_else(|_| list(immutable_uri(&db_path)))
         .map_err(db_error)?;
-    drop(conn);
     let options = DiskOptions {
         shared,
         ..DiskOptions::default()
@@ -229,16 +288,21 @@ pub fn make_room(dir: &Path, shared: bool) -> Result<u64, StoreError> {
     let mut removed = 0;
     let mut victims = in_files.iter();
     loop {
-        match open_writer(&db_path, &options) {
-            Ok(_) => return Ok(removed),
-            Err(error) if error.is_disk_full() => match victims.next() {
-                Some(digest) => {
-                    value_files::remove(dir, digest);
-                    removed += 1;
-                }
-                None => return Err(error),
-            },
-            Err(error) => return Err(error),
+        let writable = open_writer(&db_path, &options).map(drop);
+        if let Err(error) = &writable {
+            if !error.is_disk_full() {
+                return writable.map(|()| removed);
+            }
+        }
+        if writable.is_ok() && !lacks_room(dir) {
+            return Ok(removed);
+        }
+        match victims.next() {
+            Some(digest) => {
+                value_files::remove(dir, digest);
+                removed += 1;
+            }
+            None => return writable.map(|()| removed),
         }
     }
 }
@@ -336,7 +400,13 @@ pub(super) fn open_writer(db_path: &Path, options: &DiskOptions) -> Result<Conne
         use std::os::unix::fs::PermissionsExt;
         let _ = fs::set_permissions(db_path, fs::Permissions::from_mode(0o600));
     }
+    // A file this process may not write opens read-only without a word; with the log and its
+    // index kept in place, nothing else fails until the first commit.
+    if conn.is_readonly(rusqlite::MAIN_DB).map_err(err)? {
+        return Err(err(not_writable()));
+    }
     conn.busy_timeout(BUSY_TIMEOUT).map_err(err)?;
+    keep_log_on_close(&conn).map_err(err)?;
     // auto_vacuum only takes effect before the first table exists, so it comes first. Setting
     // it writes the database header every time, even to the value it has: a write transaction
     // with three `fsync`s at every open, and a checkpoint at every close, for a process that

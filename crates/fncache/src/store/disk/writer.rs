@@ -13,13 +13,14 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use rusqlite::{params, Connection, Transaction, TransactionBehavior};
 
+use super::schema::LOG_BUDGET;
 use super::sql::{
     add_counters, add_evictions, entries, evict_within, keep_unreferenced, low_water, meta, put,
     remove_file_value, remove_key, remove_values, set_entries, set_meta, stored_limit,
     EvictionBudget, NewEntry, ValuesDir,
 };
-use super::MIN_EVICTIONS_PER_COMMIT;
 use super::{parked_counters, value_files};
+use super::{BUSY_TIMEOUT, DB_FILE, MIN_EVICTIONS_PER_COMMIT};
 use crate::key::{Digest, KeyId, Link};
 use crate::stats::Counters;
 use crate::store::{Eviction, StoreError};
@@ -228,7 +229,7 @@ impl WriterState {
                 Op::Flush(reply) => {
                     let result = match &committed {
                         Ok(()) => {
-                            self.checkpoint();
+                            self.cut_log_past_budget();
                             Ok(())
                         }
                         Err(e) => Err(StoreError::Unusable(e.to_string())),
@@ -246,11 +247,36 @@ impl WriterState {
         }
     }
 
+    /// Leaves the write-ahead log in place for the next process while it is within
+    /// [`LOG_BUDGET`] (schema.rs, [`keep_log_on_close`](super::schema::keep_log_on_close)): a
+    /// small compile's flush then makes no checkpoint and no `fsync`. A longer log is copied
+    /// into the database and cut to nothing (`TRUNCATE`), without waiting: if another process
+    /// is reading or writing it, as much as it allows is copied, and the log is cut by a later
+    /// flush. A flush does this so that a cache at rest holds at most the budget in its log.
+    fn cut_log_past_budget(&self) {
+        let log_path = self.db_path.with_file_name(format!("{DB_FILE}-wal"));
+        let log_bytes = fs::symlink_metadata(&log_path).map_or(0, |m| m.len());
+        if log_bytes <= LOG_BUDGET {
+            return;
+        }
+        let _ = self.conn.busy_timeout(Duration::ZERO);
+        let checkpointed = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| {
+                Ok((row.get::<_, i64>(0)? != 0, row.get::<_, i64>(1)?))
+            });
+        let _ = self.conn.busy_timeout(BUSY_TIMEOUT);
+        match checkpointed {
+            Ok((true, _)) => {
+                log::debug!("log of {log_bytes} bytes not cut: another process uses it")
+            }
+            Ok(_) => {}
+            Err(error) => log::debug!("checkpoint skipped: {error}"),
+        }
+    }
+
     /// Copies the write-ahead log into the database as far as no reader needs it
-    /// (`PASSIVE`: never waits for another process). A flush does this so that closing the
-    /// cache, which a process must wait for before it exits, finds nothing left to copy and
-    /// no `fsync` to make; a caller that flushes while it still has work (`fncache run`,
-    /// while the guest runs) then pays for it off its critical path.
+    /// (`PASSIVE`: never waits for another process).
     fn checkpoint(&self) {
         let checkpointed = self
             .conn
@@ -603,8 +629,8 @@ fn free_bytes(conn: &Connection) -> rusqlite::Result<u64> {
 }
 
 /// What the cache takes on disk once no process has it open: the database and the value
-/// files. The log is left out: it is checkpointed into the database and removed when the
-/// last process closes it.
+/// files. The log is left out: a flush cuts it back to at most [`LOG_BUDGET`] (inside the
+/// limit's tolerance), and while processes run it is theirs.
 fn resting_disk_bytes(db_path: &Path, dir: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     let database = fs::symlink_metadata(db_path).map_or(0, |m| m.blocks() * 512);
