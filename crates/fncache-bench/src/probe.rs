@@ -240,9 +240,9 @@ impl Probe {
                 } else {
                     0.0
                 };
-                // Closing the cache is waited for too: the last connection to close copies the
-                // write-ahead log into the database (SQLite's checkpoint) before the process
-                // can exit.
+                // Closing the cache is waited for too: the writer's thread is joined and every
+                // connection closed before the process can exit. (Until the log was kept
+                // between processes, the last to close also copied it into the database.)
                 let closing = Instant::now();
                 drop(compiler);
                 drop(cache);
