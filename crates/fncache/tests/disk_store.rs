@@ -724,6 +724,40 @@ fn a_flush_keeps_a_small_log_for_the_next_process_and_cuts_a_long_one() {
     );
 }
 
+/// The log stays between processes, so a database removed by hand (or left half removed)
+/// leaves its log behind. The next open makes a fresh database and must not replay the old
+/// log into it (SQLite would apply the old pages to the new file).
+#[test]
+fn a_database_removed_by_hand_does_not_take_its_old_log() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let cache = open(dir.path(), 1 << 30);
+        for seed in 0..20u64 {
+            cache.insert(&namespace(), &seed.to_le_bytes(), &value(seed, 2000));
+        }
+        cache.flush().unwrap();
+    }
+    assert!(!log_of(dir.path()).is_empty(), "the test needs a kept log");
+    std::fs::remove_file(dir.path().join("fncache.db")).unwrap();
+    {
+        let cache = open(dir.path(), 1 << 30);
+        assert_eq!(cache.get(&namespace(), &3u64.to_le_bytes()), None);
+        cache.insert(&namespace(), b"new", &value(99, 100));
+        cache.flush().unwrap();
+        assert_eq!(cache.verify().unwrap().rejected, 0);
+        assert_eq!(cache.stats().unwrap().entries, 1);
+    }
+    let conn = rusqlite::Connection::open(dir.path().join("fncache.db")).unwrap();
+    let check: String = conn
+        .query_row("PRAGMA integrity_check", [], |row| row.get(0))
+        .unwrap();
+    assert_eq!(check, "ok");
+    let keys: i64 = conn
+        .query_row("SELECT COUNT(*) FROM entries", [], |row| row.get(0))
+        .unwrap();
+    assert_eq!(keys, 1);
+}
+
 /// Opening a cache that exists writes nothing: a process that only reads (a module-level hit)
 /// then has no write transaction, no `fsync` and nothing added to the log.
 #[test]

@@ -136,12 +136,57 @@ pub(super) fn open_writer_replacing_older(
 }
 
 fn create_database_if_missing(dir: &Path, db_path: &Path, options: &DiskOptions) {
-    let missing = matches!(fs::symlink_metadata(db_path),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound);
-    if missing {
-        if let Err(error) = create_database(dir, db_path, options) {
-            // `open_writer` makes it in place instead, as it always did: slower, not wrong.
-            log::debug!("cannot make the new cache database aside ({error}); making it in place");
+    let missing = || {
+        matches!(fs::symlink_metadata(db_path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound)
+    };
+    if !missing() {
+        return;
+    }
+    // The log stays between processes, so a database removed by hand, or half removed by a
+    // crash, leaves its log behind, and SQLite would replay the old pages into the new file.
+    // Such a log is removed first, under a lock on the directory that every process making a
+    // database takes, so that it is never the log of a database another one just made.
+    let lock = lock_directory(dir);
+    if !missing() {
+        return;
+    }
+    if lock.is_some() {
+        for suffix in ["-wal", "-shm"] {
+            let mut path = db_path.as_os_str().to_owned();
+            path.push(suffix);
+            match fs::remove_file(&path) {
+                Ok(()) => log::debug!(
+                    "removed {} left without its database",
+                    Path::new(&path).display()
+                ),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => log::debug!("cannot remove {}: {e}", Path::new(&path).display()),
+            }
+        }
+    } else {
+        log::debug!("the cache directory stayed locked; a log left without its database stays");
+    }
+    if let Err(error) = create_database(dir, db_path, options) {
+        // `open_writer` makes it in place instead, as it always did: slower, not wrong.
+        log::debug!("cannot make the new cache database aside ({error}); making it in place");
+    }
+}
+
+/// An exclusive `flock` on the cache directory, held while the returned file is open; `None`
+/// if it cannot be had within two seconds (a member of a shared cache holding it), so that
+/// nothing waits on another user for long.
+fn lock_directory(dir: &Path) -> Option<fs::File> {
+    use rustix::fs::{flock, FlockOperation};
+    let file = fs::File::open(dir).ok()?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        match flock(&file, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => return Some(file),
+            Err(rustix::io::Errno::WOULDBLOCK) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(2))
+            }
+            Err(_) => return None,
         }
     }
 }
@@ -311,7 +356,9 @@ pub fn make_room(dir: &Path, shared: bool) -> Result<u64, StoreError> {
 /// that is damaged or of another schema. Returns whether there was one.
 pub fn remove_database(dir: &Path) -> Result<bool, StoreError> {
     let mut found = false;
-    for suffix in ["", "-wal", "-shm"] {
+    // The log first: a database left without its log is whole, a log without its database is
+    // removed by the next process that makes one.
+    for suffix in ["-wal", "-shm", ""] {
         let path = dir.join(format!("{DB_FILE}{suffix}"));
         match fs::remove_file(&path) {
             Ok(()) => found = true,
