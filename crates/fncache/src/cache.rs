@@ -346,7 +346,7 @@ impl Cache {
             return;
         }
         let secret = self.inner.secret.as_ref();
-        let (encoded, digest) = entry::encode_with(value, self.inner.compression, secret);
+        let (encoded, digest) = entry::encode_shared(value, self.inner.compression, secret);
         let session = &self.inner.session;
         if count {
             session.inserts.fetch_add(1, Ordering::Relaxed);
@@ -356,7 +356,7 @@ impl Cache {
             .fetch_add(encoded.len() as u64, Ordering::Relaxed);
         let key = KeyId::new(namespace, key);
         let link = Link::new(secret, &key, &digest);
-        if let Err(error) = self.inner.store.put(key, link, digest, encoded.into()) {
+        if let Err(error) = self.inner.store.put(key, link, digest, encoded) {
             self.warn_once(&error);
         }
     }

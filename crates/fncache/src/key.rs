@@ -18,12 +18,16 @@
 
 use std::fmt;
 
-/// Inputs at least this long are hashed on all cores. Below it, starting rayon's threads in a
-/// fresh process costs what they save: a module-level hit (one process, verifying its module
-/// entry) took 2.66 against 2.9 ms for the zstd component's 1.2 MB entry and 3.3 against 3.41
-/// ms for sql.js's 2.4 MB one, single-threaded against on both cores (2 cores, 25 interleaved
-/// runs; it was 1 MiB).
+/// Inputs at least this long are hashed on all cores where a value is read (a module-level hit
+/// verifying its entry). Below it, starting rayon's threads in a fresh process costs what they
+/// save: a module-level hit took 2.66 against 2.9 ms for the zstd component's 1.2 MB entry and
+/// 3.3 against 3.41 ms for sql.js's 2.4 MB one, on one core against on both (2 cores, 25
+/// interleaved runs; it was 1 MiB).
 const PARALLEL_HASH_THRESHOLD: usize = 8 << 20;
+
+/// Inputs at least this long are hashed on all cores where a value is written: after a
+/// compile, whose parallel compilation has rayon's threads running already.
+const PARALLEL_HASH_THRESHOLD_WRITING: usize = 1 << 20;
 
 /// A 32-byte BLAKE3 digest.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -32,29 +36,19 @@ pub struct Digest(pub [u8; 32]);
 impl Digest {
     /// The digest of `bytes`.
     pub fn of(bytes: &[u8]) -> Digest {
-        // Large modules are hashed on the load path: spread them over the cores (BLAKE3's tree
-        // shape gives the same digest either way).
-        if bytes.len() >= PARALLEL_HASH_THRESHOLD {
-            let mut hasher = blake3::Hasher::new();
-            hasher.update_rayon(bytes);
-            return Digest(*hasher.finalize().as_bytes());
-        }
-        Digest(*blake3::hash(bytes).as_bytes())
+        hash(None, bytes, PARALLEL_HASH_THRESHOLD)
     }
 
     /// The digest of `bytes`, in BLAKE3's keyed mode when there is a secret (a MAC: only a
     /// holder of the secret can compute it).
     pub fn authenticated(secret: Option<&crate::Secret>, bytes: &[u8]) -> Digest {
-        let Some(secret) = secret else {
-            return Digest::of(bytes);
-        };
-        let mut hasher = blake3::Hasher::new_keyed(secret.as_bytes());
-        if bytes.len() >= PARALLEL_HASH_THRESHOLD {
-            hasher.update_rayon(bytes);
-        } else {
-            hasher.update(bytes);
-        }
-        Digest(*hasher.finalize().as_bytes())
+        hash(secret, bytes, PARALLEL_HASH_THRESHOLD)
+    }
+
+    /// [`Digest::authenticated`] for a value about to be written, spread over the cores from a
+    /// smaller size (the same digest: BLAKE3's tree shape does not depend on the threads).
+    pub fn authenticated_for_writing(secret: Option<&crate::Secret>, bytes: &[u8]) -> Digest {
+        hash(secret, bytes, PARALLEL_HASH_THRESHOLD_WRITING)
     }
 
     pub fn as_bytes(&self) -> &[u8; 32] {
@@ -80,6 +74,20 @@ impl Digest {
             .ok()
             .map(|h| Digest(*h.as_bytes()))
     }
+}
+
+/// BLAKE3 of `bytes`, keyed with `secret` if given, on all cores from `parallel_from` bytes.
+fn hash(secret: Option<&crate::Secret>, bytes: &[u8], parallel_from: usize) -> Digest {
+    let mut hasher = match secret {
+        Some(secret) => blake3::Hasher::new_keyed(secret.as_bytes()),
+        None => blake3::Hasher::new(),
+    };
+    if bytes.len() >= parallel_from {
+        hasher.update_rayon(bytes);
+    } else {
+        hasher.update(bytes);
+    }
+    Digest(*hasher.finalize().as_bytes())
 }
 
 impl fmt::Debug for Digest {
