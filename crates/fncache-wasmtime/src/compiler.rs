@@ -510,12 +510,14 @@ impl Compiler {
         let read_ahead = self.read_ahead(binary, digest, name)?;
         let deferred = self.deferring_engine(read_ahead.predicted_reuse);
         let before = self.counters();
-        if kind == WasmKind::Component {
+        if kind == WasmKind::Component && deferred.is_none() {
             // Wasmtime validates function bodies as it compiles them, in parallel, so the
             // valid functions of a component that then fails would already be stored. A
             // component that fails to compile stores nothing: validated first, with every
             // feature on, so that only what no engine would accept is refused here (Wasmtime
-            // still validates with its own features).
+            // still validates with its own features). An adaptive compile without the cache
+            // stores no function, and fills the function level only once it has succeeded:
+            // it skips this second pass over every instruction.
             wasmparser::Validator::new_with_features(wasmparser::WasmFeatures::all())
                 .validate_all(binary)
                 .context("not a valid component")?;

@@ -295,3 +295,33 @@ fn renumbered_callees_count_as_reuse_so_the_adaptive_compile_keeps_the_function_
     assert!(!report.deferred_fill, "{report:?}");
     assert!(report.hits * 10 >= report.lookups() * 7, "{report:?}");
 }
+
+/// An adaptive compile of a component that does not compile: an error, and nothing stored,
+/// whole or per function. (It skips the validation pass a compile through the function level
+/// makes first: compiled without the cache it stores no function, and it fills the function
+/// level only after a success.)
+#[test]
+fn an_adaptive_compile_that_fails_stores_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let invalid = wat::parse_str(
+        r#"(component
+             (core module (func (export "ok") (result i32) (i32.const 1)))
+             (core module (func (result i32))))"#,
+    )
+    .unwrap();
+    let compiler = compiler(dir.path()).module_level(true).adaptive(true);
+    assert!(compiler.compile_component(&invalid).is_err());
+    compiler.wait_for_fill();
+    let cache = compiler.cache().unwrap();
+    cache.flush().unwrap();
+    assert_eq!(cache.session_counters().inserts, 0);
+    assert_eq!(cache.stats().unwrap().entries, 0);
+    // The same compiler defers a valid component in this empty cache, so the failure above
+    // took the path without the cache.
+    let valid = wat::parse_str(
+        r#"(component (core module (func (export "ok") (result i32) (i32.const 1))))"#,
+    )
+    .unwrap();
+    let (_, report) = compiler.compile_component(&valid).unwrap();
+    assert!(report.deferred_fill, "{report:?}");
+}
