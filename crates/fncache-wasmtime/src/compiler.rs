@@ -593,14 +593,11 @@ impl Compiler {
         }
         let (store, key) = (store.clone(), key.to_vec());
         let write = move || {
-            let precompiled = match precompiled.map(Ok).unwrap_or_else(serializer) {
-                Ok(precompiled) => precompiled,
-                Err(error) => {
-                    log::debug!("cannot serialize the compiled module to store it: {error:#}");
-                    return;
-                }
-            };
-            store.cache().insert(store.namespace(), &key, &precompiled);
+            let mut insert = |bytes: &[u8]| store.cache().insert(store.namespace(), &key, bytes);
+            match precompiled {
+                Some(precompiled) => insert(&precompiled),
+                None => serializer(&mut insert),
+            }
         };
         if let Some(thread) = spawn_or_run("fncache-store", write) {
             self.background_writes.lock().unwrap().push(thread);
@@ -884,8 +881,20 @@ fn spawn_or_run(
     }
 }
 
-/// Produces a compiled artifact's precompiled bytes, on whichever thread stores them.
-type Serializer = Box<dyn FnOnce() -> wasmtime::Result<Vec<u8>> + Send>;
+/// Hands a compiled artifact's precompiled bytes to a writer, on whichever thread stores them.
+type Serializer = Box<dyn FnOnce(&mut dyn FnMut(&[u8])) + Send>;
+
+/// The compiled image of a module or a component, in memory: what `serialize` would copy into
+/// a `Vec` (in Wasmtime 48, `image().to_vec()`, and for a component byte by byte), given to
+/// `write` without that copy. Tested: the stored form is byte for byte the precompiled one.
+fn write_image(range: std::ops::Range<*const u8>, write: &mut dyn FnMut(&[u8])) {
+    // SAFETY: `range` is the image of an artifact the caller holds for the whole call: mapped,
+    // readable, and never written again once published.
+    let image = unsafe {
+        std::slice::from_raw_parts(range.start, range.end.offset_from(range.start) as usize)
+    };
+    write(image);
+}
 
 /// What a compile hands back: a module or a component of the compiler's engine, or the
 /// precompiled bytes of either.
@@ -912,8 +921,10 @@ impl Artifact for Module {
     }
 
     fn serializer(&self) -> Serializer {
+        // Built by `Module::new` or loaded from precompiled bytes, never taken out of a
+        // component: the case in which `Module::serialize` refuses.
         let module = self.clone();
-        Box::new(move || module.serialize())
+        Box::new(move |write| write_image(module.image_range(), write))
     }
 }
 
@@ -929,7 +940,7 @@ impl Artifact for Component {
 
     fn serializer(&self) -> Serializer {
         let component = self.clone();
-        Box::new(move || component.serialize())
+        Box::new(move |write| write_image(component.image_range(), write))
     }
 }
 
@@ -947,7 +958,7 @@ impl Artifact for Precompiled {
 
     fn serializer(&self) -> Serializer {
         let precompiled = self.0.clone();
-        Box::new(move || Ok(precompiled))
+        Box::new(move |write| write(&precompiled))
     }
 }
 
