@@ -3,7 +3,7 @@
 //! `gc` and `clear` do on a full disk.
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 
@@ -152,16 +152,11 @@ fn create_database_if_missing(dir: &Path, db_path: &Path, options: &DiskOptions)
         return;
     }
     if lock.is_some() {
-        for suffix in ["-wal", "-shm"] {
-            let mut path = db_path.as_os_str().to_owned();
-            path.push(suffix);
-            match fs::remove_file(&path) {
-                Ok(()) => log::debug!(
-                    "removed {} left without its database",
-                    Path::new(&path).display()
-                ),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => log::debug!("cannot remove {}: {e}", Path::new(&path).display()),
+        for path in [log_path(db_path), index_path(db_path)] {
+            match remove_if_present(&path) {
+                Ok(true) => log::debug!("removed {} left without its database", path.display()),
+                Ok(false) => {}
+                Err(e) => log::debug!("cannot remove {}: {e}", path.display()),
             }
         }
     } else {
@@ -239,12 +234,35 @@ fn create_database(dir: &Path, db_path: &Path, options: &DiskOptions) -> rusqlit
             _ => Ok(()),
         }
     })();
-    for suffix in ["", "-wal", "-shm"] {
-        let mut path = aside.clone().into_os_string();
-        path.push(suffix);
+    for path in [log_path(&aside), index_path(&aside), aside] {
         let _ = fs::remove_file(path);
     }
     made
+}
+
+/// The write-ahead log of the database at `db_path` (`<db>-wal`).
+pub(super) fn log_path(db_path: &Path) -> PathBuf {
+    with_suffix(db_path, "-wal")
+}
+
+/// The log's shared-memory index (`<db>-shm`).
+fn index_path(db_path: &Path) -> PathBuf {
+    with_suffix(db_path, "-shm")
+}
+
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut path = path.as_os_str().to_owned();
+    path.push(suffix);
+    PathBuf::from(path)
+}
+
+/// Removes `path` if it is there; whether it was.
+fn remove_if_present(path: &Path) -> std::io::Result<bool> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 /// Removes the database if an older fncache wrote it; says whether it did.
@@ -358,11 +376,10 @@ pub fn remove_database(dir: &Path) -> Result<bool, StoreError> {
     let mut found = false;
     // The log first: a database left without its log is whole, a log without its database is
     // removed by the next process that makes one.
-    for suffix in ["-wal", "-shm", ""] {
-        let path = dir.join(format!("{DB_FILE}{suffix}"));
-        match fs::remove_file(&path) {
-            Ok(()) => found = true,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+    let db_path = dir.join(DB_FILE);
+    for path in [log_path(&db_path), index_path(&db_path), db_path] {
+        match remove_if_present(&path) {
+            Ok(removed) => found |= removed,
             Err(cause) => return Err(StoreError::Io { path, cause }),
         }
     }

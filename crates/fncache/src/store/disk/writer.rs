@@ -13,14 +13,14 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use rusqlite::{params, Connection, Transaction, TransactionBehavior};
 
-use super::schema::LOG_BUDGET;
+use super::schema::{log_path, LOG_BUDGET};
 use super::sql::{
     add_counters, add_evictions, entries, evict_within, keep_unreferenced, low_water, meta, put,
     remove_file_value, remove_key, remove_values, set_entries, set_meta, stored_limit,
     EvictionBudget, NewEntry, ValuesDir,
 };
 use super::{parked_counters, value_files};
-use super::{BUSY_TIMEOUT, DB_FILE, MIN_EVICTIONS_PER_COMMIT};
+use super::{BUSY_TIMEOUT, MIN_EVICTIONS_PER_COMMIT};
 use crate::key::{Digest, KeyId, Link};
 use crate::stats::Counters;
 use crate::store::{Eviction, StoreError};
@@ -254,8 +254,7 @@ impl WriterState {
     /// is reading or writing it, as much as it allows is copied, and the log is cut by a later
     /// flush. A flush does this so that a cache at rest holds at most the budget in its log.
     fn cut_log_past_budget(&self) {
-        let log_path = self.db_path.with_file_name(format!("{DB_FILE}-wal"));
-        let log_bytes = fs::symlink_metadata(&log_path).map_or(0, |m| m.len());
+        let log_bytes = fs::symlink_metadata(log_path(&self.db_path)).map_or(0, |m| m.len());
         if log_bytes <= LOG_BUDGET {
             return;
         }
