@@ -507,8 +507,11 @@ impl Compiler {
     ) -> anyhow::Result<(T, CompileReport)> {
         let functions = count_functions(binary)?;
         self.wait_for_fill(); // the fill before this compile may leave entries it can use
-        let read_ahead = self.read_ahead(binary, digest, name)?;
+        let mut read_ahead = self.read_ahead(binary, digest, name)?;
         let deferred = self.deferring_engine(read_ahead.predicted_reuse);
+        if self.adaptive_on && deferred.is_none() && self.functions.is_some() {
+            read_ahead.print_meanwhile(binary);
+        }
         let before = self.counters();
         if kind == WasmKind::Component && deferred.is_none() {
             // Wasmtime validates function bodies as it compiles them, in parallel, so the
@@ -642,10 +645,14 @@ impl Compiler {
                 .any(|b| b.callees_abstracted != 0);
             if self.adaptive_on && shared < ADAPTIVE_MIN_SHARED && abstracted {
                 // Too little byte for byte; callees renumbered (a function or an import added
-                // before them) still hit, so look again with them left out before deciding.
-                ahead.bodies =
-                    BodyPrints::with_callees_abstracted_reusing(binary, &[&earlier.bodies])?;
-                shared = shared.max(ahead.bodies.shared_with_callees_abstracted(&earlier.bodies));
+                // before them) still hit, so look again with them left out before deciding:
+                // estimated from a sample of the changed bodies, as a parse of them all is
+                // most of what the decision costs (zstd with a global added: 7-11 ms).
+                let (prints, estimate) = ahead
+                    .bodies
+                    .estimate_shared_with_callees_abstracted(binary, &earlier.bodies)?;
+                ahead.bodies = prints;
+                shared = shared.max(estimate);
             }
             ahead.predicted_reuse = Some(shared);
             if self.prefetch && shared >= PREFETCH_MIN_SHARED {
@@ -780,6 +787,9 @@ struct ReadAhead {
     source: Option<FoundBy>,
     predicted_reuse: Option<f64>,
     prefetch: Option<fncache::Prefetch>,
+    /// This compile's prints with callees abstracted, for its manifest, made on a thread of
+    /// their own while it compiles ([`ReadAhead::print_meanwhile`]).
+    printing: Option<std::thread::JoinHandle<BodyPrints>>,
 }
 
 /// What a finished read-ahead did.
@@ -791,11 +801,31 @@ struct ReadAheadDone {
 }
 
 impl ReadAhead {
+    /// Starts making this compile's prints with callees abstracted (for its manifest, which
+    /// the adaptive compile's next prediction reads) on a thread of their own, while the
+    /// compile runs: they parse every body that changed since the earlier compile (sql.js,
+    /// 10-33 ms for all of them), which would otherwise be done after the compile, at the
+    /// flush. The prediction before the compile parsed only a sample of them.
+    fn print_meanwhile(&mut self, binary: &[u8]) {
+        let (binary, bodies, earlier) = (
+            binary.to_vec(),
+            self.bodies.clone(),
+            self.earlier_bodies.clone().unwrap_or_default(),
+        );
+        self.printing = std::thread::Builder::new()
+            .name("fncache-prints".into())
+            .spawn(move || {
+                BodyPrints::with_callees_abstracted_reusing(&binary, &[&bodies, &earlier])
+                    .unwrap_or(bodies)
+            })
+            .ok();
+    }
+
     /// Ends the read-ahead and, if the compile succeeded, leaves this compile's manifest for
     /// the next one. For the adaptive compile, whose predictions need the fingerprints with
-    /// callees abstracted (which parse every instruction that changed since the earlier
-    /// compile: sql.js, 14-33 ms for all of it), on a thread of its own; otherwise with the
-    /// bytes' fingerprints only, at once (under a millisecond).
+    /// callees abstracted, on a thread of its own once they are made
+    /// ([`ReadAhead::print_meanwhile`]); otherwise with the bytes' fingerprints only, at once
+    /// (under a millisecond).
     fn finish(
         self,
         store: Option<Arc<FunctionStore>>,
@@ -822,19 +852,22 @@ impl ReadAhead {
             store_manifest(&store, name, &self.digest, manifest);
             return (done, None);
         }
-        let (binary, name, digest, bodies, earlier) = (
-            binary.to_vec(),
-            name.map(str::to_string),
-            self.digest,
-            self.bodies,
-            self.earlier_bodies.unwrap_or_default(),
-        );
+        // Made here if they could not be made meanwhile (no thread).
+        let printing = match self.printing {
+            Some(printing) => Ok(printing),
+            None => Err((binary.to_vec(), self.earlier_bodies.unwrap_or_default())),
+        };
+        let (name, digest, bodies) = (name.map(str::to_string), self.digest, self.bodies);
         let thread = std::thread::Builder::new()
             .name("fncache-manifest".into())
             .spawn(move || {
-                let known = [&bodies, &earlier];
-                let bodies =
-                    BodyPrints::with_callees_abstracted_reusing(&binary, &known).unwrap_or(bodies);
+                let bodies = match printing {
+                    Ok(printing) => printing.join().unwrap_or(bodies),
+                    Err((binary, earlier)) => {
+                        BodyPrints::with_callees_abstracted_reusing(&binary, &[&bodies, &earlier])
+                            .unwrap_or(bodies)
+                    }
+                };
                 store_manifest(&store, name.as_deref(), &digest, Manifest { keys, bodies });
             });
         (done, thread.ok())

@@ -40,6 +40,12 @@ const VERSION: u8 = 2;
 const BODY_LEN: usize = 21;
 /// Cranelift's keys are SHA-256 digests; anything else is not recorded.
 pub const FUNCTION_KEY_LEN: usize = 32;
+/// Changed bodies that [`BodyPrints::estimate_shared_with_callees_abstracted`] parses (about as
+/// many, picked at random among them). An edit mostly renumbers the callees of every changed body (an import
+/// or a function added before them: nearly all hit) or changes them all (a global added
+/// before the others: nearly none hit), so a few dozen tell which; a share near the threshold
+/// costs at worst a compile the other way, never a wrong hit.
+pub const ESTIMATE_BODIES: usize = 64;
 
 /// One function body's fingerprints (8 bytes of BLAKE3 each) and size.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -57,9 +63,9 @@ pub struct BodyPrint {
 /// The fingerprints of every function body of a binary (of all its core modules, for a
 /// component). The bytes' fingerprint is cheap (sql.js: about 1 ms) and is what finds the
 /// earlier compile and predicts reuse; the one with callees abstracted parses every
-/// instruction (sql.js: 18 ms), so it is computed in the background for the manifest, and up
-/// front only when the bytes predict too little reuse, to tell renumbered callees (which hit)
-/// from changed code.
+/// instruction (sql.js: 10-33 ms), so it is computed in the background for the manifest, and
+/// up front, for a sample of the changed bodies, only when the bytes predict too little reuse,
+/// to tell renumbered callees (which hit) from changed code.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct BodyPrints {
     pub bodies: Vec<BodyPrint>,
@@ -68,12 +74,12 @@ pub struct BodyPrints {
 impl BodyPrints {
     /// The bytes' fingerprints only.
     pub fn of(binary: &[u8]) -> anyhow::Result<BodyPrints> {
-        BodyPrints::read(binary, None)
+        BodyPrints::read(binary, None, &|_| false)
     }
 
     /// Both fingerprints.
     pub fn with_callees_abstracted(binary: &[u8]) -> anyhow::Result<BodyPrints> {
-        BodyPrints::read(binary, Some(&HashMap::new()))
+        BodyPrints::read(binary, Some(&HashMap::new()), &|_| true)
     }
 
     /// [`BodyPrints::with_callees_abstracted`], taking the print with callees abstracted of
@@ -85,20 +91,79 @@ impl BodyPrints {
         binary: &[u8],
         known: &[&BodyPrints],
     ) -> anyhow::Result<BodyPrints> {
-        let known: HashMap<u64, u64> = known
-            .iter()
-            .flat_map(|prints| &prints.bodies)
-            .filter(|body| body.callees_abstracted != 0)
-            .map(|body| (body.bytes, body.callees_abstracted))
-            .collect();
-        BodyPrints::read(binary, Some(&known))
+        BodyPrints::read(binary, Some(&abstracted_by_bytes(known)), &|_| true)
     }
 
-    /// The bytes' fingerprints, and with `abstract_with` those with callees abstracted too,
-    /// taken from it by the bytes' fingerprint where it has them.
+    /// [`BodyPrints::shared_with_callees_abstracted`] of `binary` with `earlier` (which has
+    /// the prints with callees abstracted), estimated before a compile decides how to compile:
+    /// parsing every changed body costs zstd 7 ms and sql.js 14-33 ms on the caller's thread.
+    /// Bodies whose bytes `earlier` has, and bodies without a callee, count exactly; of the
+    /// others (changed, or with callees renumbered) about [`ESTIMATE_BODIES`], picked at
+    /// random, are parsed, and the share of their bytes that `earlier` has stands for all of
+    /// them.
+    ///
+    /// `self` is `binary`'s [`BodyPrints::of`]. Returns its prints with callees abstracted
+    /// where they are known or were parsed, 0 for the bodies left out (the manifest's own
+    /// prints are completed later, off the caller's thread), and the estimated share.
+    pub fn estimate_shared_with_callees_abstracted(
+        &self,
+        binary: &[u8],
+        earlier: &BodyPrints,
+    ) -> anyhow::Result<(BodyPrints, f64)> {
+        let known = abstracted_by_bytes(&[earlier]);
+        let unknown = |body: &BodyPrint| !body.callee_free && !known.contains_key(&body.bytes);
+        let unknown_count = self.bodies.iter().filter(|body| unknown(body)).count();
+        // Picked by their bytes' print, which is random, rather than every n-th: a module's
+        // changes can come in a rhythm that every n-th would follow (a test's did).
+        let stride = unknown_count.div_ceil(ESTIMATE_BODIES).max(1) as u64;
+        let sampled: Vec<bool> = self
+            .bodies
+            .iter()
+            .map(|body| unknown(body) && body.bytes % stride == 0)
+            .collect();
+        let prints = BodyPrints::read(binary, Some(&known), &|index| sampled[index])?;
+        if prints.bodies.len() != self.bodies.len() {
+            anyhow::bail!("the binary's bodies are not the ones fingerprinted");
+        }
+        let shared_prints: HashSet<u64> = earlier
+            .bodies
+            .iter()
+            .map(|body| body.callees_abstracted)
+            .filter(|&p| p != 0)
+            .collect();
+        // Bytes: counted exactly, unknown, and of the sample (all, and those `earlier` has).
+        let (mut exact, mut unknown_bytes, mut sample, mut sample_shared) = (0u64, 0, 0, 0);
+        for ((body, print), &sampled) in self.bodies.iter().zip(&prints.bodies).zip(&sampled) {
+            let size = u64::from(body.size);
+            let shared = u64::from(shared_prints.contains(&print.callees_abstracted));
+            if !unknown(body) {
+                exact += size * shared;
+            } else {
+                unknown_bytes += size;
+                if sampled {
+                    sample += size;
+                    sample_shared += size * shared;
+                }
+            }
+        }
+        let total = self.total_bytes();
+        if total == 0 {
+            return Ok((prints, 0.0));
+        }
+        let unknown_shared = match sample {
+            0 => 0.0,
+            _ => unknown_bytes as f64 * sample_shared as f64 / sample as f64,
+        };
+        Ok((prints, (exact as f64 + unknown_shared) / total as f64))
+    }
+
+    /// The bytes' fingerprints, and with `abstract_with` those with callees abstracted too:
+    /// taken from it by the bytes' fingerprint where it has them, else parsed for the bodies
+    /// `parse` picks by their index (0 for the others).
     fn read(
         binary: &[u8],
         abstract_with: Option<&HashMap<u64, u64>>,
+        parse: &dyn Fn(usize) -> bool,
     ) -> anyhow::Result<BodyPrints> {
         let print =
             |hash: blake3::Hash| u64::from_le_bytes(hash.as_bytes()[..8].try_into().unwrap());
@@ -115,7 +180,8 @@ impl BodyPrints {
                     Some(_) if callee_free => bytes_print,
                     Some(known) => match known.get(&bytes_print) {
                         Some(&known) => known,
-                        None => print(body_fingerprint(binary, &body)?),
+                        None if parse(bodies.len()) => print(body_fingerprint(binary, &body)?),
+                        None => 0,
                     },
                 };
                 bodies.push(BodyPrint {
@@ -184,6 +250,16 @@ impl BodyPrints {
         prints.truncate(SKETCH_SIZE);
         prints
     }
+}
+
+/// The prints with callees abstracted that `prints` have, by the bytes' print.
+fn abstracted_by_bytes(prints: &[&BodyPrints]) -> HashMap<u64, u64> {
+    prints
+        .iter()
+        .flat_map(|prints| &prints.bodies)
+        .filter(|body| body.callees_abstracted != 0)
+        .map(|body| (body.bytes, body.callees_abstracted))
+        .collect()
 }
 
 /// BLAKE3 of a function body's bytes with the function index of every `call`, `return_call`
@@ -481,6 +557,83 @@ mod tests {
         let taken = BodyPrints::with_callees_abstracted_reusing(&new, &[&planted]).unwrap();
         assert_eq!(taken.bodies[0].callees_abstracted, 42, "taken, not parsed");
         assert_eq!(taken.bodies[1], parsed.bodies[1], "its bytes changed");
+    }
+
+    /// `count` functions calling the next, after `extra` functions added before them (every
+    /// callee renumbered); the constant of each function `changed` picks is another.
+    fn chain(count: usize, extra: usize, changed: impl Fn(usize) -> bool) -> Vec<u8> {
+        let mut wat = String::from("(module\n");
+        for i in 0..extra {
+            wat.push_str(&format!("(func (result i32) (i32.const {i}))\n"));
+        }
+        for i in 0..count {
+            let next = match i + 1 < count {
+                true => format!("(call $f{})", i + 1),
+                false => "(i32.const 1)".into(),
+            };
+            let constant = if changed(i) { i + 100_000 } else { i };
+            wat.push_str(&format!(
+                "(func $f{i} (result i32) (i32.add (i32.const {constant}) {next}))\n"
+            ));
+        }
+        wat.push(')');
+        wat::parse_str(&wat).unwrap()
+    }
+
+    /// The estimate parses a sample of the changed bodies, lands near the share a parse of
+    /// them all gives, and its prints are completed later into exactly that parse.
+    #[test]
+    fn the_estimated_share_is_near_the_parsed_one_from_a_sample() {
+        let old = chain(600, 0, |_| false);
+        let earlier = BodyPrints::with_callees_abstracted(&old).unwrap();
+        type Picks = fn(usize) -> bool;
+        let cases: [(&str, Picks); 4] = [
+            ("a third", |i| (i * 7919) % 3 == 0),
+            ("seven in ten", |i| (i * 7919) % 10 < 7),
+            ("none", |_| false),
+            ("all", |_| true),
+        ];
+        for (name, picks) in cases {
+            let new = chain(600, 1, picks);
+            let parsed = BodyPrints::with_callees_abstracted(&new).unwrap();
+            let exact = parsed.shared_with_callees_abstracted(&earlier);
+            let (prints, estimate) = BodyPrints::of(&new)
+                .unwrap()
+                .estimate_shared_with_callees_abstracted(&new, &earlier)
+                .unwrap();
+            assert!(
+                (estimate - exact).abs() < 0.1,
+                "{name}: {estimate} against {exact}"
+            );
+            let left_out = prints
+                .bodies
+                .iter()
+                .filter(|body| body.callees_abstracted == 0)
+                .count();
+            assert!(
+                left_out > 500,
+                "{name}: only {left_out} of 601 bodies left out"
+            );
+            let completed = BodyPrints::with_callees_abstracted_reusing(&new, &[&prints]).unwrap();
+            assert_eq!(completed, parsed, "{name}");
+        }
+    }
+
+    /// With no more changed bodies than the estimate parses, it parses them all: the estimate
+    /// is the parsed share.
+    #[test]
+    fn a_small_change_is_parsed_whole() {
+        let old = chain(3, 0, |_| false);
+        let new = chain(3, 1, |i| i == 1);
+        let earlier = BodyPrints::with_callees_abstracted(&old).unwrap();
+        let parsed = BodyPrints::with_callees_abstracted(&new).unwrap();
+        let (prints, estimate) = BodyPrints::of(&new)
+            .unwrap()
+            .estimate_shared_with_callees_abstracted(&new, &earlier)
+            .unwrap();
+        assert_eq!(prints, parsed);
+        assert_eq!(estimate, parsed.shared_with_callees_abstracted(&earlier));
+        assert!(estimate > 0.3 && estimate < 0.9, "{estimate}");
     }
 
     #[test]

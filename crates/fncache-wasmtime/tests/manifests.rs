@@ -296,6 +296,25 @@ fn renumbered_callees_count_as_reuse_so_the_adaptive_compile_keeps_the_function_
     assert!(report.hits * 10 >= report.lookups() * 7, "{report:?}");
 }
 
+/// A prediction from a sample of the changed bodies still leaves a manifest with every print:
+/// the edit after next is predicted from it, and would find only the sampled bodies' prints
+/// (about half of 200 here) if the others were left out.
+#[test]
+fn a_sampled_prediction_leaves_a_whole_manifest_for_the_next_edit() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = compiler(dir.path()).adaptive(true);
+    first.precompile_named(&call_chain(200, 0), "app").unwrap();
+    drop(first); // waits for the fill
+    for extra in [1, 2] {
+        let new = call_chain(200, extra); // every callee renumbered again
+        let compiler = compiler(dir.path()).adaptive(true);
+        let (code, report) = compiler.precompile_named(&new, "app").unwrap();
+        assert_eq!(code, uncached(&new));
+        assert!(report.predicted_reuse.unwrap() > 0.9, "{extra}: {report:?}");
+        assert!(!report.deferred_fill, "{extra}: {report:?}");
+    }
+}
+
 /// An adaptive compile of a component that does not compile: an error, and nothing stored,
 /// whole or per function. (It skips the validation pass a compile through the function level
 /// makes first: compiled without the cache it stores no function, and it fills the function
