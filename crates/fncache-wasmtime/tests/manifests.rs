@@ -259,6 +259,11 @@ fn the_adaptive_compile_gives_the_same_code_and_fills_the_function_level_for_the
 
 /// `count` functions, each calling the one after it, with `extra` functions before them.
 fn call_chain(count: usize, extra: usize) -> Vec<u8> {
+    call_chain_changing(count, extra, |_| false)
+}
+
+/// [`call_chain`], with another constant in each function `changed` picks.
+fn call_chain_changing(count: usize, extra: usize, changed: impl Fn(usize) -> bool) -> Vec<u8> {
     let mut wat = String::from("(module\n");
     for i in 0..extra {
         wat.push_str(&format!("(func $extra{i} (result i32) (i32.const {i}))\n"));
@@ -269,8 +274,9 @@ fn call_chain(count: usize, extra: usize) -> Vec<u8> {
         } else {
             "(i32.const 1)".into()
         };
+        let constant = if changed(i) { i + 100_000 } else { i };
         wat.push_str(&format!(
-            "(func $f{i} (export \"f{i}\") (result i32) (i32.add (i32.const {i}) {next}))\n"
+            "(func $f{i} (export \"f{i}\") (result i32) (i32.add (i32.const {constant}) {next}))\n"
         ));
     }
     wat.push(')');
@@ -343,4 +349,60 @@ fn an_adaptive_compile_that_fails_stores_nothing() {
     .unwrap();
     let (_, report) = compiler.compile_component(&valid).unwrap();
     assert!(report.deferred_fill, "{report:?}");
+}
+
+/// The estimate parses a sample of the changed bodies, lands near the share a parse of
+/// them all gives, and its prints are completed later into exactly that parse.
+#[test]
+fn the_estimated_share_is_near_the_parsed_one_from_a_sample() {
+    let old = call_chain(600, 0);
+    let earlier = BodyPrints::with_callees_abstracted(&old).unwrap();
+    type Picks = fn(usize) -> bool;
+    let cases: [(&str, Picks); 4] = [
+        ("a third", |i| (i * 7919) % 3 == 0),
+        ("seven in ten", |i| (i * 7919) % 10 < 7),
+        ("none", |_| false),
+        ("all", |_| true),
+    ];
+    for (name, picks) in cases {
+        let new = call_chain_changing(600, 1, picks);
+        let parsed = BodyPrints::with_callees_abstracted(&new).unwrap();
+        let exact = parsed.shared_with_callees_abstracted(&earlier);
+        let (prints, estimate) = BodyPrints::of(&new)
+            .unwrap()
+            .estimate_shared_with_callees_abstracted(&new, &earlier)
+            .unwrap();
+        assert!(
+            (estimate - exact).abs() < 0.1,
+            "{name}: {estimate} against {exact}"
+        );
+        let left_out = prints
+            .bodies
+            .iter()
+            .filter(|body| body.callees_abstracted == 0)
+            .count();
+        assert!(
+            left_out > 500,
+            "{name}: only {left_out} of 601 bodies left out"
+        );
+        let completed = BodyPrints::with_callees_abstracted_reusing(&new, &[&prints]).unwrap();
+        assert_eq!(completed, parsed, "{name}");
+    }
+}
+
+/// With no more changed bodies than the estimate parses, it parses them all: the estimate
+/// is the parsed share.
+#[test]
+fn a_small_change_is_parsed_whole() {
+    let old = call_chain(3, 0);
+    let new = call_chain_changing(3, 1, |i| i == 1);
+    let earlier = BodyPrints::with_callees_abstracted(&old).unwrap();
+    let parsed = BodyPrints::with_callees_abstracted(&new).unwrap();
+    let (prints, estimate) = BodyPrints::of(&new)
+        .unwrap()
+        .estimate_shared_with_callees_abstracted(&new, &earlier)
+        .unwrap();
+    assert_eq!(prints, parsed);
+    assert_eq!(estimate, parsed.shared_with_callees_abstracted(&earlier));
+    assert!(estimate > 0.3 && estimate < 0.9, "{estimate}");
 }
