@@ -38,7 +38,8 @@ pub struct Global {
     /// When the cache predicts it can serve too little of a module to pay for the function
     /// level (a new module, a new release), compile it at cold speed and fill the function
     /// level afterwards on a low-priority thread, while the guest runs; the process waits for
-    /// the fill before it exits. `watch` always does this
+    /// the fill before it exits. Modules with less than 16 KiB of code go through the function
+    /// level anyway: for them this costs more than it saves. `watch` always does this
     #[arg(long, global = true)]
     pub adaptive: bool,
     /// Use cached entries but write nothing to the cache

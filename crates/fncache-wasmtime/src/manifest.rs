@@ -195,7 +195,8 @@ impl BodyPrints {
         Ok(BodyPrints { bodies })
     }
 
-    fn total_bytes(&self) -> u64 {
+    /// The bytes of all function bodies.
+    pub fn total_bytes(&self) -> u64 {
         self.bodies.iter().map(|body| u64::from(body.size)).sum()
     }
 

@@ -6,6 +6,7 @@
 use std::path::Path;
 
 use fncache::{Cache, CacheConfig, KeyId, Secret};
+use fncache_wasmtime::compiler::ADAPTIVE_MIN_CODE_BYTES;
 use fncache_wasmtime::manifest::{BodyPrints, FoundBy, Manifest, Manifests};
 use fncache_wasmtime::{engine_fingerprint, Compiler};
 use wasmtime::Config;
@@ -50,6 +51,11 @@ fn compiler(dir: &Path) -> Compiler {
     Compiler::new(Config::new(), Some(open(dir)))
         .unwrap()
         .module_level(false)
+}
+
+/// The adaptive compile, whatever the binary's size (these tests' modules are small).
+fn adaptive_compiler(dir: &Path) -> Compiler {
+    compiler(dir).adaptive(true).adaptive_min_code_bytes(0)
 }
 
 fn uncached(wasm: &[u8]) -> Vec<u8> {
@@ -212,11 +218,12 @@ fn a_manifest_whose_entries_were_evicted_degrades_to_ordinary_lookups() {
     let (code, report) = compiler.precompile_named(&new, "app").unwrap();
     assert_eq!(code, uncached(&new));
     assert_eq!(report.prefetch_source, Some(FoundBy::Name), "{report:?}");
-    assert_eq!(
-        (report.prefetched, report.prefetch_used),
-        (0, 0),
-        "{report:?}"
-    );
+    // Every function compiled again. Nothing of the earlier compile was read ahead: at most
+    // what this compile stored itself before the read-ahead asked for the same key (an
+    // unchanged function's key, stored by a compile thread that got there first; 1 in about 10
+    // runs read 1 to 17 of them).
+    assert!(report.misses >= 40, "{report:?}");
+    assert!(report.prefetched <= report.inserts, "{report:?}");
     let session = compiler.cache().unwrap().session_counters();
     assert_eq!(session.rejected, 0);
     assert_eq!(report.misses + report.hits, report.lookups());
@@ -227,7 +234,7 @@ fn the_adaptive_compile_gives_the_same_code_and_fills_the_function_level_for_the
     let dir = tempfile::tempdir().unwrap();
     let (old, new) = (module(60, None), module(60, Some(4)));
     // Nothing to reuse in an empty cache: compiled without the function level.
-    let first = compiler(dir.path()).adaptive(true);
+    let first = adaptive_compiler(dir.path());
     let (code, report) = first.precompile_named(&old, "app").unwrap();
     assert_eq!(code, uncached(&old), "byte-identical to a cold compile");
     assert!(report.deferred_fill, "{report:?}");
@@ -241,8 +248,7 @@ fn the_adaptive_compile_gives_the_same_code_and_fills_the_function_level_for_the
 
     // The next edit, in a new process: predicted to reuse most, compiled with the function
     // level, and it hits.
-    let (code, report) = compiler(dir.path())
-        .adaptive(true)
+    let (code, report) = adaptive_compiler(dir.path())
         .precompile_named(&new, "app")
         .unwrap();
     assert_eq!(code, uncached(&new));
@@ -287,12 +293,11 @@ fn call_chain_changing(count: usize, extra: usize, changed: impl Fn(usize) -> bo
 fn renumbered_callees_count_as_reuse_so_the_adaptive_compile_keeps_the_function_level() {
     let dir = tempfile::tempdir().unwrap();
     let (old, new) = (call_chain(80, 0), call_chain(80, 1)); // every callee index shifts
-    let first = compiler(dir.path()).adaptive(true);
+    let first = adaptive_compiler(dir.path());
     first.precompile_named(&old, "app").unwrap();
     drop(first); // waits for the fill
 
-    let (code, report) = compiler(dir.path())
-        .adaptive(true)
+    let (code, report) = adaptive_compiler(dir.path())
         .precompile_named(&new, "app")
         .unwrap();
     assert_eq!(code, uncached(&new));
@@ -308,12 +313,12 @@ fn renumbered_callees_count_as_reuse_so_the_adaptive_compile_keeps_the_function_
 #[test]
 fn a_sampled_prediction_leaves_a_whole_manifest_for_the_next_edit() {
     let dir = tempfile::tempdir().unwrap();
-    let first = compiler(dir.path()).adaptive(true);
+    let first = adaptive_compiler(dir.path());
     first.precompile_named(&call_chain(200, 0), "app").unwrap();
     drop(first); // waits for the fill
     for extra in [1, 2] {
         let new = call_chain(200, extra); // every callee renumbered again
-        let compiler = compiler(dir.path()).adaptive(true);
+        let compiler = adaptive_compiler(dir.path());
         let (code, report) = compiler.precompile_named(&new, "app").unwrap();
         assert_eq!(code, uncached(&new));
         assert!(report.predicted_reuse.unwrap() > 0.9, "{extra}: {report:?}");
@@ -334,7 +339,7 @@ fn an_adaptive_compile_that_fails_stores_nothing() {
              (core module (func (result i32))))"#,
     )
     .unwrap();
-    let compiler = compiler(dir.path()).module_level(true).adaptive(true);
+    let compiler = adaptive_compiler(dir.path()).module_level(true);
     assert!(compiler.compile_component(&invalid).is_err());
     compiler.wait_for_fill();
     let cache = compiler.cache().unwrap();
@@ -349,6 +354,26 @@ fn an_adaptive_compile_that_fails_stores_nothing() {
     .unwrap();
     let (_, report) = compiler.compile_component(&valid).unwrap();
     assert!(report.deferred_fill, "{report:?}");
+}
+
+/// A binary with less code than [`ADAPTIVE_MIN_CODE_BYTES`] goes through the function level
+/// even when nothing can be reused: compiling it without the cache would cost more than it
+/// saves. One with more is compiled without the cache, as before.
+#[test]
+fn only_a_binary_with_enough_code_is_compiled_without_the_cache() {
+    let small = module(60, None);
+    let large = module(600, None);
+    let code = |wasm: &[u8]| BodyPrints::of(wasm).unwrap().total_bytes();
+    assert!(code(&small) < ADAPTIVE_MIN_CODE_BYTES, "{}", code(&small));
+    assert!(code(&large) >= ADAPTIVE_MIN_CODE_BYTES, "{}", code(&large));
+    for (wasm, deferred) in [(small, false), (large, true)] {
+        let dir = tempfile::tempdir().unwrap();
+        let compiler = compiler(dir.path()).adaptive(true);
+        let (precompiled, report) = compiler.precompile_named(&wasm, "app").unwrap();
+        assert_eq!(precompiled, uncached(&wasm));
+        assert_eq!(report.deferred_fill, deferred, "{report:?}");
+        assert_eq!(report.lookups() > 0, !deferred, "{report:?}");
+    }
 }
 
 /// The estimate parses a sample of the changed bodies, lands near the share a parse of
