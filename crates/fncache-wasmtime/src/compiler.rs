@@ -43,8 +43,9 @@ pub const ADAPTIVE_MIN_SHARED: f64 = 0.25;
 /// more than the incremental cache's work on its misses. Tree-sitter grammars held out of a
 /// cache the others filled, 8 interleaved runs, compile and flush: json (2.8 kB of code) 20.3
 /// ms without the cache against 14.9 with the function level, vue (7.6 kB) 30.3 against 23.4,
-/// lua (8.2 kB) 23.4 against 21.0; toml (11.6 kB) 35.2 against 36.3; from about 16 kB on,
-/// within the noise or better (rescript, 109 kB: 191.4 against 223.2).
+/// lua (8.2 kB) 23.4 against 21.0 (in another hour the gaps were 0-4 ms); toml (11.6 kB) 35.2
+/// against 36.3; from about 16 kB on, within the noise or better (rescript, 109 kB: 191.4
+/// against 223.2). docs/performance.md, eighth run.
 pub const ADAPTIVE_MIN_CODE_BYTES: u64 = 16 << 10;
 
 /// Which level of the cache a compile was served from.
