@@ -843,10 +843,7 @@ impl ReadAhead {
         );
         self.printing = std::thread::Builder::new()
             .name("fncache-prints".into())
-            .spawn(move || {
-                BodyPrints::with_callees_abstracted_reusing(&binary, &[&bodies, &earlier])
-                    .unwrap_or(bodies)
-            })
+            .spawn(move || completed_prints(&binary, bodies, &earlier))
             .ok();
     }
 
@@ -892,15 +889,18 @@ impl ReadAhead {
             .spawn(move || {
                 let bodies = match printing {
                     Ok(printing) => printing.join().unwrap_or(bodies),
-                    Err((binary, earlier)) => {
-                        BodyPrints::with_callees_abstracted_reusing(&binary, &[&bodies, &earlier])
-                            .unwrap_or(bodies)
-                    }
+                    Err((binary, earlier)) => completed_prints(&binary, bodies, &earlier),
                 };
                 store_manifest(&store, name.as_deref(), &digest, Manifest { keys, bodies });
             });
         (done, thread.ok())
     }
+}
+
+/// `binary`'s prints with callees abstracted, for its manifest: taken from `bodies` (its own,
+/// where the prediction made them) and `earlier` by the bytes' print, the others parsed.
+fn completed_prints(binary: &[u8], bodies: BodyPrints, earlier: &BodyPrints) -> BodyPrints {
+    BodyPrints::with_callees_abstracted_reusing(binary, &[&bodies, earlier]).unwrap_or(bodies)
 }
 
 fn store_manifest(

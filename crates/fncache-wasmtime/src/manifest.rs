@@ -41,10 +41,10 @@ const BODY_LEN: usize = 21;
 /// Cranelift's keys are SHA-256 digests; anything else is not recorded.
 pub const FUNCTION_KEY_LEN: usize = 32;
 /// Changed bodies that [`BodyPrints::estimate_shared_with_callees_abstracted`] parses (about as
-/// many, picked at random among them). An edit mostly renumbers the callees of every changed body (an import
-/// or a function added before them: nearly all hit) or changes them all (a global added
-/// before the others: nearly none hit), so a few dozen tell which; a share near the threshold
-/// costs at worst a compile the other way, never a wrong hit.
+/// many, picked at random among them). An edit mostly renumbers the callees of every changed
+/// body (an import or a function added before them: nearly all hit) or changes them all (a
+/// global added before the others: nearly none hit), so a few dozen tell which; a share near
+/// the threshold costs at worst a compile the other way, never a wrong hit.
 pub const ESTIMATE_BODIES: usize = 64;
 
 /// One function body's fingerprints (8 bytes of BLAKE3 each) and size.
@@ -125,12 +125,7 @@ impl BodyPrints {
         if prints.bodies.len() != self.bodies.len() {
             anyhow::bail!("the binary's bodies are not the ones fingerprinted");
         }
-        let shared_prints: HashSet<u64> = earlier
-            .bodies
-            .iter()
-            .map(|body| body.callees_abstracted)
-            .filter(|&p| p != 0)
-            .collect();
+        let shared_prints = earlier.prints(|body| body.callees_abstracted);
         // Bytes: counted exactly, unknown, and of the sample (all, and those `earlier` has).
         let (mut exact, mut unknown_bytes, mut sample, mut sample_shared) = (0u64, 0, 0, 0);
         for ((body, print), &sampled) in self.bodies.iter().zip(&prints.bodies).zip(&sampled) {
@@ -219,12 +214,7 @@ impl BodyPrints {
         if total == 0 {
             return 0.0;
         }
-        let known: HashSet<u64> = earlier
-            .bodies
-            .iter()
-            .map(&print)
-            .filter(|&p| p != 0)
-            .collect();
+        let known = earlier.prints(&print);
         let shared: u64 = self
             .bodies
             .iter()
@@ -232,6 +222,11 @@ impl BodyPrints {
             .map(|body| u64::from(body.size))
             .sum();
         shared as f64 / total as f64
+    }
+
+    /// The fingerprints `print` takes from the bodies, but 0 (not computed).
+    fn prints(&self, print: impl Fn(&BodyPrint) -> u64) -> HashSet<u64> {
+        self.bodies.iter().map(print).filter(|&p| p != 0).collect()
     }
 
     /// The [`SKETCH_SIZE`] smallest distinct fingerprints of the bytes of bodies that are
