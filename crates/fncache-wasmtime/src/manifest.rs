@@ -121,7 +121,9 @@ impl BodyPrints {
             .iter()
             .map(|body| unknown(body) && body.bytes % stride == 0)
             .collect();
-        let prints = BodyPrints::read(binary, Some(&known), &|index| sampled[index])?;
+        // A binary with more bodies than `self` (not the one fingerprinted) is refused below.
+        let picked = |index: usize| sampled.get(index).copied().unwrap_or(false);
+        let prints = BodyPrints::read(binary, Some(&known), &picked)?;
         if prints.bodies.len() != self.bodies.len() {
             anyhow::bail!("the binary's bodies are not the ones fingerprinted");
         }
@@ -553,6 +555,21 @@ mod tests {
         let taken = BodyPrints::with_callees_abstracted_reusing(&new, &[&planted]).unwrap();
         assert_eq!(taken.bodies[0].callees_abstracted, 42, "taken, not parsed");
         assert_eq!(taken.bodies[1], parsed.bodies[1], "its bytes changed");
+    }
+
+    /// Prints of one binary and the bytes of another, with more bodies that call: an error,
+    /// not a panic.
+    #[test]
+    fn an_estimate_for_another_binary_is_an_error() {
+        let one = wat::parse_str("(module (func $a (call $a)))").unwrap();
+        let two =
+            wat::parse_str("(module (func $a (call $c)) (func $b (call $a)) (func $c (call $b)))")
+                .unwrap();
+        let earlier = BodyPrints::with_callees_abstracted(&one).unwrap();
+        let prints = BodyPrints::of(&one).unwrap();
+        assert!(prints
+            .estimate_shared_with_callees_abstracted(&two, &earlier)
+            .is_err());
     }
 
     #[test]
