@@ -241,6 +241,7 @@ impl DiskStore {
                         shared: options.shared,
                         pending,
                         warned: AtomicBool::new(false),
+                        unsynced: false,
                     };
                     state.run(&writer_queue)
                 })

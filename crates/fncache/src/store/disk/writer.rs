@@ -64,6 +64,8 @@ pub(super) struct WriterState {
     pub(super) shared: bool,
     pub(super) pending: Pending,
     pub(super) warned: AtomicBool,
+    /// The connection runs without `fsync`s ([`WriterState::set_unsynced`]).
+    pub(super) unsynced: bool,
 }
 
 /// How long the writer lets operations gather before it commits them (group commit), unless
@@ -253,9 +255,9 @@ impl WriterState {
     /// into the database and cut to nothing (`TRUNCATE`), without waiting: if another process
     /// is reading or writing it, as much as it allows is copied, and the log is cut by a later
     /// flush. A flush does this so that a cache at rest holds at most the budget in its log.
-    fn cut_log_past_budget(&self) {
+    fn cut_log_past_budget(&mut self) {
         let log_bytes = fs::symlink_metadata(log_path(&self.db_path)).map_or(0, |m| m.len());
-        if log_bytes <= LOG_BUDGET {
+        if log_bytes <= LOG_BUDGET || !self.synced() {
             return;
         }
         let _ = self.conn.busy_timeout(Duration::ZERO);
@@ -276,7 +278,10 @@ impl WriterState {
 
     /// Copies the write-ahead log into the database as far as no reader needs it
     /// (`PASSIVE`: never waits for another process).
-    fn checkpoint(&self) {
+    fn checkpoint(&mut self) {
+        if !self.synced() {
+            return;
+        }
         let checkpointed = self
             .conn
             .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
@@ -298,18 +303,79 @@ impl WriterState {
         &mut self,
         body: impl FnOnce(&Transaction<'_>) -> rusqlite::Result<T>,
     ) -> Result<T, StoreError> {
-        let path = &self.db_path;
+        let path = self.db_path.clone();
         let db_error = |cause| StoreError::Database {
             path: path.clone(),
             cause,
         };
-        let tx = self
+        if self.unsynced {
+            self.set_unsynced(false).map_err(db_error)?;
+        }
+        // The safety level may not change inside a transaction, so the log is looked at
+        // before it, and again once the write lock is held: only then can no other process
+        // have started the log in between.
+        let starts_log = log_is_empty(&path)
+            && match self.set_unsynced(true) {
+                Ok(()) => true,
+                Err(_) => {
+                    self.set_unsynced(false).map_err(db_error)?;
+                    false
+                }
+            };
+        let mut tx = self
             .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(db_error)?;
-        let value = body(&tx).map_err(db_error)?; // dropping `tx` rolls back
-        tx.commit().map_err(db_error)?;
-        Ok(value)
+            .transaction_with_behavior(TransactionBehavior::Immediate);
+        if starts_log && tx.is_ok() && !log_is_empty(&path) {
+            drop(tx); // rolls back what has not begun
+            if let Err(error) = self.set_unsynced(false) {
+                return Err(db_error(error));
+            }
+            tx = self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate);
+        }
+        let committed = tx.and_then(|tx| {
+            let value = body(&tx)?; // dropping `tx` rolls back
+            tx.commit()?;
+            Ok(value)
+        });
+        if self.unsynced {
+            // Should this fail, `unsynced` stays set: no checkpoint runs, and the next
+            // transaction tries again before it begins.
+            self.set_unsynced(false).map_err(db_error)?;
+        }
+        committed.map_err(db_error)
+    }
+
+    /// Turns the `fsync`s of the next transaction off (`off` true), or back on.
+    ///
+    /// A commit that starts the log `fsync`s its header before any frame: on two cores and a
+    /// real disk, 1-12 ms that a short process waits for at its flush (docs/performance.md,
+    /// "A new log without its header's fsync"). That `fsync` guards a log being reused: were
+    /// the new header and frames written out of order before a power cut, old frames could be
+    /// replayed over newer pages (SQLite's ticket ff5be73dee). An empty log has no old frames
+    /// in place (docs/design.md, "A new log's header is not `fsync`ed", says why), so the
+    /// transaction that starts it runs at `synchronous = OFF`; at the usual `NORMAL` a commit
+    /// makes no other `fsync` in WAL mode. A checkpoint without `fsync`s
+    /// would not be safe, so the automatic one is off meanwhile (the next commit runs it if
+    /// the log has grown past it), and the others wait for [`WriterState::synced`].
+    fn set_unsynced(&mut self, off: bool) -> rusqlite::Result<()> {
+        if off {
+            self.unsynced = true;
+            self.conn
+                .execute_batch("PRAGMA synchronous = OFF; PRAGMA wal_autocheckpoint = 0")
+        } else {
+            self.conn.execute_batch(&format!(
+                "PRAGMA synchronous = NORMAL; PRAGMA wal_autocheckpoint = {AUTOCHECKPOINT_PAGES}"
+            ))?;
+            self.unsynced = false;
+            Ok(())
+        }
+    }
+
+    /// Whether a checkpoint may run: the connection `fsync`s as usual.
+    fn synced(&mut self) -> bool {
+        !self.unsynced || self.set_unsynced(false).is_ok()
     }
 
     fn commit(&mut self, ops: &[Op]) -> Result<(), StoreError> {
@@ -577,6 +643,9 @@ impl WriterState {
     }
 
     fn give_back_pages(&mut self, checkpoint: &str) {
+        if !self.synced() {
+            return;
+        }
         // incremental_vacuum frees one page per step: it must be stepped to the end (one
         // `execute_batch` step freed a single page, and the file never shrank).
         let vacuumed = self
@@ -636,6 +705,17 @@ fn resting_disk_bytes(db_path: &Path, dir: &Path) -> u64 {
     database + value_files::total_bytes(dir)
 }
 
+/// Whether the write-ahead log at `db_path` is empty, so that the next commit starts it.
+fn log_is_empty(db_path: &Path) -> bool {
+    match fs::symlink_metadata(log_path(db_path)) {
+        Ok(meta) => meta.len() == 0,
+        Err(error) => error.kind() == std::io::ErrorKind::NotFound,
+    }
+}
+
+/// SQLite's default: a commit that leaves this many pages of log checkpoints it.
+const AUTOCHECKPOINT_PAGES: u32 = 1000;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -679,5 +759,72 @@ mod tests {
         assert!(pending.lock().is_empty());
         queue.close();
         thread.join().unwrap();
+    }
+
+    /// Only the transaction that starts the log runs without `fsync`s, and the connection is
+    /// back at its usual level, automatic checkpoints included, once it has committed.
+    #[test]
+    fn only_the_transaction_that_starts_the_log_skips_its_fsyncs() {
+        let dir = tempfile::tempdir().unwrap();
+        let db_path = dir.path().join("fncache.db");
+        let conn = Connection::open(&db_path).unwrap();
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+        conn.execute_batch("PRAGMA synchronous = NORMAL").unwrap();
+        let mut state = WriterState {
+            conn,
+            dir: dir.path().to_owned(),
+            disk_ratio: None,
+            touch_floor: Arc::default(),
+            db_path: db_path.clone(),
+            shared: false,
+            pending: Arc::default(),
+            warned: AtomicBool::new(false),
+            unsynced: false,
+        };
+        let level_inside = |state: &mut WriterState, sql: &str| {
+            state
+                .in_transaction(|tx| {
+                    tx.execute_batch(sql)?;
+                    tx.query_row("PRAGMA synchronous", [], |row| row.get::<_, i64>(0))
+                })
+                .unwrap()
+        };
+        let settings = |state: &WriterState| {
+            let synchronous: i64 = state
+                .conn
+                .query_row("PRAGMA synchronous", [], |row| row.get(0))
+                .unwrap();
+            let autocheckpoint: i64 = state
+                .conn
+                .query_row("PRAGMA wal_autocheckpoint", [], |row| row.get(0))
+                .unwrap();
+            (synchronous, autocheckpoint, state.unsynced)
+        };
+        assert!(log_is_empty(&db_path));
+        assert_eq!(level_inside(&mut state, "CREATE TABLE t (x)"), 0, "OFF");
+        assert!(!log_is_empty(&db_path));
+        assert_eq!(settings(&state), (1, 1000, false), "NORMAL again");
+        assert_eq!(level_inside(&mut state, "INSERT INTO t VALUES (1)"), 1);
+        // Cut to nothing, the log is started again by the next transaction.
+        state
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .unwrap();
+        assert!(log_is_empty(&db_path));
+        assert_eq!(level_inside(&mut state, "INSERT INTO t VALUES (2)"), 0);
+        assert_eq!(settings(&state), (1, 1000, false));
+        // A log another process started is not this transaction's to start.
+        let other = Connection::open(&db_path).unwrap();
+        state
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .unwrap();
+        assert!(log_is_empty(&db_path));
+        other.execute_batch("INSERT INTO t VALUES (3)").unwrap();
+        assert_eq!(level_inside(&mut state, "INSERT INTO t VALUES (4)"), 1);
+        assert_eq!(settings(&state), (1, 1000, false));
     }
 }
