@@ -27,7 +27,9 @@
 //! Writes never block a compile: `put` hands the entry to a writer thread, which commits
 //! whatever has queued up in one transaction, records uses (LRU touches) in the same
 //! transaction, and evicts the least recently used values whenever the total passes the limit,
-//! toward [`LOW_WATER_PERCENT`] of it, a commit at a time (see [`MIN_EVICTIONS_PER_COMMIT`]). Until committed, a value is served from memory.
+//! toward [`LOW_WATER_PERCENT`] of it, a commit at a time (see [`MIN_EVICTIONS_PER_COMMIT`]).
+//! Until committed, a value is served from memory. The thread starts with the first write: a
+//! process that only reads never starts it.
 //!
 //! The parts: [`schema`] (the tables, opening, migration and the checks before opening),
 //! [`writer`] (the writer thread and its group commit, eviction and vacuum), [`sql`] (the
@@ -119,7 +121,24 @@ pub struct DiskStore {
     /// hits then cost no write at all, and eviction (which takes the oldest tenth) still never
     /// reaches a value in use.
     touch_floor: Arc<std::sync::atomic::AtomicI64>,
-    writer: Option<Writer>,
+    /// The writer thread, started by the first write rather than at open: a process that only
+    /// reads (an unchanged module served whole) never starts it, and parks its counters itself
+    /// ([`DiskStore::flush`]).
+    writer: std::sync::OnceLock<Writer>,
+    /// What starting the writer takes; `None` in a read-only store, or once taken.
+    writer_start: Mutex<Option<WriterStart>>,
+    /// Counters recorded while no writer ran: handed to it when it starts, else parked.
+    unsent: Mutex<Counters>,
+}
+
+/// What the writer thread starts with.
+struct WriterStart {
+    /// The writer's connection when opening the cache needed one already (a new cache, an
+    /// older schema, a new limit); otherwise the thread opens its own.
+    conn: Option<Connection>,
+    options: DiskOptions,
+    touch_floor: Arc<std::sync::atomic::AtomicI64>,
+    pending: Pending,
 }
 
 impl std::fmt::Debug for DiskStore {
@@ -192,7 +211,7 @@ impl DiskStore {
         let db_path = dir.join(DB_FILE);
         let pending: Pending = Arc::default();
         let touch_floor = Arc::new(std::sync::atomic::AtomicI64::new(i64::MIN));
-        let mut store = DiskStore {
+        let store = DiskStore {
             dir: dir.to_path_buf(),
             db_path: db_path.clone(),
             max_bytes: 0,
@@ -202,7 +221,9 @@ impl DiskStore {
             pending: pending.clone(),
             touched: Mutex::new((Instant::now(), HashSet::new())),
             touch_floor: touch_floor.clone(),
-            writer: None,
+            writer: std::sync::OnceLock::new(),
+            writer_start: Mutex::new(None),
+            unsent: Mutex::new(Counters::default()),
         };
         if !read_only {
             // A cache in use has this schema and limit already: its writer then opens its
@@ -222,31 +243,12 @@ impl DiskStore {
             if let Some(entries) = entries {
                 touch_floor.store(clock - entries / 2, Ordering::Relaxed);
             }
-            let queue = Arc::new(Queue::default());
-            let writer_queue = queue.clone();
-            let (dir, options) = (dir.to_path_buf(), *options);
-            let thread = std::thread::Builder::new()
-                .name("fncache-writer".into())
-                .spawn(move || {
-                    let conn = match conn.map_or_else(|| open_writer(&db_path, &options), Ok) {
-                        Ok(conn) => conn,
-                        Err(error) => return writer::refuse_all(&writer_queue, &pending, &error),
-                    };
-                    let state = WriterState {
-                        conn,
-                        dir,
-                        touch_floor,
-                        disk_ratio: None,
-                        db_path,
-                        shared: options.shared,
-                        pending,
-                        warned: AtomicBool::new(false),
-                        unsynced: false,
-                    };
-                    state.run(&writer_queue)
-                })
-                .map_err(io)?;
-            store.writer = Some(Writer { queue, thread });
+            *store.writer_start.lock() = Some(WriterStart {
+                conn,
+                options: *options,
+                touch_floor,
+                pending,
+            });
         }
         // Open one reader now so that a cache that cannot be read fails here, not mid-compile.
         let reader = store.checkout()?;
@@ -373,10 +375,108 @@ impl DiskStore {
         touched.1.insert(key)
     }
 
+    /// The writer, started now if it was not yet; `None` in a read-only store.
+    fn writer(&self) -> Result<Option<&Writer>, StoreError> {
+        if let Some(writer) = self.writer.get() {
+            return Ok(Some(writer));
+        }
+        if self.read_only {
+            return Ok(None);
+        }
+        let mut start = self.writer_start.lock();
+        if let Some(writer) = self.writer.get() {
+            return Ok(Some(writer)); // started by another thread meanwhile
+        }
+        let Some(start) = start.take() else {
+            return Err(StoreError::WriterGone); // its thread could not be started
+        };
+        let writer = self.writer.get_or_init(|| self.spawn_writer(start));
+        let unsent = std::mem::take(&mut *self.unsent.lock());
+        if !unsent.is_zero() {
+            writer.queue.push(Op::Record(unsent))?;
+        }
+        Ok(Some(writer))
+    }
+
+    fn spawn_writer(&self, start: WriterStart) -> Writer {
+        let WriterStart {
+            conn,
+            options,
+            touch_floor,
+            pending,
+        } = start;
+        let queue = Arc::new(Queue::default());
+        let writer_queue = queue.clone();
+        let (dir, db_path) = (self.dir.clone(), self.db_path.clone());
+        let thread = std::thread::Builder::new()
+            .name("fncache-writer".into())
+            .spawn(move || {
+                let conn = match conn.map_or_else(|| open_writer(&db_path, &options), Ok) {
+                    Ok(conn) => conn,
+                    Err(error) => return writer::refuse_all(&writer_queue, &pending, &error),
+                };
+                let state = WriterState {
+                    conn,
+                    dir,
+                    touch_floor,
+                    disk_ratio: None,
+                    db_path,
+                    shared: options.shared,
+                    pending,
+                    warned: AtomicBool::new(false),
+                    unsynced: false,
+                };
+                state.run(&writer_queue)
+            });
+        match thread {
+            Ok(thread) => Writer {
+                queue,
+                thread: Some(thread),
+            },
+            Err(error) => {
+                log::warn!(
+                    "cannot start the cache's writer ({error}); compiling without storing results"
+                );
+                queue.close();
+                Writer {
+                    queue,
+                    thread: None,
+                }
+            }
+        }
+    }
+
     fn send(&self, op: Op) -> Result<(), StoreError> {
-        match &self.writer {
+        if let Op::Record(delta) = &op {
+            if self.writer.get().is_none() {
+                if !self.read_only {
+                    self.unsent.lock().add(delta);
+                }
+                return Ok(());
+            }
+        }
+        match self.writer()? {
             Some(writer) => writer.queue.push(op),
             None => Ok(()), // read-only: writes are dropped by design
+        }
+    }
+
+    /// Parks the counters recorded while no writer ran, as the writer parks those of a batch
+    /// that holds nothing else; `false` if they could not be parked (they are kept).
+    fn park_unsent(&self) -> bool {
+        let mut unsent = self.unsent.lock();
+        if unsent.is_zero() {
+            return true;
+        }
+        match parked_counters::park(&self.dir, &unsent, self.shared) {
+            Ok(()) => {
+                *unsent = Counters::default();
+                true
+            }
+            Err(error) => {
+                log::debug!("counters not parked ({error}); committing them");
+                false
+            }
         }
     }
 
@@ -385,7 +485,7 @@ impl DiskStore {
         make: impl FnOnce(SyncSender<Result<T, StoreError>>) -> Op,
         read_only_answer: T,
     ) -> Result<T, StoreError> {
-        let Some(writer) = &self.writer else {
+        let Some(writer) = self.writer()? else {
             return Ok(read_only_answer);
         };
         let (tx, rx) = mpsc::sync_channel(1);
@@ -451,9 +551,18 @@ fn read_row(conn: &Connection, key: &KeyId) -> rusqlite::Result<Option<Row>> {
 
 impl Drop for DiskStore {
     fn drop(&mut self) {
+        if self.writer.get().is_none() && !self.park_unsent() {
+            let _ = self.writer(); // takes the counters to commit them
+        }
         if let Some(Writer { queue, thread }) = self.writer.take() {
+            let unsent = std::mem::take(&mut *self.unsent.lock());
+            if !unsent.is_zero() {
+                let _ = queue.push(Op::Record(unsent));
+            }
             queue.close(); // the writer commits what is queued, then stops
-            let _ = thread.join();
+            if let Some(thread) = thread {
+                let _ = thread.join();
+            }
         }
     }
 }
@@ -579,6 +688,17 @@ impl Store for DiskStore {
     }
 
     fn flush(&self) -> Result<(), StoreError> {
+        // Nothing was written but counters: no writer to start and wait for.
+        if self.writer.get().is_none() && (self.read_only || self.park_unsent()) {
+            return Ok(());
+        }
+        if let Some(writer) = self.writer()? {
+            // Counters recorded by a thread that found no writer while this one started it.
+            let unsent = std::mem::take(&mut *self.unsent.lock());
+            if !unsent.is_zero() {
+                writer.queue.push(Op::Record(unsent))?;
+            }
+        }
         self.call(Op::Flush, ())
     }
 

@@ -29,7 +29,9 @@ pub(super) type Pending = Arc<Mutex<HashMap<KeyId, (Digest, Link, Arc<[u8]>)>>>;
 
 pub(super) struct Writer {
     pub(super) queue: Arc<Queue>,
-    pub(super) thread: JoinHandle<()>,
+    /// `None` when the thread could not be started: the queue is closed, and every write is
+    /// refused.
+    pub(super) thread: Option<JoinHandle<()>>,
 }
 
 pub(super) enum Op {

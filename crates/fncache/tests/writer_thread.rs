@@ -1,0 +1,58 @@
+//! The writer thread starts with the first write, not at open: a process that only reads
+//! (an unchanged module served whole) never starts it. In a file of its own, so that no other
+//! test's writer runs in this process.
+
+use fncache::{Cache, CacheConfig, Namespace};
+
+fn namespace() -> Namespace {
+    Namespace::from_parts([("test", b"writer-thread".as_slice())])
+}
+
+/// The threads of this process that are a cache's writer.
+fn writers() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter(|task| {
+            let comm = task.as_ref().unwrap().path().join("comm");
+            std::fs::read_to_string(comm).is_ok_and(|name| name.trim() == "fncache-writer")
+        })
+        .count()
+}
+
+fn open(dir: &std::path::Path) -> Cache {
+    Cache::open(&CacheConfig::new().directory(dir)).unwrap()
+}
+
+#[test]
+fn only_a_session_that_writes_starts_a_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let cache = open(dir.path());
+        assert_eq!(writers(), 0, "opening a new cache started no writer");
+        cache.insert(&namespace(), b"key", b"value");
+        cache.flush().unwrap();
+        assert_eq!(writers(), 1, "the first write started one");
+    }
+    assert_eq!(writers(), 0, "closing the cache stopped it");
+    {
+        let cache = open(dir.path());
+        assert_eq!(
+            cache.get(&namespace(), b"key").as_deref(),
+            Some(&b"value"[..])
+        );
+        assert!(cache.get(&namespace(), b"missing").is_none());
+        cache.flush().unwrap();
+        assert_eq!(writers(), 0, "a session that only read started none");
+    }
+    {
+        // Dropped without a flush: its counters are parked all the same.
+        let cache = open(dir.path());
+        assert!(cache.get(&namespace(), b"key").is_some());
+    }
+    assert_eq!(writers(), 0);
+    let counters = open(dir.path()).stats().unwrap().counters;
+    assert_eq!(
+        (counters.hits, counters.misses, counters.inserts),
+        (2, 1, 1)
+    );
+}
