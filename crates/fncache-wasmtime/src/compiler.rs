@@ -576,6 +576,8 @@ impl Compiler {
             self.fill_later(kind, binary, name, bodies, *digest);
         }
         if let (Some(store), Some(key)) = (&self.functions, key) {
+            // The functions' entries are committed while the module is serialized.
+            store.cache().commit_soon();
             self.store_whole(store, key, precompiled, compiled.serializer());
         }
         let after = self.counters();

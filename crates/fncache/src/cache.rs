@@ -384,6 +384,13 @@ impl Cache {
         self.inner.session.snapshot()
     }
 
+    /// Starts storing what this handle was given so far, without waiting (see
+    /// [`Store::commit_soon`]): for the end of a compile, so that the last [`Cache::flush`]
+    /// has little left to do.
+    pub fn commit_soon(&self) {
+        self.inner.store.commit_soon();
+    }
+
     /// Hands the session's counters to the store and waits until every write is stored.
     pub fn flush(&self) -> Result<(), StoreError> {
         self.report_rejections();

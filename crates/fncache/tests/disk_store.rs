@@ -724,6 +724,30 @@ fn a_flush_keeps_a_small_log_for_the_next_process_and_cuts_a_long_one() {
     );
 }
 
+/// `commit_soon` (called when a compile ends) commits what is queued and cuts a long log
+/// without waiting for a flush: the flush that follows finds the log cut already.
+#[test]
+fn commit_soon_commits_and_cuts_a_long_log_without_a_flush() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = open(dir.path(), 1 << 30);
+    for seed in 0..300u64 {
+        cache.insert(&namespace(), &seed.to_le_bytes(), &value(seed, 2000));
+    }
+    cache.commit_soon();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while keys_without_the_log(dir.path()) < 300 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not committed and copied into the database: {} keys, {} bytes of log",
+            keys_without_the_log(dir.path()),
+            log_of(dir.path()).len()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    cache.flush().unwrap();
+    assert!(log_of(dir.path()).len() as u64 <= fncache::store::disk::LOG_BUDGET);
+}
+
 /// The log stays between processes, so a database removed by hand (or left half removed)
 /// leaves its log behind. The next open makes a fresh database and must not replay the old
 /// log into it (SQLite would apply the old pages to the new file).

@@ -192,6 +192,12 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Waits until everything handed to `put`, `remove` and `record` is stored.
     fn flush(&self) -> Result<(), StoreError>;
 
+    /// Starts storing what was handed over so far, without waiting for it, and whatever
+    /// upkeep the store would otherwise do at the next flush: called when a compile ends, so
+    /// that the work overlaps what the caller does next (serializing the module, running it)
+    /// and the process's last flush finds little left to do.
+    fn commit_soon(&self) {}
+
     /// The store's counters, including its own evictions.
     fn counters(&self) -> Result<Counters, StoreError>;
 

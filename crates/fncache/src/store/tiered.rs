@@ -148,6 +148,12 @@ impl Store for TieredStore {
         self.each(|tier| tier.flush())
     }
 
+    fn commit_soon(&self) {
+        for tier in &self.tiers {
+            tier.commit_soon();
+        }
+    }
+
     fn counters(&self) -> Result<Counters, StoreError> {
         self.record_tier().counters()
     }

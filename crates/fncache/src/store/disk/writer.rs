@@ -48,6 +48,10 @@ pub(super) enum Op {
     RemoveValue(Digest),
     Record(Counters),
     Flush(SyncSender<Result<(), StoreError>>),
+    /// Commit now, without an answer, and cut the log past its budget ([`Store::commit_soon`]).
+    ///
+    /// [`Store::commit_soon`]: crate::store::Store::commit_soon
+    CommitSoon,
     Evict(u64, SyncSender<Result<Eviction, StoreError>>),
     Clear(SyncSender<Result<(), StoreError>>),
 }
@@ -164,7 +168,10 @@ pub(super) fn refuse_all(queue: &Queue, pending: &Pending, error: &StoreError) {
 impl Op {
     /// Whether a caller is blocked waiting for this operation's answer.
     fn is_awaited(&self) -> bool {
-        matches!(self, Op::Flush(_) | Op::Evict(..) | Op::Clear(_))
+        matches!(
+            self,
+            Op::Flush(_) | Op::CommitSoon | Op::Evict(..) | Op::Clear(_)
+        )
     }
 }
 
@@ -187,7 +194,7 @@ impl WriterState {
         let mut control = Vec::new();
         for op in batch {
             match op {
-                Op::Flush(_) | Op::Evict(..) | Op::Clear(_) => control.push(op),
+                Op::Flush(_) | Op::CommitSoon | Op::Evict(..) | Op::Clear(_) => control.push(op),
                 _ => data.push(op),
             }
         }
@@ -239,6 +246,11 @@ impl WriterState {
                         Err(e) => Err(StoreError::Unusable(e.to_string())),
                     };
                     let _ = reply.send(result);
+                }
+                Op::CommitSoon => {
+                    if committed.is_ok() {
+                        self.cut_log_past_budget();
+                    }
                 }
                 Op::Evict(max_bytes, reply) => {
                     let _ = reply.send(self.evict(max_bytes));
