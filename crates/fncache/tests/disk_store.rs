@@ -663,9 +663,12 @@ fn log_of(dir: &std::path::Path) -> Vec<u8> {
     std::fs::read(dir.join("fncache.db-wal")).unwrap_or_default()
 }
 
-/// How many keys the database file holds when read alone, without its log.
+/// How many keys the database file holds when read alone, without its log (0 before it exists).
 fn keys_without_the_log(dir: &std::path::Path) -> i64 {
     let copy = tempfile::tempdir().unwrap();
+    if !dir.join("fncache.db").exists() {
+        return 0; // a new cache's database not made yet
+    }
     std::fs::copy(dir.join("fncache.db"), copy.path().join("alone.db")).unwrap();
     let conn = rusqlite::Connection::open_with_flags(
         copy.path().join("alone.db"),

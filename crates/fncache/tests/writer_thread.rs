@@ -27,13 +27,26 @@ fn open(dir: &std::path::Path) -> Cache {
 fn only_a_session_that_writes_starts_a_writer() {
     let dir = tempfile::tempdir().unwrap();
     {
+        // A new cache's writer starts at once: it makes the database.
         let cache = open(dir.path());
-        assert_eq!(writers(), 0, "opening a new cache started no writer");
+        assert!(cache.get(&namespace(), b"key").is_none());
+        cache.flush().unwrap();
+        assert!(dir.path().join("fncache.db").exists());
+        assert_eq!(writers(), 1);
+    }
+    assert_eq!(writers(), 0, "closing the cache stopped it");
+    {
+        let cache = open(dir.path());
+        assert_eq!(
+            writers(),
+            0,
+            "opening a cache that has a database started no writer"
+        );
         cache.insert(&namespace(), b"key", b"value");
         cache.flush().unwrap();
         assert_eq!(writers(), 1, "the first write started one");
     }
-    assert_eq!(writers(), 0, "closing the cache stopped it");
+    assert_eq!(writers(), 0);
     {
         let cache = open(dir.path());
         assert_eq!(
@@ -53,6 +66,6 @@ fn only_a_session_that_writes_starts_a_writer() {
     let counters = open(dir.path()).stats().unwrap().counters;
     assert_eq!(
         (counters.hits, counters.misses, counters.inserts),
-        (2, 1, 1)
+        (2, 2, 1)
     );
 }

@@ -129,6 +129,9 @@ pub struct DiskStore {
     writer_start: Mutex<Option<WriterStart>>,
     /// Counters recorded while no writer ran: handed to it when it starts, else parked.
     unsent: Mutex<Counters>,
+    /// A new cache's database is being made by the writer: until then there is nothing to
+    /// read, and lookups miss without waiting for it.
+    creating: Arc<AtomicBool>,
 }
 
 /// What the writer thread starts with.
@@ -139,6 +142,8 @@ struct WriterStart {
     options: DiskOptions,
     touch_floor: Arc<std::sync::atomic::AtomicI64>,
     pending: Pending,
+    /// Set while the database is to be made first (a new cache), cleared once it is.
+    creating: Option<Arc<AtomicBool>>,
 }
 
 impl std::fmt::Debug for DiskStore {
@@ -224,7 +229,11 @@ impl DiskStore {
             writer: std::sync::OnceLock::new(),
             writer_start: Mutex::new(None),
             unsent: Mutex::new(Counters::default()),
+            creating: Arc::new(AtomicBool::new(false)),
         };
+        if !read_only && !db_path.exists() {
+            return store.made_by_the_writer(options);
+        }
         if !read_only {
             // A cache in use has this schema and limit already: its writer then opens its
             // connection on its own thread (0.5-0.8 ms) while this one reads. A new cache, an
@@ -248,6 +257,7 @@ impl DiskStore {
                 options: *options,
                 touch_floor,
                 pending,
+                creating: None,
             });
         }
         // Open one reader now so that a cache that cannot be read fails here, not mid-compile.
@@ -267,6 +277,50 @@ impl DiskStore {
             (None, _) => crate::config::DEFAULT_MAX_BYTES,
         };
         Ok(store)
+    }
+
+    /// A new cache: its database is made on the writer's thread, started now, while the caller
+    /// goes on (making it takes 2.5-3 ms, most of it an `fsync`, which the first compile into
+    /// a new cache waited for). Meanwhile lookups miss, as they would in the new database, and
+    /// other reads wait for it. A database that cannot be made costs the writer's one warning
+    /// and every write, as a failed commit does.
+    fn made_by_the_writer(mut self, options: &DiskOptions) -> Result<DiskStore, StoreError> {
+        self.creating.store(true, Ordering::Release);
+        self.touch_floor.store(0, Ordering::Relaxed); // a new cache: nothing is old yet
+        *self.writer_start.lock() = Some(WriterStart {
+            conn: None,
+            options: *options,
+            touch_floor: self.touch_floor.clone(),
+            pending: self.pending.clone(),
+            creating: Some(self.creating.clone()),
+        });
+        self.writer()?;
+        self.max_bytes = options
+            .max_bytes
+            .map_or(crate::config::DEFAULT_MAX_BYTES, |limit| {
+                limit.min(MAX_LIMIT)
+            });
+        Ok(self)
+    }
+
+    /// Whether the new cache's database is still being made: nothing to read yet.
+    fn still_creating(&self) -> bool {
+        self.creating.load(Ordering::Acquire)
+    }
+
+    /// For a lookup: `true` while a new cache's database is not at its name yet (the writer
+    /// makes it aside), so that the lookup misses at once, as it would in the new database.
+    /// Once it is there (made by the writer, or by another process first), waits for the
+    /// writer to have it open, and reads it.
+    fn nothing_to_read_yet(&self) -> Result<bool, StoreError> {
+        if !self.still_creating() {
+            return Ok(false);
+        }
+        if !self.db_path.exists() {
+            return Ok(true);
+        }
+        self.call(Op::Flush, ())?;
+        Ok(false)
     }
 
     /// The use clock and the count of values, if the database exists with this schema and
@@ -308,6 +362,10 @@ impl DiskStore {
     fn checkout(&self) -> Result<Connection, StoreError> {
         if let Some(conn) = self.readers.lock().pop() {
             return Ok(conn);
+        }
+        if self.still_creating() {
+            // Answered once the writer has made the database (or with why it could not).
+            self.call(Op::Flush, ())?;
         }
         match self.open_reader(Reading::Shared) {
             // A WAL database whose shared-memory index cannot be written (a full disk, a
@@ -404,6 +462,7 @@ impl DiskStore {
             options,
             touch_floor,
             pending,
+            creating,
         } = start;
         let queue = Arc::new(Queue::default());
         let writer_queue = queue.clone();
@@ -411,10 +470,19 @@ impl DiskStore {
         let thread = std::thread::Builder::new()
             .name("fncache-writer".into())
             .spawn(move || {
-                let conn = match conn.map_or_else(|| open_writer(&db_path, &options), Ok) {
+                let opened = match (conn, &creating) {
+                    (Some(conn), _) => Ok(conn),
+                    (None, Some(_)) => open_writer_replacing_older(&dir, &db_path, &options),
+                    (None, None) => open_writer(&db_path, &options),
+                };
+                let conn = match opened {
                     Ok(conn) => conn,
+                    // Lookups of a database never made go on missing (`creating` stays set).
                     Err(error) => return writer::refuse_all(&writer_queue, &pending, &error),
                 };
+                if let Some(creating) = creating {
+                    creating.store(false, Ordering::Release);
+                }
                 let state = WriterState {
                     conn,
                     dir,
@@ -576,6 +644,9 @@ impl Store for DiskStore {
                 StoredEntry::Whole(entry.clone()),
             )));
         }
+        if self.nothing_to_read_yet()? {
+            return Ok(None);
+        }
         let row = self.with_reader(|conn| read_row(conn, key))?;
         self.found(key, row)
     }
@@ -601,6 +672,9 @@ impl Store for DiskStore {
         }
         for (key, entry) in unwritten {
             found(key, entry);
+        }
+        if self.nothing_to_read_yet()? {
+            return Ok(());
         }
         // A chunk per read transaction, in the order given (a manifest's is the order the
         // last compile asked in, so what is needed first is read first), each chunk in key
