@@ -236,8 +236,9 @@ impl DiskStore {
         }
         if !read_only {
             // A cache in use has this schema and limit already: its writer then opens its
-            // connection on its own thread (0.5-0.8 ms) while this one reads. A new cache, an
-            // older schema or a new limit is settled here first, before anything is read.
+            // connection on its own thread (0.5-0.8 ms) while this one reads. An older schema
+            // or a new limit is settled here first, before anything is read (a new cache was
+            // handed to the writer above).
             let (conn, clock, entries) = match store.settled(options) {
                 Some((clock, entries)) => (None, clock, entries),
                 None => {
