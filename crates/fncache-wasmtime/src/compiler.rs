@@ -529,6 +529,9 @@ impl Compiler {
         name: Option<&str>,
         key: Option<&[u8]>,
     ) -> anyhow::Result<(T, CompileReport)> {
+        if let Some(store) = &self.functions {
+            store.cache().expect_writes();
+        }
         let functions = count_functions(binary)?;
         self.wait_for_fill(); // the fill before this compile may leave entries it can use
         let mut read_ahead = self.read_ahead(binary, digest, name)?;

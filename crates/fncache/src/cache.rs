@@ -384,6 +384,12 @@ impl Cache {
         self.inner.session.snapshot()
     }
 
+    /// Says that a compile has begun and will write (see [`Store::expect_writes`]): a cache
+    /// that only reads (an unchanged module served whole) never starts its writer.
+    pub fn expect_writes(&self) {
+        self.inner.store.expect_writes();
+    }
+
     /// Starts storing what this handle was given so far, without waiting (see
     /// [`Store::commit_soon`]): for the end of a compile, so that the last [`Cache::flush`]
     /// has little left to do.

@@ -58,6 +58,17 @@ fn only_a_session_that_writes_starts_a_writer() {
         assert_eq!(writers(), 0, "a session that only read started none");
     }
     {
+        // A compile that begins says so, and the writer starts before its first write.
+        let cache = open(dir.path());
+        cache.expect_writes();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while writers() == 0 {
+            assert!(std::time::Instant::now() < deadline, "no writer started");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+    assert_eq!(writers(), 0);
+    {
         // Dropped without a flush: its counters are parked all the same.
         let cache = open(dir.path());
         assert!(cache.get(&namespace(), b"key").is_some());

@@ -192,6 +192,10 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Waits until everything handed to `put`, `remove` and `record` is stored.
     fn flush(&self) -> Result<(), StoreError>;
 
+    /// Writes are coming (a compile has begun): a store that starts its writing lazily may
+    /// start now, so that its setup overlaps the compile rather than the first write.
+    fn expect_writes(&self) {}
+
     /// Starts storing what was handed over so far, without waiting for it, and whatever
     /// upkeep the store would otherwise do at the next flush: called when a compile ends, so
     /// that the work overlaps what the caller does next (serializing the module, running it)

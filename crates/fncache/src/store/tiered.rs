@@ -148,6 +148,12 @@ impl Store for TieredStore {
         self.each(|tier| tier.flush())
     }
 
+    fn expect_writes(&self) {
+        for tier in &self.tiers {
+            tier.expect_writes();
+        }
+    }
+
     fn commit_soon(&self) {
         for tier in &self.tiers {
             tier.commit_soon();

@@ -777,6 +777,13 @@ impl Store for DiskStore {
         self.call(Op::Flush, ())
     }
 
+    /// Starts the writer, whose connection then opens on its own thread while the compile
+    /// runs: a compile whose first write comes at its end (its module, after a compile
+    /// without the incremental cache) would otherwise wait for that at its flush.
+    fn expect_writes(&self) {
+        let _ = self.writer();
+    }
+
     /// Commits what is queued now rather than at the end of the group-commit window, and cuts
     /// the log past its budget then: the cut's checkpoint and two `fsync`s (5-8 ms after a
     /// sql.js edit) overlap the module's serialization instead of holding the last flush.
