@@ -136,8 +136,8 @@ pub struct DiskStore {
 
 /// What the writer thread starts with.
 struct WriterStart {
-    /// The writer's connection when opening the cache needed one already (a new cache, an
-    /// older schema, a new limit); otherwise the thread opens its own.
+    /// The writer's connection when opening the cache needed one already (an older schema, a
+    /// new limit); otherwise the thread opens its own, or makes the database first.
     conn: Option<Connection>,
     options: DiskOptions,
     touch_floor: Arc<std::sync::atomic::AtomicI64>,

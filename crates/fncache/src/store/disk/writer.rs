@@ -166,7 +166,8 @@ pub(super) fn refuse_all(queue: &Queue, pending: &Pending, error: &StoreError) {
 }
 
 impl Op {
-    /// Whether a caller is blocked waiting for this operation's answer.
+    /// Whether the writer acts on this at once rather than after the group-commit window: a
+    /// caller is blocked waiting for its answer, or asked for it now (`CommitSoon`).
     fn is_awaited(&self) -> bool {
         matches!(
             self,
