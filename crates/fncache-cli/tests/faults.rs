@@ -297,6 +297,37 @@ fn a_full_disk_costs_one_warning_and_leaves_no_partial_entry() {
     assert_eq!(std::fs::read(&out).unwrap(), expected);
 }
 
+/// A new cache on a full disk: its database is made on the writer's thread, which cannot, so
+/// each compile costs exactly one warning (the writer's; the lookups that then find no
+/// database miss without a second one) and gives the right code.
+#[test]
+#[ignore = "needs root (mounts a tmpfs)"]
+fn a_new_cache_on_a_full_disk_costs_one_warning_per_compile() {
+    let env = Env::new();
+    let small = Tmpfs::mount(&env, "256k");
+    let cache = small.0.join("cache");
+    std::fs::create_dir(&cache).unwrap();
+    fill(&small.0);
+    let module = env.file("big.wat", generated_module(60, 5));
+    let expected = reference(&env, &module, "big");
+    let out = env.dir.path().join("out.cwasm");
+    for _ in 0..2 {
+        let output = common::fncache_in(&cache)
+            .args([
+                "compile",
+                module.to_str().unwrap(),
+                "-o",
+                out.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{stderr}");
+        assert_eq!(warnings(&stderr), 1, "{stderr}");
+        assert_eq!(std::fs::read(&out).unwrap(), expected);
+    }
+}
+
 /// The cache directory removed while compiles run: every compile succeeds with the right code,
 /// with at most one warning, and nothing half-made is left where the cache was.
 #[test]

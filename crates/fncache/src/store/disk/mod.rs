@@ -312,16 +312,14 @@ impl DiskStore {
     /// For a lookup: `true` while a new cache's database is not at its name yet (the writer
     /// makes it aside), so that the lookup misses at once, as it would in the new database.
     /// Once it is there (made by the writer, or by another process first), waits for the
-    /// writer to have it open, and reads it.
-    fn nothing_to_read_yet(&self) -> Result<bool, StoreError> {
+    /// writer to have it open, and reads it. A database the writer could not make (a full
+    /// disk: it may leave an empty file at the name) is nothing to read either: the writer
+    /// has warned once, and lookups miss without a second warning.
+    fn nothing_to_read_yet(&self) -> bool {
         if !self.still_creating() {
-            return Ok(false);
+            return false;
         }
-        if !self.db_path.exists() {
-            return Ok(true);
-        }
-        self.call(Op::Flush, ())?;
-        Ok(false)
+        !self.db_path.exists() || self.call(Op::Flush, ()).is_err()
     }
 
     /// The use clock and the count of values, if the database exists with this schema and
@@ -645,7 +643,7 @@ impl Store for DiskStore {
                 StoredEntry::Whole(entry.clone()),
             )));
         }
-        if self.nothing_to_read_yet()? {
+        if self.nothing_to_read_yet() {
             return Ok(None);
         }
         let row = self.with_reader(|conn| read_row(conn, key))?;
@@ -674,7 +672,7 @@ impl Store for DiskStore {
         for (key, entry) in unwritten {
             found(key, entry);
         }
-        if self.nothing_to_read_yet()? {
+        if self.nothing_to_read_yet() {
             return Ok(());
         }
         // A chunk per read transaction, in the order given (a manifest's is the order the
