@@ -140,6 +140,19 @@ impl Drop for Tmpfs {
     }
 }
 
+/// `fncache compile MODULE -o OUT` with the cache in `cache`.
+fn compile_with(cache: &Path, module: &Path, out: &Path) -> std::process::Output {
+    common::fncache_in(cache)
+        .args([
+            "compile",
+            module.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap()
+}
+
 /// Fills the file system `dir` is on, with a file in `dir`.
 fn fill(dir: &Path) {
     use std::io::Write;
@@ -261,17 +274,7 @@ fn a_full_disk_costs_one_warning_and_leaves_no_partial_entry() {
     let expected = reference(&env, &module, "big");
     let out = env.dir.path().join("out.cwasm");
     let cache = mount.join("cache");
-    let compile = || {
-        common::fncache_in(&cache)
-            .args([
-                "compile",
-                module.to_str().unwrap(),
-                "-o",
-                out.to_str().unwrap(),
-            ])
-            .output()
-            .unwrap()
-    };
+    let compile = || compile_with(&cache, &module, &out);
     let output = compile();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stderr}");
@@ -312,15 +315,7 @@ fn a_new_cache_on_a_full_disk_costs_one_warning_per_compile() {
     let expected = reference(&env, &module, "big");
     let out = env.dir.path().join("out.cwasm");
     for _ in 0..2 {
-        let output = common::fncache_in(&cache)
-            .args([
-                "compile",
-                module.to_str().unwrap(),
-                "-o",
-                out.to_str().unwrap(),
-            ])
-            .output()
-            .unwrap();
+        let output = compile_with(&cache, &module, &out);
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(output.status.success(), "{stderr}");
         assert_eq!(warnings(&stderr), 1, "{stderr}");

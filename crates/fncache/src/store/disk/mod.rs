@@ -448,11 +448,18 @@ impl DiskStore {
             return Err(StoreError::WriterGone); // its thread could not be started
         };
         let writer = self.writer.get_or_init(|| self.spawn_writer(start));
-        let unsent = std::mem::take(&mut *self.unsent.lock());
-        if !unsent.is_zero() {
-            writer.queue.push(Op::Record(unsent))?;
-        }
+        self.hand_unsent(&writer.queue)?;
         Ok(Some(writer))
+    }
+
+    /// Hands the counters recorded while no writer ran (or by a thread that found none while
+    /// another started it) to the writer's queue.
+    fn hand_unsent(&self, queue: &Queue) -> Result<(), StoreError> {
+        let unsent = std::mem::take(&mut *self.unsent.lock());
+        if unsent.is_zero() {
+            return Ok(());
+        }
+        queue.push(Op::Record(unsent))
     }
 
     fn spawn_writer(&self, start: WriterStart) -> Writer {
@@ -622,10 +629,7 @@ impl Drop for DiskStore {
             let _ = self.writer(); // takes the counters to commit them
         }
         if let Some(Writer { queue, thread }) = self.writer.take() {
-            let unsent = std::mem::take(&mut *self.unsent.lock());
-            if !unsent.is_zero() {
-                let _ = queue.push(Op::Record(unsent));
-            }
+            let _ = self.hand_unsent(&queue);
             queue.close(); // the writer commits what is queued, then stops
             if let Some(thread) = thread {
                 let _ = thread.join();
@@ -767,10 +771,7 @@ impl Store for DiskStore {
         }
         if let Some(writer) = self.writer()? {
             // Counters recorded by a thread that found no writer while this one started it.
-            let unsent = std::mem::take(&mut *self.unsent.lock());
-            if !unsent.is_zero() {
-                writer.queue.push(Op::Record(unsent))?;
-            }
+            self.hand_unsent(&writer.queue)?;
         }
         self.call(Op::Flush, ())
     }

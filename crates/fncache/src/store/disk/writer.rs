@@ -342,9 +342,7 @@ impl WriterState {
             .transaction_with_behavior(TransactionBehavior::Immediate);
         if starts_log && tx.is_ok() && !log_is_empty(&path) {
             drop(tx); // rolls back what has not begun
-            if let Err(error) = self.set_unsynced(false) {
-                return Err(db_error(error));
-            }
+            self.set_unsynced(false).map_err(db_error)?;
             tx = self
                 .conn
                 .transaction_with_behavior(TransactionBehavior::Immediate);
