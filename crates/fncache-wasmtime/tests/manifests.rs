@@ -431,3 +431,86 @@ fn a_small_change_is_parsed_whole() {
     assert_eq!(estimate, parsed.shared_with_callees_abstracted(&earlier));
     assert!(estimate > 0.3 && estimate < 0.9, "{estimate}");
 }
+
+/// `count` functions after `imports` function imports, every `every`-th of which (0: none)
+/// adds into a defined global; the others only compute. Nothing is exported, so that the
+/// code is the functions' alone (no trampolines).
+fn with_globals(count: usize, every: usize, imports: usize) -> Vec<u8> {
+    let mut wat = String::from("(module\n");
+    for i in 0..imports {
+        wat.push_str(&format!("(import \"host\" \"f{i}\" (func (param i32)))\n"));
+    }
+    wat.push_str("(global $g (mut i32) (i32.const 0))\n");
+    for i in 0..count {
+        let global = match every != 0 && i % every == 0 {
+            true => "(global.set $g (i32.add (global.get $g) (local.get $acc)))",
+            false => "(local.set $acc (i32.xor (local.get $acc) (i32.const 77)))",
+        };
+        wat.push_str(&format!(
+            "(func (param $x i32) (result i32) (local $acc i32)
+               (local.set $acc (i32.const {k}))
+               (block $done (loop $next
+                 (br_if $done (i32.ge_u (local.get $acc) (i32.const 1000000)))
+                 (local.set $acc (i32.add (i32.mul (local.get $acc) (i32.const 3))
+                                          (local.get $x)))
+                 (br $next)))
+               {global}
+               (local.get $acc))\n",
+            k = i * 13 + 5
+        ));
+    }
+    wat.push(')');
+    wat::parse_str(&wat).unwrap()
+}
+
+/// An import added moves every global in Wasmtime's `VMContext`: the functions that use one
+/// get other code and miss, though their bytes did not change. The prediction sees it, within
+/// a few points of what the cache then serves, from a manifest with either kind of print.
+#[test]
+fn with_an_import_added_the_prediction_counts_only_functions_that_reach_nothing_moved() {
+    for every in [1, 2, 5, 0] {
+        let (old, new) = (with_globals(240, every, 1), with_globals(240, every, 2));
+        let byte_for_byte = BodyPrints::of(&new)
+            .unwrap()
+            .shared_with(&BodyPrints::of(&old).unwrap());
+        assert!(byte_for_byte > 0.99, "every body's bytes: {byte_for_byte}");
+        for adaptive_first in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            if adaptive_first {
+                // Into an empty cache: compiled without it, and the fill leaves a manifest
+                // with the prints with callees abstracted.
+                let first = adaptive_compiler(dir.path());
+                let (_, report) = first.precompile_named(&old, "app").unwrap();
+                assert!(report.deferred_fill, "{report:?}");
+            } else {
+                compiler(dir.path()).precompile_named(&old, "app").unwrap();
+            }
+            let (precompiled, report) = compiler(dir.path()).precompile_named(&new, "app").unwrap();
+            assert_eq!(precompiled, uncached(&new));
+            let (predicted, served) = (report.predicted_reuse.unwrap(), report.code_hit_rate());
+            assert!(
+                (predicted - served).abs() < 0.12,
+                "one in {every} uses a global, adaptive first {adaptive_first}: \
+                 predicted {predicted}, served {served}"
+            );
+        }
+    }
+}
+
+/// When every function uses a global, the adaptive compile sees that an import added leaves
+/// nothing to reuse and compiles without the cache (before layouts were recorded, the bytes
+/// predicted all of it, and the function level served none).
+#[test]
+fn an_adaptive_compile_of_a_moved_layout_compiles_without_the_cache() {
+    let (old, new) = (with_globals(240, 1, 1), with_globals(240, 1, 2));
+    let dir = tempfile::tempdir().unwrap();
+    adaptive_compiler(dir.path())
+        .precompile_named(&old, "app")
+        .unwrap();
+    let adaptive = adaptive_compiler(dir.path());
+    let (precompiled, report) = adaptive.precompile_named(&new, "app").unwrap();
+    assert_eq!(precompiled, uncached(&new));
+    assert!(report.predicted_reuse.unwrap() < 0.1, "{report:?}");
+    assert!(report.deferred_fill, "{report:?}");
+    assert_eq!(report.lookups(), 0, "{report:?}");
+}
