@@ -1059,40 +1059,25 @@ mod tests {
     /// call of a renumbered import is other code, a call of one that kept its index is not.
     #[test]
     fn a_call_of_an_import_keeps_its_index_in_the_fingerprint() {
-        let print = |wat: &str| {
-            let prints = BodyPrints::with_callees_abstracted(&wat::parse_str(wat).unwrap());
-            prints.unwrap().bodies.last().unwrap().callees_abstracted
-        };
-        let body = "(func $f (call $host) (call $g)) (func $g)";
-        let old = print(&format!(
-            "(module (import \"h\" \"a\" (func $host)) {body})"
-        ));
-        let appended = print(&format!(
-            "(module (import \"h\" \"a\" (func $host)) (import \"h\" \"b\" (func)) {body})"
-        ));
-        let prepended = print(&format!(
-            "(module (import \"h\" \"b\" (func)) (import \"h\" \"a\" (func $host)) {body})"
-        ));
-        let old_f = |wat: &str| {
+        // The print of $f, which calls the import $host and the defined $g, after `imports`.
+        let print_of_f = |imports: &str| {
+            let wat = format!("(module {imports} (func $f (call $host) (call $g)) (func $g))");
             let prints = BodyPrints::with_callees_abstracted(&wat::parse_str(wat).unwrap());
             prints.unwrap().bodies[0].callees_abstracted
         };
-        let f_old = old_f(&format!(
-            "(module (import \"h\" \"a\" (func $host)) {body})"
-        ));
-        let f_appended = old_f(&format!(
-            "(module (import \"h\" \"a\" (func $host)) (import \"h\" \"b\" (func)) {body})"
-        ));
-        let f_prepended = old_f(&format!(
-            "(module (import \"h\" \"b\" (func)) (import \"h\" \"a\" (func $host)) {body})"
-        ));
-        assert_eq!(old, appended, "no callee");
-        assert_eq!(old, prepended, "no callee");
+        let host = "(import \"h\" \"a\" (func $host))";
+        let other = "(import \"h\" \"b\" (func))";
+        let old = print_of_f(host);
         assert_eq!(
-            f_old, f_appended,
-            "the import kept its index, $g was renumbered"
+            old,
+            print_of_f(&format!("{host} {other}")),
+            "an import appended: $host kept its index, only $g was renumbered"
         );
-        assert_ne!(f_old, f_prepended, "the import was renumbered");
+        assert_ne!(
+            old,
+            print_of_f(&format!("{other} {host}")),
+            "an import prepended: $host was renumbered"
+        );
     }
 
     #[test]
