@@ -676,13 +676,20 @@ impl Compiler {
             if let Some(moved) = ahead.bodies.moved_since(&earlier.bodies) {
                 // An import, a table or a global more or fewer: bodies the same byte for byte
                 // may reach through a moved `VMContext` and get other code, so bytes predict
-                // nothing. Estimated from a sample of all bodies (esbuild: 1-3 ms).
-                let (prints, estimate) =
-                    ahead
-                        .bodies
-                        .estimate_shared_after_move(binary, &earlier.bodies, &moved)?;
-                ahead.bodies = prints;
-                shared = estimate;
+                // nothing. Estimated from a sample of all bodies (esbuild: 1-3 ms). It runs
+                // for every compile with a manifest, not only adaptive ones, so a body it cannot
+                // parse (an opcode newer than this wasmparser) leaves the bytes' prediction and
+                // Wasmtime to judge the binary, rather than failing the compile here.
+                match ahead
+                    .bodies
+                    .estimate_shared_after_move(binary, &earlier.bodies, &moved)
+                {
+                    Ok((prints, estimate)) => {
+                        ahead.bodies = prints;
+                        shared = estimate;
+                    }
+                    Err(error) => log::debug!("no estimate after a moved layout: {error:#}"),
+                }
             } else if self.adaptive_on && shared < ADAPTIVE_MIN_SHARED && abstracted {
                 // Too little byte for byte; callees renumbered (a function or an import added
                 // before them) still hit, so look again with them left out before deciding:
