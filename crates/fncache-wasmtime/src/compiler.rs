@@ -694,12 +694,18 @@ impl Compiler {
                 // Too little byte for byte; callees renumbered (a function or an import added
                 // before them) still hit, so look again with them left out before deciding:
                 // estimated from a sample of the changed bodies, as a parse of them all is
-                // most of what the decision costs (zstd with a global added: 7-11 ms).
-                let (prints, estimate) = ahead
+                // most of what the decision costs (zstd with a global added: 7-11 ms). A
+                // body it cannot parse leaves the bytes' prediction, as above.
+                match ahead
                     .bodies
-                    .estimate_shared_with_callees_abstracted(binary, &earlier.bodies)?;
-                ahead.bodies = prints;
-                shared = shared.max(estimate);
+                    .estimate_shared_with_callees_abstracted(binary, &earlier.bodies)
+                {
+                    Ok((prints, estimate)) => {
+                        ahead.bodies = prints;
+                        shared = shared.max(estimate);
+                    }
+                    Err(error) => log::debug!("no estimate with callees left out: {error:#}"),
+                }
             }
             ahead.predicted_reuse = Some(shared);
             if self.prefetch && shared >= PREFETCH_MIN_SHARED {

@@ -514,3 +514,61 @@ fn an_adaptive_compile_of_a_moved_layout_compiles_without_the_cache() {
     assert!(report.deferred_fill, "{report:?}");
     assert_eq!(report.lookups(), 0, "{report:?}");
 }
+
+/// `wasm` with the first instruction of every function body replaced by an opcode no
+/// WebAssembly version defines (0x27): still fingerprinted by its bytes, refused by any parse.
+fn with_an_illegal_first_instruction(wasm: &[u8]) -> Vec<u8> {
+    let mut broken = wasm.to_vec();
+    for payload in wasmparser::Parser::new(0).parse_all(wasm) {
+        if let wasmparser::Payload::CodeSectionEntry(body) = payload.unwrap() {
+            let first = body.get_operators_reader().unwrap().original_position();
+            broken[first] = 0x27;
+        }
+    }
+    assert_ne!(broken, wasm);
+    broken
+}
+
+/// The error a compile without any cache gives.
+fn uncached_error(wasm: &[u8]) -> String {
+    let error = Compiler::new(Config::new(), None)
+        .unwrap()
+        .precompile(wasm)
+        .unwrap_err();
+    format!("{error:#}")
+}
+
+/// A binary the prediction cannot parse (to this wasmparser, a body may hold an opcode only a
+/// newer Wasmtime knows) is left to Wasmtime to judge: the compile fails, or not, as it would
+/// without the cache, with Wasmtime's own error. Both estimates that parse instructions are
+/// reached: after a moved `VMContext` layout, and with callees left out in an adaptive compile.
+#[test]
+fn a_body_the_prediction_cannot_parse_fails_as_it_would_without_the_cache() {
+    let cases = [
+        // An import added: the layout moved, and every body reaches the moved global.
+        (
+            "moved layout",
+            with_globals(240, 1, 1),
+            with_globals(240, 1, 2),
+        ),
+        // A function added before the others: every callee renumbered, no body the same.
+        ("callees renumbered", call_chain(200, 0), call_chain(200, 1)),
+    ];
+    for (case, old, new) in cases {
+        let broken = with_an_illegal_first_instruction(&new);
+        let expected = uncached_error(&broken);
+        let dir = tempfile::tempdir().unwrap();
+        let first = adaptive_compiler(dir.path());
+        first.precompile_named(&old, "app").unwrap();
+        drop(first); // waits for the fill, which leaves prints with callees left out
+        let error = adaptive_compiler(dir.path())
+            .precompile_named(&broken, "app")
+            .unwrap_err();
+        assert_eq!(format!("{error:#}"), expected, "{case}");
+        // And the binary without the damage is compiled as before.
+        let (code, _) = adaptive_compiler(dir.path())
+            .precompile_named(&new, "app")
+            .unwrap();
+        assert_eq!(code, uncached(&new), "{case}");
+    }
+}
