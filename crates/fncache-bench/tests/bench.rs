@@ -80,6 +80,29 @@ fn bench_measures_every_configuration_and_the_family() {
     assert!(targets
         .iter()
         .any(|t| t["name"] == "unchanged module / Wasmtime module-cache hit"));
+    // Each adaptive scenario is paired with its own module compiled cold beside it, and a
+    // paired target carries the range of its per-run ratios (one run: the ratio itself).
+    assert!(
+        rows["edit-const/cold"]["median_ms"].as_f64().unwrap() > 0.0,
+        "{rows}"
+    );
+    let paired = targets
+        .iter()
+        .find(|t| t["name"] == "edit-const, adaptive / cold, paired (issue 12)")
+        .unwrap();
+    let ratio = rows["edit-const/adaptive"]["median_ms"].as_f64().unwrap()
+        / rows["edit-const/cold"]["median_ms"].as_f64().unwrap();
+    assert!(
+        (paired["ratio"].as_f64().unwrap() - ratio).abs() < 1e-9,
+        "{paired}"
+    );
+    assert_eq!(paired["spread"][0], paired["ratio"], "{paired}");
+    assert_eq!(paired["spread"][1], paired["ratio"], "{paired}");
+    // The noise floor: cold twice, side by side.
+    let noise = module["noise"]["median"].as_f64().unwrap();
+    let expected = rows["cold-again"]["median_ms"].as_f64().unwrap()
+        / rows["cold"]["median_ms"].as_f64().unwrap();
+    assert!((noise - expected).abs() < 1e-9, "{}", module["noise"]);
     assert!(
         module["disk_bytes"].as_u64().unwrap() > module["module_entry_bytes"].as_u64().unwrap()
     );
@@ -100,7 +123,7 @@ fn bench_measures_every_configuration_and_the_family() {
     assert!(table.status.success());
     let text = String::from_utf8_lossy(&table.stdout);
     assert!(
-        text.contains("pkg@1.1.0") && text.contains("fam@2.0.0"),
+        text.contains("pkg@1.1.0") && text.contains("fam@2.0.0") && text.contains("noise: "),
         "{text}"
     );
 }

@@ -131,9 +131,41 @@ pub struct Row {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Target {
     pub name: String,
+    /// For a paired target, the median of the per-run ratios.
     pub ratio: f64,
     pub limit: f64,
     pub met: bool,
+    /// A paired target's lowest and highest per-run ratio (runs saved before 2026-11-28: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spread: Option<[f64; 2]>,
+}
+
+/// The median and the range of per-run ratios between two rows sampled side by side.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct Paired {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Paired {
+    /// `a`'s samples over `b`'s, run by run; `None` unless both have the same runs.
+    pub fn of(a: &Row, b: &Row) -> Option<Paired> {
+        if a.samples_ms.len() != b.samples_ms.len() || a.samples_ms.is_empty() {
+            return None;
+        }
+        let ratios: Vec<f64> = a
+            .samples_ms
+            .iter()
+            .zip(&b.samples_ms)
+            .map(|(a, b)| a / b)
+            .collect();
+        Some(Paired {
+            median: median(ratios.clone()),
+            min: ratios.iter().copied().fold(f64::INFINITY, f64::min),
+            max: ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+        })
+    }
 }
 
 /// The rows, in the order tables print them.
@@ -146,6 +178,10 @@ pub const WASMTIME_HIT: &str = "wasmtime-cache-hit";
 pub const CEILING: &str = "ceiling";
 
 pub const COLD_WARM_PROCESS: &str = "cold-in-warm-process";
+
+/// Cold again, right after [`COLD`] in each run: the two side by side are the same compile,
+/// so their paired ratio is the run's noise floor for the paired targets.
+pub const COLD_AGAIN: &str = "cold-again";
 
 pub const EMPTY: &str = "fncache-empty";
 

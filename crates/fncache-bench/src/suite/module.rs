@@ -28,6 +28,10 @@ pub struct ModuleReport {
     /// Function-level entries per defined function (module entry excluded).
     pub disk_bytes_per_function: f64,
     pub targets: Vec<Target>,
+    /// [`COLD_AGAIN`] over [`COLD`], paired: how far two samples of the same compile taken
+    /// side by side differ in this run (runs saved before 2026-11-28: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub noise: Option<Paired>,
 }
 
 /// Measures `subject`.
@@ -63,6 +67,7 @@ pub fn measure(
         let mut probe =
             |row: &str, probe: Probe| samples.take(options, progress, &what, row, probe);
         probe(COLD, Probe::Cold { module: module() })?;
+        probe(COLD_AGAIN, Probe::Cold { module: module() })?;
         let wasmtime = dir("wasmtime");
         probe(
             WASMTIME_MISS,
@@ -179,6 +184,14 @@ pub fn measure(
                 &format!("{name}/fncache"),
                 fncache_probe(&warmed, target.clone(), true),
             )?;
+            // The scenario's own module without a cache, side by side with its adaptive
+            // compile: the baseline that compile must not exceed.
+            probe(
+                &format!("{name}/cold"),
+                Probe::Cold {
+                    module: target.clone(),
+                },
+            )?;
             probe(
                 &format!("{name}/adaptive"),
                 adaptive_probe(&adaptive, target.clone()),
@@ -204,8 +217,13 @@ pub fn measure(
         module_entry_bytes: disk.1,
         disk_bytes_per_function: disk.0.saturating_sub(disk.1) as f64 / functions.max(1) as f64,
         targets: vec![],
+        noise: None,
     };
     report.targets = targets(&report, &scenarios);
+    report.noise = report
+        .rows
+        .get(COLD_AGAIN)
+        .and_then(|again| Paired::of(again, report.rows.get(COLD)?));
     Ok(report)
 }
 
@@ -221,25 +239,26 @@ pub(crate) fn targets(
     // take the median of those ratios.
     let paired = |a: &str, b: &str| {
         let (a, b) = (report.rows.get(a)?, report.rows.get(b)?);
-        if a.samples_ms.len() != b.samples_ms.len() || a.samples_ms.is_empty() {
-            return Some(a.median_ms / b.median_ms);
-        }
-        let ratios = a.samples_ms.iter().zip(&b.samples_ms).map(|(a, b)| a / b);
-        Some(median(ratios.collect()))
+        Some(match Paired::of(a, b) {
+            Some(paired) => (paired.median, Some([paired.min, paired.max])),
+            None => (a.median_ms / b.median_ms, None),
+        })
     };
+    // A ratio, and for a paired one the range of its per-run ratios.
     let mut out = Vec::new();
-    let mut check = |name: String, ratio: Option<f64>, limit: f64| {
-        if let Some(ratio) = ratio {
+    let mut check = |name: String, ratio: Option<(f64, Option<[f64; 2]>)>, limit: f64| {
+        if let Some((ratio, spread)) = ratio {
             out.push(Target {
                 name,
                 ratio,
                 limit,
                 met: ratio <= limit,
+                spread,
             });
         }
     };
     let cold = ms(COLD);
-    let over = |a: Option<f64>, b: Option<f64>| Some(a? / b?);
+    let over = |a: Option<f64>, b: Option<f64>| Some((a? / b?, None));
     check(
         "unchanged module / Wasmtime module-cache hit".into(),
         over(ms(UNCHANGED), ms(WASMTIME_HIT)),
@@ -273,9 +292,16 @@ pub(crate) fn targets(
             paired(&format!("{name}/fncache"), &format!("{name}/ceiling")),
             1.05,
         );
+        // Against the scenario's own module compiled cold beside it; runs saved before
+        // 2026-11-28 have no such row and pair with the original's cold at the run's start.
+        let scenario_cold = format!("{name}/cold");
+        let baseline = match report.rows.contains_key(&scenario_cold) {
+            true => scenario_cold.as_str(),
+            false => COLD,
+        };
         check(
             format!("{name}, adaptive / cold, paired (issue 12)"),
-            paired(&format!("{name}/adaptive"), COLD),
+            paired(&format!("{name}/adaptive"), baseline),
             1.02,
         );
     }
@@ -309,8 +335,9 @@ pub(crate) fn module_entry_bytes(cache: &Path) -> u64 {
 pub fn probe_count(subject: &Subject, runs: usize) -> Result<usize> {
     let scenarios =
         edited(subject)?.len() + subject.previous.is_some() as usize + subject.source_edits.len();
-    // Nine rows per run, and four per scenario: ceiling, ceiling-new-process, fncache, adaptive.
-    Ok(runs * (9 + 4 * scenarios))
+    // Ten rows per run, and five per scenario: ceiling, ceiling-new-process, fncache, cold,
+    // adaptive.
+    Ok(runs * (10 + 5 * scenarios))
 }
 
 /// Every edit that applies to `subject`, with the edited binary. A component's edits are made
@@ -360,6 +387,7 @@ pub fn render(reports: &[ModuleReport]) -> String {
         let mut names: Vec<&String> = r.rows.keys().collect();
         let order = [
             COLD,
+            COLD_AGAIN,
             COLD_WARM_PROCESS,
             WASMTIME_MISS,
             WASMTIME_HIT,
@@ -411,13 +439,25 @@ pub fn render(reports: &[ModuleReport]) -> String {
             r.disk_bytes_per_function
         );
         for t in &r.targets {
+            let spread = match t.spread {
+                Some([min, max]) => format!("  (runs {min:.3}-{max:.3})"),
+                None => String::new(),
+            };
             let _ = writeln!(
                 out,
-                "  target {:<52} {:>8.4} (limit {}) {}",
+                "  target {:<52} {:>8.4} (limit {}) {}{spread}",
                 t.name,
                 t.ratio,
                 t.limit,
                 if t.met { "met" } else { "MISSED" }
+            );
+        }
+        if let Some(noise) = r.noise {
+            let _ = writeln!(
+                out,
+                "  noise: {COLD_AGAIN} / {COLD}, paired, the same compile twice side by side: \
+                 {:.4} (runs {:.3}-{:.3})",
+                noise.median, noise.min, noise.max
             );
         }
     }
