@@ -111,6 +111,16 @@ fn bench_measures_every_configuration_and_the_family() {
     assert_eq!(family["family"], "fam@2.0.0");
     let members = family["members"].as_array().unwrap();
     assert_eq!(members.len(), 3);
+    let cold_again: f64 = members
+        .iter()
+        .map(|m| m["cold_again_ms"].as_f64().unwrap())
+        .sum();
+    let cold: f64 = members.iter().map(|m| m["cold_ms"].as_f64().unwrap()).sum();
+    let noise = family["noise_ratio"].as_f64().unwrap();
+    assert!(
+        cold_again > 0.0 && (noise - cold_again / cold).abs() < 1e-9,
+        "{family}"
+    );
     for member in members {
         // Each member's first 30 functions are in the others' code.
         assert!(member["hit_rate"].as_f64().unwrap() > 0.7, "{member}");

@@ -36,6 +36,10 @@ pub struct MemberReport {
     pub adaptive_ms: f64,
     #[serde(default)]
     pub adaptive_ratio_to_cold: f64,
+    /// Cold again, right after each cold sample: the same compile twice side by side (runs
+    /// saved before 2026-11-28: 0).
+    #[serde(default)]
+    pub cold_again_ms: f64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -57,6 +61,11 @@ pub struct FamilyReport {
     pub adaptive_ratio_to_cold: f64,
     #[serde(default)]
     pub adaptive_worst_ratio: f64,
+    /// The members' cold-again total over their cold total: how far the same compiles measured
+    /// twice side by side differ, the floor under which the totals cannot be told from 1.0
+    /// (runs saved before 2026-11-28: 0).
+    #[serde(default)]
+    pub noise_ratio: f64,
 }
 
 /// Compiles each member of `family` with a cache warmed by every other member (leave one out).
@@ -88,7 +97,8 @@ pub fn measure_family(
             .unwrap_or_default()
             .to_string_lossy()
             .to_string();
-        let (mut cold, mut warm, mut adaptive) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut cold, mut cold_again) = (Vec::new(), Vec::new());
+        let (mut warm, mut adaptive) = (Vec::new(), Vec::new());
         for run in 0..options.runs {
             progress.step(&format!(
                 "{}: {name} run {}/{}",
@@ -100,6 +110,7 @@ pub fn measure_family(
                 module: module.clone(),
             };
             cold.push(run_probe(&options.probe_command, &probe)?);
+            cold_again.push(run_probe(&options.probe_command, &probe)?);
             // A copy each run: the probe stores what it compiles.
             let copy = scratch.join("measure");
             copy_dir(cache, &copy)?;
@@ -130,13 +141,16 @@ pub fn measure_family(
             code_hit_rate: row.code_hit_rate,
             adaptive_ms: adaptive_row.median_ms,
             adaptive_ratio_to_cold: adaptive_row.ratio_to_cold,
+            cold_again_ms: median(cold_again.iter().map(|s| s.seconds).collect()) * 1000.0,
         });
         fs::remove_dir_all(cache)?;
     }
     let cold_ms: f64 = members.iter().map(|m| m.cold_ms).sum();
     let fncache_ms: f64 = members.iter().map(|m| m.fncache_ms).sum();
     let adaptive_ms: f64 = members.iter().map(|m| m.adaptive_ms).sum();
+    let cold_again_ms: f64 = members.iter().map(|m| m.cold_again_ms).sum();
     Ok(FamilyReport {
+        noise_ratio: cold_again_ms / cold_ms,
         adaptive_ms,
         adaptive_ratio_to_cold: adaptive_ms / cold_ms,
         adaptive_worst_ratio: members
@@ -243,6 +257,14 @@ pub fn render_family(r: &FamilyReport) -> String {
         "  total: cold {:.0} ms, fncache {:.0} ms ({:.3}x cold); the worst module {:.3}x",
         r.cold_ms, r.fncache_ms, r.ratio_to_cold, r.worst_ratio
     );
+    if r.noise_ratio > 0.0 {
+        let _ = writeln!(
+            out,
+            "  noise: every member compiled cold twice side by side, the second total over the \
+             first: {:.3}x",
+            r.noise_ratio
+        );
+    }
     if r.adaptive_ms > 0.0 {
         let _ = writeln!(
             out,
