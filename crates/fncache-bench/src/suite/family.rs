@@ -37,7 +37,7 @@ pub struct MemberReport {
     #[serde(default)]
     pub adaptive_ratio_to_cold: f64,
     /// Cold again, right after each cold sample: the same compile twice side by side (runs
-    /// saved before 2026-11-28: 0).
+    /// saved before the eleventh run of 2026-11-27: 0).
     #[serde(default)]
     pub cold_again_ms: f64,
 }
@@ -63,7 +63,7 @@ pub struct FamilyReport {
     pub adaptive_worst_ratio: f64,
     /// The members' cold-again total over their cold total: how far the same compiles measured
     /// twice side by side differ, the floor under which the totals cannot be told from 1.0
-    /// (runs saved before 2026-11-28: 0).
+    /// (runs saved before the eleventh run of 2026-11-27: 0).
     #[serde(default)]
     pub noise_ratio: f64,
 }

@@ -135,7 +135,7 @@ pub struct Target {
     pub ratio: f64,
     pub limit: f64,
     pub met: bool,
-    /// A paired target's lowest and highest per-run ratio (runs saved before 2026-11-28: none).
+    /// A paired target's lowest and highest per-run ratio (runs saved before the eleventh run of 2026-11-27: none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spread: Option<[f64; 2]>,
 }

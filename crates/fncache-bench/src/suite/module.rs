@@ -29,7 +29,7 @@ pub struct ModuleReport {
     pub disk_bytes_per_function: f64,
     pub targets: Vec<Target>,
     /// [`COLD_AGAIN`] over [`COLD`], paired: how far two samples of the same compile taken
-    /// side by side differ in this run (runs saved before 2026-11-28: none).
+    /// side by side differ in this run (runs saved before the eleventh run of 2026-11-27: none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub noise: Option<Paired>,
 }
@@ -292,8 +292,9 @@ pub(crate) fn targets(
             paired(&format!("{name}/fncache"), &format!("{name}/ceiling")),
             1.05,
         );
-        // Against the scenario's own module compiled cold beside it; runs saved before
-        // 2026-11-28 have no such row and pair with the original's cold at the run's start.
+        // Against the scenario's own module compiled cold beside it; runs saved before the
+        // eleventh run of 2026-11-27 have no such row and pair with the original's cold at the
+        // run's start.
         let scenario_cold = format!("{name}/cold");
         let baseline = match report.rows.contains_key(&scenario_cold) {
             true => scenario_cold.as_str(),
