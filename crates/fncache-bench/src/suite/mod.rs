@@ -276,6 +276,11 @@ pub fn median(mut values: Vec<f64>) -> f64 {
 /// Runs one probe in a fresh process and reads its sample.
 pub fn run_probe(command: &[OsString], probe: &Probe) -> Result<Sample> {
     let (program, args) = command.split_first().context("empty probe command")?;
+    // What earlier probes and the suite's own file work (copies, removals) left dirty is
+    // written out first, untimed. Otherwise the kernel writes it back during this probe, on the
+    // cores it compiles on, and a probe pays for the writes of the one before it: a user's
+    // process does not wait for its own writeback, and neither does a probe.
+    rustix::fs::sync();
     let output = Command::new(program)
         .args(args)
         .arg(serde_json::to_string(probe)?)
