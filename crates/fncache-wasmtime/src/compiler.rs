@@ -24,6 +24,7 @@ use wasmtime::{Config, Engine, Module};
 
 use crate::fingerprint::engine_fingerprint;
 use crate::function_store::{enable, enable_with_cross_check, FunctionCounters, FunctionStore};
+use crate::key_variants::{self, Replay};
 use crate::manifest::{BodyPrints, FoundBy, Manifest, Manifests};
 
 /// Read ahead only from an earlier compile that shares at least this share of the function
@@ -219,10 +220,12 @@ struct Adaptive {
     fill: Arc<Mutex<Option<FillEngine>>>,
 }
 
-/// An engine with the same settings, one compile thread and the function level, and its store.
+/// An engine with the same settings, one compile thread and the function level, and its store;
+/// and one more that replays its compiles to learn the keys' variants ([`key_variants`]).
 struct FillEngine {
     engine: Engine,
     store: Arc<FunctionStore>,
+    replay: Option<(Engine, Arc<Replay>)>,
 }
 
 impl Compiler {
@@ -784,17 +787,37 @@ impl Compiler {
                         }
                     }
                 }
-                let FillEngine { engine, store } = fill.as_ref().expect("built above");
+                let FillEngine {
+                    engine,
+                    store,
+                    replay,
+                } = fill.as_ref().expect("built above");
                 store.take_looked_up();
-                let compiled = match kind {
-                    WasmKind::Module => engine.precompile_module(&binary).map(drop),
-                    WasmKind::Component => engine.precompile_component(&binary).map(drop),
+                let precompile = |engine: &Engine| match kind {
+                    WasmKind::Module => engine.precompile_module(&binary),
+                    WasmKind::Component => engine.precompile_component(&binary),
                 };
-                if let Err(error) = compiled {
-                    log::debug!("filling the function level failed: {error:#}");
-                    return;
-                }
-                let keys = first_occurrences(store.take_looked_up());
+                let precompiled = match precompile(engine) {
+                    Ok(precompiled) => precompiled,
+                    Err(error) => {
+                        log::debug!("filling the function level failed: {error:#}");
+                        return;
+                    }
+                };
+                let looked_up = store.take_looked_up();
+                // The manifest lists the keys a compile that hits asks (see `key_variants`): the
+                // fill's own, of functions after a miss, are read when asked.
+                let variants = replay.as_ref().and_then(|(replay_engine, replay)| {
+                    key_variants::learn(
+                        replay_engine,
+                        replay,
+                        store,
+                        precompile,
+                        &looked_up,
+                        &precompiled,
+                    )
+                });
+                let keys = first_occurrences(variants.unwrap_or(looked_up));
                 // What the prediction parsed already is taken, not parsed again.
                 let bodies = BodyPrints::with_callees_abstracted_reusing(&binary, &[&bodies])
                     .unwrap_or(bodies);
@@ -1077,12 +1100,24 @@ impl FillEngine {
     fn new(config: &Config, cache: &Cache, namespace: &Namespace) -> anyhow::Result<FillEngine> {
         let mut config = config.clone();
         config.parallel_compilation(false);
+        let mut replay_config = config.clone();
         let store = enable(&mut config, cache)?;
         let engine = Engine::new(&config)?;
         if engine_fingerprint(&engine) != *namespace || store.namespace() != namespace {
             bail!("the filling engine has another fingerprint");
         }
-        Ok(FillEngine { engine, store })
+        let replay_store = Arc::new(Replay::default());
+        let replay = replay_config
+            .enable_incremental_compilation(replay_store.clone())
+            .and_then(|config| Engine::new(config))
+            .map_err(|error| log::debug!("no replay of fills: {error:#}"))
+            .ok()
+            .map(|engine| (engine, replay_store));
+        Ok(FillEngine {
+            engine,
+            store,
+            replay,
+        })
     }
 }
 

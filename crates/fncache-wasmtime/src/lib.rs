@@ -4,6 +4,8 @@
 //!   versions or two code-changing settings sharing one cache never read each other's entries.
 //! - [`function_store`]: the [`wasmtime::CacheStore`] adapter Cranelift's incremental cache
 //!   calls, once per function and trampoline, from many threads at once.
+//! - `key_variants`: after a fill, the other keys Cranelift gives the same functions when the
+//!   compile before them hit, learned by replaying the fill.
 //! - [`manifest`]: what each compile looked up, so that the next compile of the same program
 //!   reads those entries ahead in one batch.
 //! - [`compiler`]: [`Compiler`], an engine with the cache wired in and per-compile reports;
@@ -21,6 +23,7 @@ pub mod compiler;
 pub mod explain;
 pub mod fingerprint;
 pub mod function_store;
+mod key_variants;
 pub mod manifest;
 
 pub use compiler::{count_functions, CompileReport, Compiled, Compiler, Level, WasmKind};

@@ -572,3 +572,53 @@ fn a_body_the_prediction_cannot_parse_fails_as_it_would_without_the_cache() {
         assert_eq!(code, uncached(&new), "{case}");
     }
 }
+
+/// `count` functions, one in three exported: each exported function escapes and gets an
+/// array-to-wasm trampoline, compiled right after it, whose exception table Cranelift leaves in
+/// the compile context for the functions after it (docs/design.md).
+fn with_escaping_functions(count: usize) -> Vec<u8> {
+    let mut wat = String::from("(module\n");
+    for i in 0..count {
+        let export = match i % 3 {
+            0 => format!("(export \"f{i}\")"),
+            _ => String::new(),
+        };
+        wat.push_str(&format!(
+            "(func {export} (param $x i32) (result i32)
+               (i32.add (i32.mul (local.get $x) (i32.const {})) (i32.const {i})))\n",
+            i * 7 + 3
+        ));
+    }
+    wat.push(')');
+    wat::parse_str(&wat).unwrap()
+}
+
+/// A compiler on one compile thread, so that its lookups come in Wasmtime's input order.
+fn one_thread_compiler(dir: &Path) -> Compiler {
+    let mut config = Config::new();
+    config.parallel_compilation(false);
+    Compiler::new(config, Some(open(dir)))
+        .unwrap()
+        .module_level(false)
+}
+
+/// The keys a compile that hits asks are not the ones the fill's compile, which missed
+/// everything, stored: the fill learns them by replaying itself (`key_variants`), so that the
+/// compile after it hits every function. Without the replay, the second function after each
+/// escaping one misses here.
+#[test]
+fn after_a_fill_a_compile_that_hits_asks_only_keys_the_cache_has() {
+    let wasm = with_escaping_functions(90);
+    let dir = tempfile::tempdir().unwrap();
+    let first = adaptive_compiler(dir.path());
+    let (_, report) = first.precompile_named(&wasm, "app").unwrap();
+    assert!(report.deferred_fill, "{report:?}");
+    drop(first); // waits for the fill
+
+    let (code, report) = one_thread_compiler(dir.path())
+        .precompile_named(&wasm, "app")
+        .unwrap();
+    assert_eq!(code, uncached(&wasm));
+    assert_eq!(report.hits, report.lookups(), "{report:?}");
+    assert_eq!(report.inserts, 0, "{report:?}");
+}
