@@ -305,6 +305,12 @@ pub(crate) fn targets(
             paired(&format!("{name}/adaptive"), baseline),
             1.02,
         );
+        // The compile a hot-reload loop makes (`watch` is adaptive), against the same ceiling.
+        check(
+            format!("{name}, adaptive / ceiling, paired (issue 12)"),
+            paired(&format!("{name}/adaptive"), &format!("{name}/ceiling")),
+            1.05,
+        );
     }
     check(
         "empty cache / cold, paired (issue 12)".into(),
