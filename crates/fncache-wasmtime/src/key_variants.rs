@@ -95,9 +95,10 @@ impl CacheStore for Replay {
         };
         state.asked.push(key);
         drop(state);
-        // A verified read, as any lookup: a value evicted or damaged since is a miss here,
-        // which derails the pass (Cranelift compiles the function and calls `insert`).
-        let value = store.cache().get(store.namespace(), &earlier);
+        // Verified as any lookup, but not one of the cache's hits (the fill's own lookup of this
+        // value was). A value evicted or damaged since is a miss here, which derails the pass:
+        // Cranelift compiles the function and calls `insert`.
+        let value = store.cache().get_bookkeeping(store.namespace(), &earlier);
         if value.is_none() {
             self.derailed.store(true, Ordering::SeqCst);
         }
@@ -156,7 +157,7 @@ pub(crate) fn learn(
         if variant == earlier {
             continue;
         }
-        if let Some(value) = cache.get(namespace, earlier) {
+        if let Some(value) = cache.get_bookkeeping(namespace, earlier) {
             cache.insert_bookkeeping(namespace, variant, &value);
         }
     }
