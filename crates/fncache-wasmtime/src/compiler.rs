@@ -214,9 +214,11 @@ struct Adaptive {
     min_code_bytes: u64,
     /// Built by the first compile that needs it (`None`: it could not be).
     plain: OnceLock<Option<Engine>>,
-    /// The filling engine, built by the first fill on its own thread (not on the caller's
-    /// time), held under the lock that keeps fills one at a time: they are background work,
-    /// and share its store's key record.
+    /// The filling engine, built by each fill on its own thread (not on the caller's time) and
+    /// dropped there when the fill is done, held under the lock that keeps fills one at a
+    /// time: they are background work, and share its store's key record. Kept between fills,
+    /// the memory its compile contexts hold would be freed at the caller's exit, on its time
+    /// (see `return_freed_memory`).
     fill: Arc<Mutex<Option<FillEngine>>>,
 }
 
@@ -822,6 +824,10 @@ impl Compiler {
                 let bodies = BodyPrints::with_callees_abstracted_reusing(&binary, &[&bodies])
                     .unwrap_or(bodies);
                 store_manifest(store, name.as_deref(), &digest, Manifest { keys, bodies });
+                // Freed here, on this thread: its compile contexts keep what the fill allocated,
+                // which freed at the caller's exit would be the caller's time.
+                *fill = None;
+                return_freed_memory();
             });
         match fill {
             Ok(fill) => self.fills.lock().unwrap().push(fill),
@@ -965,6 +971,18 @@ fn store_manifest(
         namespace: store.namespace(),
     }
     .store(name, digest, &manifest);
+}
+
+/// Hands the memory freed so far back to the system, on the calling thread. glibc keeps what a
+/// thread's arena freed; a fill of a large binary leaves gigabytes of it, which the process
+/// otherwise unmaps as it exits, on the caller's time (tree-sitter-cpp compiled adaptive, 4
+/// runs: its flush and close took 320-400 ms, and 14-30 ms with this at the end of the fill).
+fn return_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: `malloc_trim` only releases free memory; it takes the allocator's own locks.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// Runs `work` on a new thread named `name`, or in this one if no thread can be started; the
