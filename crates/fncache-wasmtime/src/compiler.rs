@@ -24,7 +24,7 @@ use wasmtime::{Config, Engine, Module};
 
 use crate::fingerprint::engine_fingerprint;
 use crate::function_store::{enable, enable_with_cross_check, FunctionCounters, FunctionStore};
-use crate::key_variants::{self, Replay};
+use crate::key_variants;
 use crate::manifest::{BodyPrints, FoundBy, Manifest, Manifests};
 
 /// Read ahead only from an earlier compile that shares at least this share of the function
@@ -214,20 +214,18 @@ struct Adaptive {
     min_code_bytes: u64,
     /// Built by the first compile that needs it (`None`: it could not be).
     plain: OnceLock<Option<Engine>>,
-    /// The filling engine, built by each fill on its own thread (not on the caller's time) and
-    /// dropped there when the fill is done, held under the lock that keeps fills one at a
-    /// time: they are background work, and share its store's key record. Kept between fills,
-    /// the memory its compile contexts hold would be freed at the caller's exit, on its time
-    /// (see `return_freed_memory`).
-    fill: Arc<Mutex<Option<FillEngine>>>,
+    /// Held by a fill while it runs, so that fills go one at a time: they are background work.
+    /// Each builds its engine on its own thread (not on the caller's time) and drops it there.
+    fill_turn: Arc<Mutex<()>>,
 }
 
 /// An engine with the same settings, one compile thread and the function level, and its store;
-/// and one more that replays its compiles to learn the keys' variants ([`key_variants`]).
+/// and those settings without a cache, for the replay that learns the keys' variants
+/// ([`key_variants`]).
 struct FillEngine {
     engine: Engine,
     store: Arc<FunctionStore>,
-    replay: Option<(Engine, Arc<Replay>)>,
+    replay_config: Config,
 }
 
 impl Compiler {
@@ -253,7 +251,7 @@ impl Compiler {
                 config: base_config,
                 min_code_bytes: ADAPTIVE_MIN_CODE_BYTES,
                 plain: OnceLock::new(),
-                fill: Arc::default(),
+                fill_turn: Arc::default(),
             }),
             engine,
             functions,
@@ -767,8 +765,8 @@ impl Compiler {
         if functions.cache().store().is_read_only() {
             return; // nothing would be stored
         }
-        let (fill, config, cache, namespace) = (
-            adaptive.fill.clone(),
+        let (turn, config, cache, namespace) = (
+            adaptive.fill_turn.clone(),
             adaptive.config.clone(),
             functions.cache().clone(),
             *functions.namespace(),
@@ -779,54 +777,13 @@ impl Compiler {
             .spawn(move || {
                 // This thread only (Linux's nice is per thread): the caller's work goes first.
                 let _ = rustix::process::setpriority_process(None, 19);
-                let mut fill = fill.lock().unwrap_or_else(|e| e.into_inner());
-                if fill.is_none() {
-                    match FillEngine::new(&config, &cache, &namespace) {
-                        Ok(engine) => *fill = Some(engine),
-                        Err(error) => {
-                            log::debug!("cannot fill the function level: {error:#}");
-                            return;
-                        }
-                    }
+                let _one_at_a_time = turn.lock().unwrap_or_else(|e| e.into_inner());
+                match FillEngine::new(&config, &cache, &namespace) {
+                    Ok(engine) => engine.fill(kind, &binary, name.as_deref(), bodies, &digest),
+                    Err(error) => log::debug!("cannot fill the function level: {error:#}"),
                 }
-                let FillEngine {
-                    engine,
-                    store,
-                    replay,
-                } = fill.as_ref().expect("built above");
-                store.take_looked_up();
-                let precompile = |engine: &Engine| match kind {
-                    WasmKind::Module => engine.precompile_module(&binary),
-                    WasmKind::Component => engine.precompile_component(&binary),
-                };
-                let precompiled = match precompile(engine) {
-                    Ok(precompiled) => precompiled,
-                    Err(error) => {
-                        log::debug!("filling the function level failed: {error:#}");
-                        return;
-                    }
-                };
-                let looked_up = store.take_looked_up();
-                // The manifest lists the keys a compile that hits asks (see `key_variants`): the
-                // fill's own, of functions after a miss, are read when asked.
-                let variants = replay.as_ref().and_then(|(replay_engine, replay)| {
-                    key_variants::learn(
-                        replay_engine,
-                        replay,
-                        store,
-                        precompile,
-                        &looked_up,
-                        &precompiled,
-                    )
-                });
-                let keys = first_occurrences(variants.unwrap_or(looked_up));
-                // What the prediction parsed already is taken, not parsed again.
-                let bodies = BodyPrints::with_callees_abstracted_reusing(&binary, &[&bodies])
-                    .unwrap_or(bodies);
-                store_manifest(store, name.as_deref(), &digest, Manifest { keys, bodies });
-                // Freed here, on this thread: its compile contexts keep what the fill allocated,
-                // which freed at the caller's exit would be the caller's time.
-                *fill = None;
+                // The engine was dropped above, on this thread: its compile contexts kept what
+                // the fill allocated, which freed at the caller's exit would be its time.
                 return_freed_memory();
             });
         match fill {
@@ -1118,24 +1075,55 @@ impl FillEngine {
     fn new(config: &Config, cache: &Cache, namespace: &Namespace) -> anyhow::Result<FillEngine> {
         let mut config = config.clone();
         config.parallel_compilation(false);
-        let mut replay_config = config.clone();
+        let replay_config = config.clone();
         let store = enable(&mut config, cache)?;
         let engine = Engine::new(&config)?;
         if engine_fingerprint(&engine) != *namespace || store.namespace() != namespace {
             bail!("the filling engine has another fingerprint");
         }
-        let replay_store = Arc::new(Replay::default());
-        let replay = replay_config
-            .enable_incremental_compilation(replay_store.clone())
-            .and_then(|config| Engine::new(config))
-            .map_err(|error| log::debug!("no replay of fills: {error:#}"))
-            .ok()
-            .map(|engine| (engine, replay_store));
         Ok(FillEngine {
             engine,
             store,
-            replay,
+            replay_config,
         })
+    }
+
+    /// Compiles `binary` with the function level, learns the keys' variants, and leaves its
+    /// manifest.
+    fn fill(
+        self,
+        kind: WasmKind,
+        binary: &[u8],
+        name: Option<&str>,
+        bodies: BodyPrints,
+        digest: &[u8; 32],
+    ) {
+        let precompile = |engine: &Engine| match kind {
+            WasmKind::Module => engine.precompile_module(binary),
+            WasmKind::Component => engine.precompile_component(binary),
+        };
+        let precompiled = match precompile(&self.engine) {
+            Ok(precompiled) => precompiled,
+            Err(error) => {
+                log::debug!("filling the function level failed: {error:#}");
+                return;
+            }
+        };
+        let looked_up = self.store.take_looked_up();
+        // The manifest lists the keys a compile that hits asks (see `key_variants`): the
+        // fill's own, of functions after a miss, are read when asked.
+        let variants = key_variants::learn(
+            &self.replay_config,
+            &self.store,
+            precompile,
+            &looked_up,
+            &precompiled,
+        );
+        let keys = first_occurrences(variants.unwrap_or(looked_up));
+        // What the prediction parsed already is taken, not parsed again.
+        let bodies =
+            BodyPrints::with_callees_abstracted_reusing(binary, &[&bodies]).unwrap_or(bodies);
+        store_manifest(&self.store, name, digest, Manifest { keys, bodies });
     }
 }
 

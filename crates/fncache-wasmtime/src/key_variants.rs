@@ -28,79 +28,75 @@
 
 use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-use wasmtime::CacheStore;
+use wasmtime::{CacheStore, Config, Engine};
 
 use crate::function_store::FunctionStore;
 use crate::manifest::FUNCTION_KEY_LEN;
 
 type Key = [u8; FUNCTION_KEY_LEN];
 
+/// The keys a replay asked, in order, and the values it answered for those the earlier
+/// compile did not ask.
+type Asked = (Vec<Key>, Vec<(Key, Vec<u8>)>);
+
 /// A [`CacheStore`] that answers the i-th lookup with the value of the i-th key of an earlier
 /// compile of the same binary, and records what was asked.
-#[derive(Debug, Default)]
-pub(crate) struct Replay {
-    state: Mutex<ReplayState>,
+#[derive(Debug)]
+struct Replay {
+    /// Where the earlier compile's values are.
+    store: Arc<FunctionStore>,
+    /// The earlier compile's keys, in the order it asked.
+    earlier: Vec<Key>,
     next: AtomicUsize,
+    asked: Mutex<Asked>,
     /// Something did not go as a replay must: a lookup past the end, an unreadable answer, or
     /// an insert (a function Cranelift compiled because no answer was taken).
     derailed: AtomicBool,
 }
 
-#[derive(Debug, Default)]
-struct ReplayState {
-    /// The earlier compile's keys, in the order it asked, and where its values are.
-    earlier: Vec<Key>,
-    store: Option<std::sync::Arc<FunctionStore>>,
-    /// The keys asked in this pass, in order.
-    asked: Vec<Key>,
-}
-
 impl Replay {
-    /// Starts a pass that answers from `store` with the values of `earlier`'s keys.
-    fn begin(&self, store: std::sync::Arc<FunctionStore>, earlier: Vec<Key>) {
-        let mut state = self.state.lock().unwrap();
-        *state = ReplayState {
-            asked: Vec::with_capacity(earlier.len()),
+    fn new(store: Arc<FunctionStore>, earlier: Vec<Key>) -> Replay {
+        Replay {
+            asked: Mutex::new((Vec::with_capacity(earlier.len()), Vec::new())),
+            store,
             earlier,
-            store: Some(store),
-        };
-        self.next.store(0, Ordering::SeqCst);
-        self.derailed.store(false, Ordering::SeqCst);
+            next: AtomicUsize::new(0),
+            derailed: AtomicBool::new(false),
+        }
     }
 
-    /// Ends the pass: the keys asked, if it went as a replay must.
-    fn end(&self) -> Option<Vec<Key>> {
-        let mut state = std::mem::take(&mut *self.state.lock().unwrap());
-        let complete = self.next.load(Ordering::SeqCst) == state.earlier.len();
+    /// The keys asked and the variants answered, if the pass went as a replay must.
+    fn finish(&self) -> Option<Asked> {
+        let complete = self.next.load(Ordering::SeqCst) == self.earlier.len();
         if self.derailed.load(Ordering::SeqCst) || !complete {
             return None;
         }
-        Some(std::mem::take(&mut state.asked))
+        Some(std::mem::take(&mut *self.asked.lock().unwrap()))
     }
 }
 
 impl CacheStore for Replay {
     fn get(&self, key: &[u8]) -> Option<Cow<'_, [u8]>> {
         let position = self.next.fetch_add(1, Ordering::SeqCst);
-        let mut state = self.state.lock().unwrap();
-        let (Ok(key), Some(earlier), Some(store)) = (
-            Key::try_from(key),
-            state.earlier.get(position).copied(),
-            state.store.clone(),
-        ) else {
+        let (Ok(key), Some(earlier)) = (Key::try_from(key), self.earlier.get(position)) else {
             self.derailed.store(true, Ordering::SeqCst);
             return None;
         };
-        state.asked.push(key);
-        drop(state);
         // Verified as any lookup, but not one of the cache's hits (the fill's own lookup of this
         // value was). A value evicted or damaged since is a miss here, which derails the pass:
         // Cranelift compiles the function and calls `insert`.
-        let value = store.cache().get_bookkeeping(store.namespace(), &earlier);
-        if value.is_none() {
-            self.derailed.store(true, Ordering::SeqCst);
+        let value = self
+            .store
+            .cache()
+            .get_bookkeeping(self.store.namespace(), earlier);
+        let mut asked = self.asked.lock().unwrap();
+        asked.0.push(key);
+        match &value {
+            Some(value) if key != *earlier => asked.1.push((key, value.clone())),
+            Some(_) => {}
+            None => self.derailed.store(true, Ordering::SeqCst),
         }
         value.map(Cow::Owned)
     }
@@ -112,31 +108,40 @@ impl CacheStore for Replay {
 }
 
 /// After a fill of `binary` on one thread that asked `earlier` (every lookup, in order) and
-/// produced `precompiled`: compiles it again with `replay` (the store of `replay_engine`)
-/// answering by position, checks the pass, and stores each key it asked that the fill did not
-/// as another key of the fill's value in `store`. Returns the keys the pass asked, or `None`
-/// (nothing stored) when it could not be checked.
+/// produced `precompiled`: compiles it again with `compile` on an engine of `config` (the
+/// fill's settings, without a cache) whose store answers by position, checks the pass, and
+/// stores each key it asked that the fill did not as another key of the fill's value in
+/// `store`. Returns the keys the pass asked, or `None` (nothing stored) when it could not be
+/// checked.
 pub(crate) fn learn(
-    replay_engine: &wasmtime::Engine,
-    replay: &Replay,
-    store: &std::sync::Arc<FunctionStore>,
-    compile: impl FnOnce(&wasmtime::Engine) -> wasmtime::Result<Vec<u8>>,
+    config: &Config,
+    store: &Arc<FunctionStore>,
+    compile: impl FnOnce(&Engine) -> wasmtime::Result<Vec<u8>>,
     earlier: &[Key],
     precompiled: &[u8],
 ) -> Option<Vec<Key>> {
-    replay.begin(store.clone(), earlier.to_vec());
+    let replay = Arc::new(Replay::new(store.clone(), earlier.to_vec()));
+    let mut config = config.clone();
+    let engine = match config
+        .enable_incremental_compilation(replay.clone())
+        .and_then(|config| Engine::new(config))
+    {
+        Ok(engine) => engine,
+        Err(error) => {
+            log::debug!("no replay of a fill: {error:#}");
+            return None;
+        }
+    };
     // An answer for the wrong function can make Cranelift panic as it applies that function's
     // names (Wasmtime compiles on this thread: one compile thread). Both passes ask in the same
     // order, so it does not happen; were it to, the fill goes on without variants.
-    let replayed =
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| compile(replay_engine)));
-    let asked = replay.end();
+    let replayed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| compile(&engine)));
     let astray = || log::warn!("a replay of a fill went astray; no key variants are stored");
     let Ok(replayed) = replayed else {
         astray();
         return None;
     };
-    let Some(asked) = asked else {
+    let Some((asked, variants)) = replay.finish() else {
         // An entry evicted between the passes (or a lookup more than the fill made).
         log::debug!("a replay of a fill was cut short; no key variants are stored");
         return None;
@@ -152,22 +157,16 @@ pub(crate) fn learn(
             return None;
         }
     }
-    let (cache, namespace) = (store.cache(), store.namespace());
-    for (variant, earlier) in asked.iter().zip(earlier) {
-        if variant == earlier {
-            continue;
-        }
-        if let Some(value) = cache.get_bookkeeping(namespace, earlier) {
-            cache.insert_bookkeeping(namespace, variant, &value);
-        }
+    for (variant, value) in &variants {
+        store
+            .cache()
+            .insert_bookkeeping(store.namespace(), variant, value);
     }
     Some(asked)
 }
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use fncache::{Cache, CacheConfig, Secret};
     use wasmtime::{Config, Engine};
 
@@ -189,8 +188,8 @@ mod tests {
         _dir: tempfile::TempDir,
         cache: Cache,
         store: Arc<FunctionStore>,
-        replay_engine: Engine,
-        replay: Arc<Replay>,
+        /// The fill's settings without a cache, for the replay.
+        replay_config: Config,
         wasm: Vec<u8>,
         precompiled: Vec<u8>,
         /// The fill's lookups, in order.
@@ -210,12 +209,8 @@ mod tests {
             .unwrap();
             let mut config = Config::new();
             config.parallel_compilation(false);
-            let mut replay_config = config.clone();
+            let replay_config = config.clone();
             let store = enable(&mut config, &cache).unwrap();
-            let replay = Arc::new(Replay::default());
-            replay_config
-                .enable_incremental_compilation(replay.clone())
-                .unwrap();
             let wasm = wat::parse_str(WAT).unwrap();
             let precompiled = Engine::new(&config)
                 .unwrap()
@@ -225,10 +220,9 @@ mod tests {
             Fill {
                 keys: keys(&cache),
                 _dir: dir,
-                replay_engine: Engine::new(&replay_config).unwrap(),
+                replay_config,
                 cache,
                 store,
-                replay,
                 wasm,
                 precompiled,
                 earlier,
@@ -239,8 +233,7 @@ mod tests {
         fn replay(&self, earlier: &[Key]) -> Option<Vec<Key>> {
             let precompile = |engine: &Engine| engine.precompile_module(&self.wasm);
             learn(
-                &self.replay_engine,
-                &self.replay,
+                &self.replay_config,
                 &self.store,
                 precompile,
                 earlier,
