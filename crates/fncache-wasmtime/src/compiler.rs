@@ -1112,13 +1112,18 @@ impl FillEngine {
         let looked_up = self.store.take_looked_up();
         // The manifest lists the keys a compile that hits asks (see `key_variants`): the
         // fill's own, of functions after a miss, are read when asked.
-        let variants = key_variants::learn(
-            &self.replay_config,
-            &self.store,
-            precompile,
-            &looked_up,
-            &precompiled,
-        );
+        let variants = if key_variants::replay_can_learn(kind, binary) {
+            key_variants::learn(
+                &self.replay_config,
+                &self.store,
+                precompile,
+                &looked_up,
+                &precompiled,
+            )
+        } else {
+            log::debug!("no function of this module can be asked another key: no replay");
+            None
+        };
         let keys = first_occurrences(variants.unwrap_or(looked_up));
         // What the prediction parsed already is taken, not parsed again.
         let bodies =

@@ -25,13 +25,22 @@
 //! key to a value the cache verified, for a function whose code the leftover table does not
 //! touch (it is unreachable data in the CLIF): the compiled code is the same bytes whichever
 //! variant Cranelift computed, as content addressing has shown on every corpus module.
+//!
+//! Only a function compiled after a non-escaping one, with an escaping one somewhere before,
+//! can be asked another key (a trampoline starts from a fresh `Function` and leaves its table
+//! whatever came before it). [`replay_can_learn`] tells from the module's sections whether
+//! any function is placed so, and the fill skips the replay when none is: esbuild, whose
+//! functions all escape (Go puts every one in its table), had no variant to learn and paid
+//! the replay 5.5 s.
 
 use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use wasmparser::{ElementItems, ExternalKind, Operator, Parser, Payload, TableInit, TypeRef};
 use wasmtime::{CacheStore, Config, Engine};
 
+use crate::compiler::WasmKind;
 use crate::function_store::FunctionStore;
 use crate::manifest::FUNCTION_KEY_LEN;
 
@@ -105,6 +114,111 @@ impl CacheStore for Replay {
         self.derailed.store(true, Ordering::SeqCst);
         false
     }
+}
+
+/// Whether a replay of a fill of `binary` can learn a variant: whether some defined function
+/// follows a non-escaping one with an escaping one before that, in Wasmtime's order (defined
+/// functions in index order, each escaping one followed by its trampoline). Only there do the
+/// two states differ (docs/design.md). Components, whose compile interleaves several core
+/// modules with trampolines of their own, and binaries wasmparser cannot read, are replayed.
+pub(crate) fn replay_can_learn(kind: WasmKind, binary: &[u8]) -> bool {
+    match kind {
+        WasmKind::Component => true,
+        WasmKind::Module => match escaping_defined_functions(binary) {
+            Ok(escaping) => placed_to_differ(&escaping),
+            Err(error) => {
+                log::debug!("replaying a fill whose module could not be read: {error:#}");
+                true
+            }
+        },
+    }
+}
+
+/// Whether a function after a non-escaping one has an escaping one before that, for defined
+/// functions that escape or not as `escaping` says.
+fn placed_to_differ(escaping: &[bool]) -> bool {
+    let Some(first) = escaping.iter().position(|&escapes| escapes) else {
+        return false; // every context stays as a fresh one leaves it
+    };
+    // The function right after `first` starts from its trampoline's table in both states;
+    // one after a non-escaping function, from that table whole (hits) or emptied (misses).
+    escaping[first + 1..].windows(2).any(|pair| !pair[0])
+}
+
+/// Per defined function of the core module `binary`, whether it escapes as Wasmtime counts
+/// it (`flag_func_escaped` in wasmtime-environ's `module_environ.rs`): exported, in an
+/// element segment, or named by `ref.func` in a table's or a global's initializer. A
+/// `ref.func` in a body must name a function declared by one of these (validation), so bodies
+/// are not read.
+fn escaping_defined_functions(binary: &[u8]) -> anyhow::Result<Vec<bool>> {
+    let mut imported = 0u32;
+    let mut escaping = Vec::new();
+    let mut flagged: Vec<u32> = Vec::new();
+    let ref_funcs = |expr: wasmparser::ConstExpr<'_>, flagged: &mut Vec<u32>| {
+        for op in expr.get_operators_reader() {
+            if let Operator::RefFunc { function_index } = op? {
+                flagged.push(function_index);
+            }
+        }
+        anyhow::Ok(())
+    };
+    for payload in Parser::new(0).parse_all(binary) {
+        match payload? {
+            Payload::ImportSection(section) => {
+                for import in section.into_imports() {
+                    imported +=
+                        matches!(import?.ty, TypeRef::Func(_) | TypeRef::FuncExact(_)) as u32;
+                }
+            }
+            Payload::FunctionSection(section) => escaping = vec![false; section.count() as usize],
+            Payload::TableSection(section) => {
+                for table in section {
+                    if let TableInit::Expr(expr) = table?.init {
+                        ref_funcs(expr, &mut flagged)?;
+                    }
+                }
+            }
+            Payload::GlobalSection(section) => {
+                for global in section {
+                    ref_funcs(global?.init_expr, &mut flagged)?;
+                }
+            }
+            Payload::ExportSection(section) => {
+                for export in section {
+                    let export = export?;
+                    if matches!(export.kind, ExternalKind::Func | ExternalKind::FuncExact) {
+                        flagged.push(export.index);
+                    }
+                }
+            }
+            Payload::ElementSection(section) => {
+                for element in section {
+                    match element?.items {
+                        ElementItems::Functions(functions) => {
+                            for function in functions {
+                                flagged.push(function?);
+                            }
+                        }
+                        ElementItems::Expressions(_, expressions) => {
+                            for expression in expressions {
+                                ref_funcs(expression?, &mut flagged)?;
+                            }
+                        }
+                    }
+                }
+            }
+            Payload::CodeSectionStart { .. } => break, // nothing after it makes one escape
+            _ => {}
+        }
+    }
+    for index in flagged {
+        if let Some(defined) = index.checked_sub(imported) {
+            if let Some(escapes) = escaping.get_mut(defined as usize) {
+                *escapes = true;
+            }
+        }
+    }
+    Ok(escaping)
 }
 
 /// After a fill of `binary` on one thread that asked `earlier` (every lookup, in order) and
@@ -200,6 +314,10 @@ mod tests {
 
     impl Fill {
         fn new() -> Fill {
+            Fill::of(WAT)
+        }
+
+        fn of(wat: &str) -> Fill {
             let dir = tempfile::tempdir().unwrap();
             let cache = Cache::open(
                 &CacheConfig::new()
@@ -211,7 +329,7 @@ mod tests {
             config.parallel_compilation(false);
             let replay_config = config.clone();
             let store = enable(&mut config, &cache).unwrap();
-            let wasm = wat::parse_str(WAT).unwrap();
+            let wasm = wat::parse_str(wat).unwrap();
             let precompiled = Engine::new(&config)
                 .unwrap()
                 .precompile_module(&wasm)
@@ -278,5 +396,77 @@ mod tests {
             assert!(learned.is_none(), "{learned:?}");
         }
         assert_eq!(keys(&f.cache), f.keys);
+    }
+
+    /// Where a replay can learn a variant, by the module's sections alone: checked against
+    /// real replays of modules whose functions escape in each way and in each placement.
+    #[test]
+    fn the_sections_tell_which_fills_a_replay_can_teach() {
+        let cases = [
+            ("one in three exported", WAT, true),
+            (
+                "every function exported",
+                r#"(module
+                    (func (export "a") (result i32) (i32.const 1))
+                    (func (export "b") (result i32) (i32.const 2))
+                    (func (export "c") (result i32) (i32.const 3)))"#,
+                false,
+            ),
+            (
+                "none escapes",
+                r#"(module
+                    (func (result i32) (i32.const 1))
+                    (func (result i32) (i32.const 2))
+                    (func (result i32) (i32.const 3)))"#,
+                false,
+            ),
+            (
+                "only the last exported",
+                r#"(module
+                    (func (result i32) (i32.const 1))
+                    (func (result i32) (i32.const 2))
+                    (func (export "c") (result i32) (i32.const 3)))"#,
+                false,
+            ),
+            (
+                "one function after the escaping one",
+                r#"(module
+                    (func (result i32) (i32.const 1))
+                    (func (export "b") (result i32) (i32.const 2))
+                    (func (result i32) (i32.const 3)))"#,
+                false,
+            ),
+            (
+                "in an element segment, an import before it",
+                r#"(module
+                    (import "host" "f" (func))
+                    (table 1 funcref)
+                    (elem (i32.const 0) 1)
+                    (func (result i32) (i32.const 1))
+                    (func (result i32) (i32.const 2))
+                    (func (result i32) (i32.const 3)))"#,
+                true,
+            ),
+            (
+                "named by a global",
+                r#"(module
+                    (global funcref (ref.func 0))
+                    (func (result i32) (i32.const 1))
+                    (func (result i32) (i32.const 2))
+                    (func (result i32) (i32.const 3)))"#,
+                true,
+            ),
+        ];
+        for (what, wat, expected) in cases {
+            let f = Fill::of(wat);
+            let predicted = replay_can_learn(WasmKind::Module, &f.wasm);
+            let asked = f.replay(&f.earlier).expect("a replay in order is kept");
+            let learned = asked.iter().any(|key| !f.earlier.contains(key));
+            assert_eq!(
+                (predicted, learned),
+                (expected, expected),
+                "{what}: predicted {predicted}, learned {learned}"
+            );
+        }
     }
 }
