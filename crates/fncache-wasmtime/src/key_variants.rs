@@ -170,7 +170,13 @@ fn escaping_defined_functions(binary: &[u8]) -> anyhow::Result<Vec<bool>> {
                         matches!(import?.ty, TypeRef::Func(_) | TypeRef::FuncExact(_)) as u32;
                 }
             }
-            Payload::FunctionSection(section) => escaping = vec![false; section.count() as usize],
+            Payload::FunctionSection(section) => {
+                // Each function takes a byte of the section at least: a count past that is
+                // not a module's (the fill only runs on binaries Wasmtime compiled).
+                let count = section.count() as usize;
+                anyhow::ensure!(count <= binary.len(), "{count} functions declared");
+                escaping = vec![false; count];
+            }
             Payload::TableSection(section) => {
                 for table in section {
                     if let TableInit::Expr(expr) = table?.init {
