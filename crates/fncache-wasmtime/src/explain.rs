@@ -136,8 +136,9 @@ struct Shape {
     globals: Vec<u8>,
     /// The data segments' range of active offsets (start, end), if any are constant.
     data_range: Option<(i64, i64)>,
-    /// Defined functions that escape (exported, in a table, `ref.func`): these get an
-    /// array-to-wasm trampoline compiled after them.
+    /// Defined functions that escape (exported, in an element segment, named by a table's or
+    /// a global's initializer), by index: these get an array-to-wasm trampoline compiled
+    /// after them.
     escaping: HashSet<u32>,
 }
 
@@ -196,7 +197,7 @@ impl Shape {
                         let import = import?;
                         let description = format!("{:?};", import.ty);
                         match import.ty {
-                            wasmparser::TypeRef::Func(ty) => {
+                            wasmparser::TypeRef::Func(ty) | wasmparser::TypeRef::FuncExact(ty) => {
                                 function_types.push(ty);
                                 shape.imported_functions += 1;
                                 shape.imported_function_types.extend(description.bytes());
@@ -222,60 +223,13 @@ impl Shape {
                 }
                 Payload::TableSection(section) => {
                     shape.tables.extend(section_bytes(&section.range(), wasm));
-                    for table in section {
-                        if let wasmparser::TableInit::Expr(expr) = table?.init {
-                            for op in expr.get_operators_reader() {
-                                if let Operator::RefFunc { function_index } = op? {
-                                    shape.escaping.insert(function_index);
-                                }
-                            }
-                        }
-                    }
                 }
                 Payload::MemorySection(section) => {
                     shape.memories.extend(section_bytes(&section.range(), wasm))
                 }
                 Payload::GlobalSection(section) => {
                     for global in section {
-                        let global = global?;
-                        shape.globals.extend(format!("{:?};", global.ty).bytes());
-                        // A function a global refers to escapes too (it gets a trampoline).
-                        for op in global.init_expr.get_operators_reader() {
-                            if let Operator::RefFunc { function_index } = op? {
-                                shape.escaping.insert(function_index);
-                            }
-                        }
-                    }
-                }
-                Payload::ExportSection(section) => {
-                    for export in section {
-                        let export = export?;
-                        if matches!(
-                            export.kind,
-                            wasmparser::ExternalKind::Func | wasmparser::ExternalKind::FuncExact
-                        ) {
-                            shape.escaping.insert(export.index);
-                        }
-                    }
-                }
-                Payload::ElementSection(section) => {
-                    for element in section {
-                        match element?.items {
-                            wasmparser::ElementItems::Functions(functions) => {
-                                for f in functions {
-                                    shape.escaping.insert(f?);
-                                }
-                            }
-                            wasmparser::ElementItems::Expressions(_, expressions) => {
-                                for expression in expressions {
-                                    for op in expression?.get_operators_reader() {
-                                        if let Operator::RefFunc { function_index } = op? {
-                                            shape.escaping.insert(function_index);
-                                        }
-                                    }
-                                }
-                            }
-                        }
+                        shape.globals.extend(format!("{:?};", global?.ty).bytes());
                     }
                 }
                 Payload::DataSection(section) => {
@@ -302,14 +256,13 @@ impl Shape {
                         .and_then(|t| types.get(*t as usize))
                         .cloned()
                         .unwrap_or_default();
-                    let (parsed, refs) = Body::of(
+                    let parsed = Body::of(
                         &body,
                         &ty,
                         shape.imported_functions,
                         &function_types,
                         &types,
                     )?;
-                    shape.escaping.extend(refs);
                     shape.functions.push(parsed);
                 }
                 Payload::CustomSection(section) if section.name() == "name" => {
@@ -328,6 +281,12 @@ impl Shape {
                 _ => {}
             }
         }
+        // The same reading of what escapes as the fill's replay uses (Wasmtime's own rules).
+        let defined = crate::key_variants::escaping_defined_functions(wasm)?;
+        shape.escaping = (shape.imported_functions..)
+            .zip(defined)
+            .filter_map(|(index, escapes)| escapes.then_some(index))
+            .collect();
         Ok(shape)
     }
 
@@ -369,14 +328,14 @@ fn section_bytes(range: &std::ops::Range<usize>, wasm: &[u8]) -> Vec<u8> {
 }
 
 impl Body {
-    /// The body's hashes and uses, and the functions it takes references of.
+    /// The body's hashes and uses.
     fn of(
         body: &wasmparser::FunctionBody<'_>,
         ty: &str,
         imported_functions: u32,
         function_types: &[u32],
         types: &[String],
-    ) -> Result<(Body, Vec<u32>)> {
+    ) -> Result<Body> {
         let bytes = body.as_bytes();
         let mut exact = blake3::Hasher::new();
         exact.update(ty.as_bytes());
@@ -405,7 +364,6 @@ impl Body {
             called_imports: Vec::new(),
             used_globals: Vec::new(),
         };
-        let mut refs = Vec::new();
         let callee_type = |f: u32| {
             function_types
                 .get(f as usize)
@@ -464,15 +422,14 @@ impl Body {
             if name.starts_with("Table") || name.starts_with("CallIndirect") {
                 parsed.uses_tables = true;
             }
-            if let Operator::RefFunc { function_index } = op {
-                refs.push(function_index);
+            if let Operator::RefFunc { .. } = op {
                 parsed.uses_tables = true;
             }
         }
         parsed.callees_abstracted = callees.finalize();
         parsed.offsets_abstracted = layout_free.finalize();
         parsed.constants_abstracted = constants_out.finalize();
-        Ok((parsed, refs))
+        Ok(parsed)
     }
 }
 

@@ -150,7 +150,7 @@ fn placed_to_differ(escaping: &[bool]) -> bool {
 /// element segment, or named by `ref.func` in a table's or a global's initializer. A
 /// `ref.func` in a body must name a function declared by one of these (validation), so bodies
 /// are not read.
-fn escaping_defined_functions(binary: &[u8]) -> anyhow::Result<Vec<bool>> {
+pub(crate) fn escaping_defined_functions(binary: &[u8]) -> anyhow::Result<Vec<bool>> {
     let mut imported = 0u32;
     let mut escaping = Vec::new();
     let mut flagged: Vec<u32> = Vec::new();
