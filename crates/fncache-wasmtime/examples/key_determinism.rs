@@ -22,84 +22,6 @@ struct CountingStore {
     values: Mutex<HashMap<Vec<u8>, Vec<u8>>>,
     /// Hits and misses since the last reset.
     counts: Mutex<(u64, u64)>,
-    asked: Mutex<Vec<Vec<u8>>>,
-}
-
-/// Answers the i-th lookup with `answers[i]`, and records the keys asked.
-#[derive(Debug)]
-struct Replay {
-    answers: Vec<Vec<u8>>,
-    next: std::sync::atomic::AtomicUsize,
-    asked: Mutex<Vec<Vec<u8>>>,
-}
-
-impl CacheStore for Replay {
-    fn get(&self, key: &[u8]) -> Option<Cow<'_, [u8]>> {
-        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        self.asked.lock().unwrap().push(key.to_vec());
-        self.answers.get(i).map(|v| Cow::Owned(v.clone()))
-    }
-    fn insert(&self, _key: &[u8], _value: Vec<u8>) -> bool {
-        panic!("replay: an insert");
-    }
-}
-
-fn alias_experiment(wasm: &[u8]) -> Result<()> {
-    let store = Arc::new(CountingStore::default());
-    let single = |cache: Arc<dyn CacheStore>| -> Result<Engine> {
-        let mut config = Config::new();
-        config.parallel_compilation(false);
-        config.enable_incremental_compilation(cache)?;
-        Ok(Engine::new(&config)?)
-    };
-    let start = Instant::now();
-    let out1 = single(store.clone())?.precompile_module(wasm)?;
-    let pass1 = start.elapsed();
-    let asked1 = std::mem::take(&mut *store.asked.lock().unwrap());
-    let answers: Vec<Vec<u8>> = {
-        let values = store.values.lock().unwrap();
-        asked1.iter().map(|k| values[k].clone()).collect()
-    };
-    let replay = Arc::new(Replay {
-        answers: answers.clone(),
-        next: Default::default(),
-        asked: Default::default(),
-    });
-    let start = Instant::now();
-    let out2 = single(replay.clone())?.precompile_module(wasm)?;
-    let pass2 = start.elapsed();
-    let asked2 = replay.asked.lock().unwrap().clone();
-    let differ = asked1.iter().zip(&asked2).filter(|(a, b)| a != b).count();
-    println!(
-        "pass 1 {:.0} ms, pass 2 {:.0} ms; {} and {} lookups, {differ} keys differ; outputs {}",
-        pass1.as_secs_f64() * 1000.0,
-        pass2.as_secs_f64() * 1000.0,
-        asked1.len(),
-        asked2.len(),
-        if out1 == out2 { "identical" } else { "DIFFER" }
-    );
-    let aliases: Vec<(Vec<u8>, Vec<u8>)> = asked2
-        .iter()
-        .zip(&answers)
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    for with_aliases in [false, true, false, true, false, true] {
-        let s = Arc::new(CountingStore::default());
-        *s.values.lock().unwrap() = store.values.lock().unwrap().clone();
-        if with_aliases {
-            s.values.lock().unwrap().extend(aliases.iter().cloned());
-        }
-        let mut config = Config::new();
-        config.enable_incremental_compilation(s.clone())?;
-        let start = Instant::now();
-        Engine::new(&config)?.precompile_module(wasm)?;
-        let (hits, misses) = *s.counts.lock().unwrap();
-        println!(
-            "  parallel compile, aliases {with_aliases}: {:.0} ms, {hits} hits, {misses} misses",
-            start.elapsed().as_secs_f64() * 1000.0
-        );
-    }
-    Ok(())
 }
 
 impl std::fmt::Debug for CountingStore {
@@ -111,7 +33,6 @@ impl std::fmt::Debug for CountingStore {
 impl CacheStore for CountingStore {
     fn get(&self, key: &[u8]) -> Option<Cow<'_, [u8]>> {
         let value = self.values.lock().unwrap().get(key).cloned();
-        self.asked.lock().unwrap().push(key.to_vec());
         let mut counts = self.counts.lock().unwrap();
         match value {
             Some(_) => counts.0 += 1,
@@ -141,12 +62,8 @@ fn main() -> Result<()> {
     let path = args
         .next()
         .context("usage: key_determinism MODULE.wasm [inlining]")?;
-    let mode = args.next().unwrap_or_default();
-    let inlining = mode == "inlining";
+    let inlining = args.next().as_deref() == Some("inlining");
     let wasm = std::fs::read(&path).with_context(|| format!("cannot read {path}"))?;
-    if mode == "alias" {
-        return alias_experiment(&wasm);
-    }
     let store = Arc::new(CountingStore::default());
     let mut outputs = Vec::new();
     for compile in 1..=4 {
