@@ -26,6 +26,7 @@ use crate::fingerprint::engine_fingerprint;
 use crate::function_store::{enable, enable_with_cross_check, FunctionCounters, FunctionStore};
 use crate::key_variants;
 use crate::manifest::{BodyPrints, FoundBy, Manifest, Manifests};
+use crate::pack::{self, Pack};
 
 /// Read ahead only from an earlier compile that shares at least this share of the function
 /// body bytes: below it, most of what would be read would not be used, and on two cores the
@@ -660,6 +661,8 @@ impl Compiler {
             started.elapsed().as_secs_f64() * 1000.0
         );
         store.take_looked_up(); // what earlier compiles of this engine asked is theirs
+        store.keep_values(); // for this compile's pack
+        store.serve_from(None);
         let manifests = Manifests {
             cache: store.cache(),
             namespace: store.namespace(),
@@ -669,7 +672,9 @@ impl Compiler {
             digest,
             ..ReadAhead::default()
         };
-        if let Some((earlier, source)) = manifests.find(name, &digest, &ahead.bodies) {
+        if let Some((earlier, source, earlier_digest)) =
+            manifests.find(name, &digest, &ahead.bodies)
+        {
             let mut shared = ahead.bodies.shared_with(&earlier.bodies);
             let abstracted = earlier
                 .bodies
@@ -713,7 +718,23 @@ impl Compiler {
             ahead.predicted_reuse = Some(shared);
             if self.prefetch && shared >= PREFETCH_MIN_SHARED {
                 ahead.source = Some(source);
-                ahead.prefetch = Some(store.cache().prefetch(store.namespace(), &earlier.keys));
+                // The earlier compile's pack, verified in one piece, serves what it has; the
+                // rest of its keys (a pack evicted, or none yet) are read ahead one by one.
+                let pack = Pack::load(store.cache(), store.namespace(), &earlier_digest);
+                let rest: Vec<_> = match &pack {
+                    Some(pack) => earlier
+                        .keys
+                        .iter()
+                        .filter(|key| !pack.contains(key))
+                        .copied()
+                        .collect(),
+                    None => earlier.keys.clone(),
+                };
+                ahead.packed = pack.as_ref().map_or(0, |pack| pack.len() as u64);
+                store.serve_from(pack.map(Arc::new));
+                if !rest.is_empty() {
+                    ahead.prefetch = Some(store.cache().prefetch(store.namespace(), &rest));
+                }
             }
             ahead.earlier_bodies = Some(earlier.bodies);
         }
@@ -830,6 +851,8 @@ struct ReadAhead {
     source: Option<FoundBy>,
     predicted_reuse: Option<f64>,
     prefetch: Option<fncache::Prefetch>,
+    /// Values in the earlier compile's pack, which the lookups are served from first.
+    packed: u64,
     /// This compile's prints with callees abstracted, for its manifest, made on a thread of
     /// their own while it compiles ([`ReadAhead::print_meanwhile`]).
     printing: Option<std::thread::JoinHandle<BodyPrints>>,
@@ -867,47 +890,64 @@ impl ReadAhead {
     /// ([`ReadAhead::print_meanwhile`]); otherwise with the bytes' fingerprints only, at once
     /// (under a millisecond).
     fn finish(
-        self,
+        mut self,
         store: Option<Arc<FunctionStore>>,
         binary: &[u8],
         name: Option<&str>,
         compiled: bool,
         abstract_callees: bool,
     ) -> (ReadAheadDone, Option<std::thread::JoinHandle<()>>) {
-        let report = self.prefetch.map(|p| p.finish()).unwrap_or_default();
-        let done = ReadAheadDone {
+        let mut report = self.prefetch.take().map(|p| p.finish()).unwrap_or_default();
+        let (Some(store), true) = (store, compiled) else {
+            return (self.done(report), None);
+        };
+        let (kept, earlier_pack) = (store.take_kept(), store.pack());
+        store.serve_from(None);
+        let keys = first_occurrences(store.take_looked_up());
+        if let Some(pack) = &earlier_pack {
+            let used = keys.iter().filter(|key| pack.contains(key)).count() as u64;
+            report.read += self.packed;
+            report.used += used;
+        }
+        let done = self.done(report);
+        // Made meanwhile for an adaptive compile, or here if they could not be (no thread).
+        let printing = match (abstract_callees, self.printing) {
+            (false, _) => None,
+            (true, Some(printing)) => Some(Ok(printing)),
+            (true, None) => Some(Err((
+                binary.to_vec(),
+                self.earlier_bodies.unwrap_or_default(),
+            ))),
+        };
+        // The pack copies every value (sql.js: 3 MB): on a thread of its own, with the
+        // manifest, while the caller goes on with its module.
+        let (name, digest, bodies) = (name.map(str::to_string), self.digest, self.bodies);
+        let store_both = move || {
+            let bodies = match printing {
+                None => bodies,
+                Some(Ok(printing)) => printing.join().unwrap_or(bodies),
+                Some(Err((binary, earlier))) => completed_prints(&binary, bodies, &earlier),
+            };
+            let (cache, namespace) = (store.cache(), store.namespace());
+            pack::store(
+                cache,
+                namespace,
+                &digest,
+                &keys,
+                &kept,
+                earlier_pack.as_deref(),
+            );
+            store_manifest(&store, name.as_deref(), &digest, Manifest { keys, bodies });
+        };
+        (done, spawn_or_run("fncache-manifest", store_both))
+    }
+
+    fn done(&self, report: fncache::PrefetchReport) -> ReadAheadDone {
+        ReadAheadDone {
             source: self.source,
             predicted_reuse: self.predicted_reuse,
             report,
-        };
-        let (Some(store), true) = (store, compiled) else {
-            return (done, None);
-        };
-        let keys = first_occurrences(store.take_looked_up());
-        if !abstract_callees {
-            let manifest = Manifest {
-                keys,
-                bodies: self.bodies,
-            };
-            store_manifest(&store, name, &self.digest, manifest);
-            return (done, None);
         }
-        // Made here if they could not be made meanwhile (no thread).
-        let printing = match self.printing {
-            Some(printing) => Ok(printing),
-            None => Err((binary.to_vec(), self.earlier_bodies.unwrap_or_default())),
-        };
-        let (name, digest, bodies) = (name.map(str::to_string), self.digest, self.bodies);
-        let thread = std::thread::Builder::new()
-            .name("fncache-manifest".into())
-            .spawn(move || {
-                let bodies = match printing {
-                    Ok(printing) => printing.join().unwrap_or(bodies),
-                    Err((binary, earlier)) => completed_prints(&binary, bodies, &earlier),
-                };
-                store_manifest(&store, name.as_deref(), &digest, Manifest { keys, bodies });
-            });
-        (done, thread.ok())
     }
 }
 
@@ -1102,6 +1142,7 @@ impl FillEngine {
             WasmKind::Module => engine.precompile_module(binary),
             WasmKind::Component => engine.precompile_component(binary),
         };
+        self.store.keep_values();
         let precompiled = match precompile(&self.engine) {
             Ok(precompiled) => precompiled,
             Err(error) => {
@@ -1128,6 +1169,16 @@ impl FillEngine {
         // What the prediction parsed already is taken, not parsed again.
         let bodies =
             BodyPrints::with_callees_abstracted_reusing(binary, &[&bodies]).unwrap_or(bodies);
+        // The variants the replay learned are read back from the cache for the pack.
+        let kept = self.store.take_kept();
+        pack::store(
+            self.store.cache(),
+            self.store.namespace(),
+            digest,
+            &keys,
+            &kept,
+            None,
+        );
         store_manifest(&self.store, name, digest, Manifest { keys, bodies });
     }
 }

@@ -14,13 +14,16 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use fncache::{Cache, Kind, Namespace};
 use wasmtime::{CacheStore, Config, Engine};
 
 use crate::fingerprint::engine_fingerprint;
 use crate::manifest::FUNCTION_KEY_LEN;
+use crate::pack::Pack;
+
+type Key = [u8; FUNCTION_KEY_LEN];
 
 /// Cranelift's view of a cache, namespaced by an engine fingerprint.
 #[derive(Debug)]
@@ -41,7 +44,17 @@ pub struct FunctionStore {
     mismatches: AtomicU64,
     /// Keys looked up since [`FunctionStore::take_looked_up`] last took them, for the manifest
     /// of the compile that asked (see [`crate::manifest`]).
-    looked_up: Mutex<Vec<[u8; FUNCTION_KEY_LEN]>>,
+    looked_up: Mutex<Vec<Key>>,
+    /// The values served from the store or compiled since [`FunctionStore::take_kept`] last
+    /// took them, for the pack of the compile that asked (see [`crate::pack`]). Values served
+    /// from [`FunctionStore::pack`] are not kept: that pack has them.
+    kept: Mutex<HashMap<Key, Arc<[u8]>>>,
+    /// Whether values are kept: only between [`FunctionStore::keep_values`] and
+    /// [`FunctionStore::take_kept`], so that an engine that never takes them keeps nothing.
+    keeping: std::sync::atomic::AtomicBool,
+    /// The pack lookups are served from first, if any: values verified as a whole when the
+    /// pack was loaded.
+    pack: RwLock<Option<Arc<Pack>>>,
 }
 
 /// Lookups seen by a [`FunctionStore`] since it was made.
@@ -76,6 +89,9 @@ impl FunctionStore {
             verified: AtomicU64::new(0),
             mismatches: AtomicU64::new(0),
             looked_up: Mutex::new(Vec::new()),
+            kept: Mutex::new(HashMap::new()),
+            keeping: std::sync::atomic::AtomicBool::new(false),
+            pack: RwLock::new(None),
         }
     }
 
@@ -108,8 +124,48 @@ impl FunctionStore {
     }
 
     /// The keys looked up since the last call, in order (each once).
-    pub fn take_looked_up(&self) -> Vec<[u8; FUNCTION_KEY_LEN]> {
+    pub fn take_looked_up(&self) -> Vec<Key> {
         std::mem::take(&mut *self.looked_up.lock().unwrap())
+    }
+
+    /// Starts keeping the values served from the store or compiled, for a pack; the ones
+    /// kept before are dropped.
+    pub fn keep_values(&self) {
+        self.kept.lock().unwrap().clear();
+        self.keeping.store(true, Ordering::Relaxed);
+    }
+
+    /// The values kept since [`FunctionStore::keep_values`], by key; keeping stops.
+    pub fn take_kept(&self) -> HashMap<Key, Arc<[u8]>> {
+        self.keeping.store(false, Ordering::Relaxed);
+        std::mem::take(&mut *self.kept.lock().unwrap())
+    }
+
+    /// Serves lookups from `pack` first (or from none), until the next call.
+    pub fn serve_from(&self, pack: Option<Arc<Pack>>) {
+        *self.pack.write().unwrap() = pack;
+    }
+
+    /// The pack lookups are served from first, if any.
+    pub fn pack(&self) -> Option<Arc<Pack>> {
+        self.pack.read().unwrap().clone()
+    }
+
+    fn served_by_pack(&self, key: &[u8]) -> Option<Vec<u8>> {
+        let pack = self.pack.read().unwrap();
+        let pack = pack.as_ref()?;
+        let value = pack.get(key)?.to_vec();
+        self.cache.count_hit_within(value.len(), pack.origin());
+        Some(value)
+    }
+
+    fn keep(&self, key: &[u8], value: &[u8]) {
+        if !self.keeping.load(Ordering::Relaxed) {
+            return;
+        }
+        if let Ok(key) = key.try_into() {
+            self.kept.lock().unwrap().insert(key, value.into());
+        }
     }
 
     pub fn counters(&self) -> FunctionCounters {
@@ -131,7 +187,16 @@ impl CacheStore for FunctionStore {
         if let Ok(key) = key.try_into() {
             self.looked_up.lock().unwrap().push(key);
         }
-        let value = self.cache.get(&self.namespace, key);
+        let value = match self.served_by_pack(key) {
+            Some(value) => Some(value),
+            None => {
+                let value = self.cache.get(&self.namespace, key);
+                if let Some(value) = &value {
+                    self.keep(key, value);
+                }
+                value
+            }
+        };
         self.cache.count(Kind::Function, value.is_some());
         let value = value?;
         if self.sampled() {
@@ -166,6 +231,7 @@ impl CacheStore for FunctionStore {
         self.inserted_bytes
             .fetch_add(value.len() as u64, Ordering::Relaxed);
         self.cache.insert(&self.namespace, key, &value);
+        self.keep(key, &value);
         true
     }
 }

@@ -8,6 +8,8 @@
 //!   compile before them hit, learned by replaying the fill.
 //! - [`manifest`]: what each compile looked up, so that the next compile of the same program
 //!   reads those entries ahead in one batch.
+//! - [`pack`]: the values a compile used, stored as one entry, which the next compile of the
+//!   same program is served from after verifying it once.
 //! - [`compiler`]: [`Compiler`], an engine with the cache wired in and per-compile reports;
 //!   the one call an embedder needs.
 //!
@@ -25,6 +27,7 @@ pub mod fingerprint;
 pub mod function_store;
 mod key_variants;
 pub mod manifest;
+pub mod pack;
 
 pub use compiler::{count_functions, CompileReport, Compiled, Compiler, Level, WasmKind};
 pub use fingerprint::engine_fingerprint;

@@ -760,20 +760,21 @@ pub struct Manifests<'a> {
 
 impl Manifests<'_> {
     /// The manifest of the earlier compile `binary` (with `bodies`, named `name`) most likely
-    /// resembles: the last one of the same name, else the one its sketch points at most.
+    /// resembles: the last one of the same name, else the one its sketch points at most; with
+    /// how it was found and the digest of that compile's binary.
     pub fn find(
         &self,
         name: Option<&str>,
         binary_digest: &[u8; 32],
         bodies: &BodyPrints,
-    ) -> Option<(Manifest, FoundBy)> {
+    ) -> Option<(Manifest, FoundBy, [u8; 32])> {
         if let Some(name) = name {
             let pointed = self.pointer(&tagged(NAME_TAG, name.as_bytes()));
             // The same binary under its own name has no earlier version to learn from, but
             // its manifest is still the best guess (the module level was off or evicted).
             if let Some(digest) = pointed {
                 if let Some(manifest) = self.manifest(&digest) {
-                    return Some((manifest, FoundBy::Name));
+                    return Some((manifest, FoundBy::Name, digest));
                 }
             }
         }
@@ -791,8 +792,7 @@ impl Manifests<'_> {
         });
         candidates
             .into_iter()
-            .find_map(|(digest, _)| self.manifest(&digest))
-            .map(|manifest| (manifest, FoundBy::Sketch))
+            .find_map(|(digest, _)| Some((self.manifest(&digest)?, FoundBy::Sketch, digest)))
     }
 
     /// Stores `manifest` for the binary of `binary_digest`, with its name and sketch pointers.

@@ -8,6 +8,7 @@ use std::path::Path;
 use fncache::{Cache, CacheConfig, KeyId, Secret};
 use fncache_wasmtime::compiler::ADAPTIVE_MIN_CODE_BYTES;
 use fncache_wasmtime::manifest::{BodyPrints, FoundBy, Manifest, Manifests};
+use fncache_wasmtime::pack::{self, Pack};
 use fncache_wasmtime::{engine_fingerprint, Compiler};
 use wasmtime::Config;
 
@@ -85,7 +86,7 @@ fn manifest_keys(dir: &Path, wasm: &[u8], name: &str) -> Vec<KeyId> {
         namespace: &namespace,
     };
     let digest = *blake3::hash(wasm).as_bytes();
-    let (manifest, _): (Manifest, _) = manifests
+    let (manifest, _, _): (Manifest, _, _) = manifests
         .find(Some(name), &digest, &BodyPrints::of(wasm).unwrap())
         .expect("a manifest");
     assert!(!manifest.keys.is_empty());
@@ -98,6 +99,60 @@ fn manifest_keys(dir: &Path, wasm: &[u8], name: &str) -> Vec<KeyId> {
 
 fn database(dir: &Path) -> rusqlite::Connection {
     rusqlite::Connection::open(dir.join("fncache.db")).unwrap()
+}
+
+/// The store key of the pack the compile of `wasm` left (see `fncache_wasmtime::pack`).
+fn pack_key(dir: &Path, wasm: &[u8]) -> KeyId {
+    let namespace = engine_fingerprint(compiler(dir).engine());
+    KeyId::new(&namespace, &pack::key(blake3::hash(wasm).as_bytes()))
+}
+
+/// The pack that holds the values of the compile of `wasm`, as a compile would load it.
+fn pack_of(dir: &Path, wasm: &[u8]) -> Option<Pack> {
+    let compiler = compiler(dir);
+    let namespace = engine_fingerprint(compiler.engine());
+    Pack::load(
+        compiler.cache().unwrap(),
+        &namespace,
+        blake3::hash(wasm).as_bytes(),
+    )
+}
+
+/// Removes the entries of `keys`, keys and values, as eviction would.
+fn remove_entries(dir: &Path, keys: &[KeyId]) {
+    let conn = database(dir);
+    for key in keys {
+        conn.execute(
+            "DELETE FROM blob_data WHERE id = (SELECT data_id FROM entries WHERE key = ?1)",
+            [key.0.as_bytes()],
+        )
+        .unwrap();
+        let removed = conn
+            .execute("DELETE FROM entries WHERE key = ?1", [key.0.as_bytes()])
+            .unwrap();
+        assert_eq!(removed, 1, "{key:?} was stored");
+    }
+}
+
+/// Flips the last byte of the entries of `keys`, kept in the database (small values).
+fn damage_entries(dir: &Path, keys: &[KeyId]) {
+    let conn = database(dir);
+    for key in keys {
+        let (id, mut data): (i64, Vec<u8>) = conn
+            .query_row(
+                "SELECT d.id, d.data FROM entries e JOIN blob_data d ON d.id = e.data_id \
+                 WHERE e.key = ?1",
+                [key.0.as_bytes()],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .unwrap();
+        *data.last_mut().unwrap() ^= 1;
+        conn.execute(
+            "UPDATE blob_data SET data = ?1 WHERE id = ?2",
+            rusqlite::params![data, id],
+        )
+        .unwrap();
+    }
 }
 
 #[test]
@@ -152,25 +207,10 @@ fn a_damaged_entry_read_ahead_is_rejected_and_compiled_again() {
     let (old, new) = (module(40, None), module(40, Some(9)));
     fill(dir.path(), &old, Some("app"));
     let keys = manifest_keys(dir.path(), &old, "app");
-    // Flip the last byte of every function entry the manifest points at.
-    let conn = database(dir.path());
-    for key in &keys {
-        let (id, mut data): (i64, Vec<u8>) = conn
-            .query_row(
-                "SELECT d.id, d.data FROM entries e JOIN blob_data d ON d.id = e.data_id \
-                 WHERE e.key = ?1",
-                [key.0.as_bytes()],
-                |row| Ok((row.get(0)?, row.get(1)?)),
-            )
-            .unwrap();
-        *data.last_mut().unwrap() ^= 1;
-        conn.execute(
-            "UPDATE blob_data SET data = ?1 WHERE id = ?2",
-            rusqlite::params![data, id],
-        )
-        .unwrap();
-    }
-    drop(conn);
+    // Flip the last byte of every function entry the manifest points at; the pack, which
+    // would serve them all, is gone, so they are read ahead key by key.
+    damage_entries(dir.path(), &keys);
+    remove_entries(dir.path(), &[pack_key(dir.path(), &old)]);
 
     let compiler = compiler(dir.path());
     let (code, report) = compiler.precompile_named(&new, "app").unwrap();
@@ -201,19 +241,10 @@ fn a_manifest_whose_entries_were_evicted_degrades_to_ordinary_lookups() {
     let dir = tempfile::tempdir().unwrap();
     let (old, new) = (module(40, None), module(40, Some(9)));
     fill(dir.path(), &old, Some("app"));
-    let keys = manifest_keys(dir.path(), &old, "app");
-    // Evicted: the keys and their values gone, the manifest left.
-    let conn = database(dir.path());
-    for key in &keys {
-        conn.execute(
-            "DELETE FROM blob_data WHERE id = (SELECT data_id FROM entries WHERE key = ?1)",
-            [key.0.as_bytes()],
-        )
-        .unwrap();
-        conn.execute("DELETE FROM entries WHERE key = ?1", [key.0.as_bytes()])
-            .unwrap();
-    }
-    drop(conn);
+    let mut keys = manifest_keys(dir.path(), &old, "app");
+    // Evicted: the keys, their values and the pack gone, the manifest left.
+    keys.push(pack_key(dir.path(), &old));
+    remove_entries(dir.path(), &keys);
     let compiler = compiler(dir.path());
     let (code, report) = compiler.precompile_named(&new, "app").unwrap();
     assert_eq!(code, uncached(&new));
@@ -227,6 +258,105 @@ fn a_manifest_whose_entries_were_evicted_degrades_to_ordinary_lookups() {
     let session = compiler.cache().unwrap().session_counters();
     assert_eq!(session.rejected, 0);
     assert_eq!(report.misses + report.hits, report.lookups());
+}
+
+#[test]
+fn an_edit_is_served_from_the_pack_of_the_earlier_compile() {
+    let dir = tempfile::tempdir().unwrap();
+    let (old, new) = (module(40, None), module(40, Some(9)));
+    fill(dir.path(), &old, Some("app"));
+    let pack = pack_of(dir.path(), &old).expect("the compile left a pack");
+    assert_eq!(pack.owner(), blake3::hash(&old).as_bytes());
+    let keys = manifest_keys(dir.path(), &old, "app");
+    assert_eq!(pack.len(), keys.len(), "every value the compile used");
+    // Only the pack is left to serve them: every function entry is gone.
+    remove_entries(dir.path(), &keys);
+
+    let compiler = compiler(dir.path());
+    let (code, report) = compiler.precompile_named(&new, "app").unwrap();
+    assert_eq!(code, uncached(&new));
+    assert_eq!(report.prefetch_source, Some(FoundBy::Name), "{report:?}");
+    assert_eq!(report.prefetched, keys.len() as u64, "{report:?}");
+    assert!(report.hits * 10 >= report.lookups() * 8, "{report:?}");
+    // Every value of the pack was used but those of the functions that missed: the edited
+    // one, and one whose key changed with it (Cranelift's key leak, docs/design.md).
+    assert!(
+        report.prefetch_used + report.misses >= keys.len() as u64,
+        "{report:?}"
+    );
+    let session = compiler.cache().unwrap().session_counters();
+    assert_eq!(
+        (session.hits, session.rejected),
+        (report.hits, 0),
+        "{session:?}"
+    );
+}
+
+#[test]
+fn a_damaged_pack_is_rejected_and_its_values_are_read_key_by_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let (old, new) = (module(40, None), module(40, Some(9)));
+    fill(dir.path(), &old, Some("app"));
+    damage_entries(dir.path(), &[pack_key(dir.path(), &old)]);
+
+    let compiler = compiler(dir.path());
+    let (code, report) = compiler.precompile_named(&new, "app").unwrap();
+    assert_eq!(code, uncached(&new), "damaged code never reaches a module");
+    let session = compiler.cache().unwrap().session_counters();
+    assert_eq!(session.rejected, 1, "{session:?}");
+    // Served by the function entries instead, read ahead from the manifest.
+    assert!(report.prefetched >= 40, "{report:?}");
+    assert!(report.hits * 10 >= report.lookups() * 8, "{report:?}");
+    drop(compiler);
+    assert!(
+        pack_of(dir.path(), &old).is_none(),
+        "removed once found damaged"
+    );
+}
+
+#[test]
+fn a_compile_served_from_a_pack_points_at_it_and_one_that_drifted_writes_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let (old, edited) = (module(60, None), module(60, Some(9)));
+    fill(dir.path(), &old, Some("app"));
+    // One function in 60 changed: served almost whole from the pack, it writes none.
+    fill(dir.path(), &edited, Some("app"));
+    let pack = pack_of(dir.path(), &edited).expect("found through the pointer");
+    assert_eq!(pack.owner(), blake3::hash(&old).as_bytes());
+
+    // The next edit follows the pointer to the same pack.
+    let mut keys = manifest_keys(dir.path(), &old, "app");
+    keys.retain(|key| *key != pack_key(dir.path(), &old));
+    remove_entries(dir.path(), &keys);
+    let again = module(60, Some(11));
+    let compiler = compiler(dir.path());
+    let (code, report) = compiler.precompile_named(&again, "app").unwrap();
+    assert_eq!(code, uncached(&again));
+    assert!(report.hits * 10 >= report.lookups() * 8, "{report:?}");
+    drop(compiler);
+
+    // A fifth of the functions changed: too little of it in the pack, it writes its own.
+    let adders = |changed: usize| {
+        let funcs: String = (0..60)
+            .map(|i| {
+                let k = if changed > 0 && i % changed == 0 {
+                    1000 + i
+                } else {
+                    i
+                };
+                format!(
+                    "(func (export \"g{i}\") (param i32) (result i32) \
+                       (i32.add (local.get 0) (i32.const {k})))"
+                )
+            })
+            .collect();
+        wat::parse_str(format!("(module {funcs})")).unwrap()
+    };
+    let (base, drifted) = (adders(0), adders(5));
+    fill(dir.path(), &base, Some("lib"));
+    fill(dir.path(), &drifted, Some("lib"));
+    let pack = pack_of(dir.path(), &drifted).expect("a pack of its own");
+    assert_eq!(pack.owner(), blake3::hash(&drifted).as_bytes());
 }
 
 #[test]
@@ -245,6 +375,10 @@ fn the_adaptive_compile_gives_the_same_code_and_fills_the_function_level_for_the
     let session = first.cache().unwrap().session_counters();
     assert!(session.inserts >= 60, "{session:?}");
     drop(first);
+    // The fill left the pack the next edit is served from.
+    let pack = pack_of(dir.path(), &old).expect("the fill left a pack");
+    assert_eq!(pack.owner(), blake3::hash(&old).as_bytes());
+    assert_eq!(pack.len(), manifest_keys(dir.path(), &old, "app").len());
 
     // The next edit, in a new process: predicted to reuse most, compiled with the function
     // level, and it hits.

@@ -206,6 +206,30 @@ impl Cache {
             .map(Value::into_vec)
     }
 
+    /// [`Cache::get_bookkeeping`] without copying a large value, as [`Cache::get_value`]; with
+    /// the tier it came from.
+    pub fn get_bookkeeping_value(
+        &self,
+        namespace: &Namespace,
+        key: &[u8],
+    ) -> Option<(Value, Origin)> {
+        self.lookup_with_origin(namespace, key, false, false)
+    }
+
+    /// Counts a hit served from inside a value this cache verified (a compile's pack of
+    /// values, see `fncache_wasmtime::pack`), which came from `origin`, as a hit of `bytes`,
+    /// as if read on its own.
+    pub fn count_hit_within(&self, bytes: usize, origin: Origin) {
+        let session = &self.inner.session;
+        session.hits.fetch_add(1, Ordering::Relaxed);
+        session
+            .bytes_read
+            .fetch_add(bytes as u64, Ordering::Relaxed);
+        if origin == Origin::Remote {
+            session.remote_hits.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// Like [`Cache::get`], without copying a large value: one kept uncompressed in a file of
     /// its own comes back mapped, verified where it lies, with the open file.
     pub fn get_value(&self, namespace: &Namespace, key: &[u8]) -> Option<Value> {
@@ -213,6 +237,17 @@ impl Cache {
     }
 
     fn lookup(&self, namespace: &Namespace, key: &[u8], copy: bool, count: bool) -> Option<Value> {
+        self.lookup_with_origin(namespace, key, copy, count)
+            .map(|(value, _)| value)
+    }
+
+    fn lookup_with_origin(
+        &self,
+        namespace: &Namespace,
+        key: &[u8],
+        copy: bool,
+        count: bool,
+    ) -> Option<(Value, Origin)> {
         let session = &self.inner.session;
         let key = KeyId::new(namespace, key);
         let found = match self.take_prefetched(&key) {
@@ -250,7 +285,7 @@ impl Cache {
                 if found.tier > 0 {
                     self.inner.store.fill(key, &found);
                 }
-                Some(value)
+                Some((value, found.origin))
             }
             Err(rejection) => {
                 log::debug!(

@@ -1,0 +1,275 @@
+//! A compile's function values in one entry, for the next compile of the same program.
+//!
+//! A manifest (see [`crate::manifest`]) lists the Cranelift keys a compile looked up. Read
+//! ahead key by key, the next compile paid a B-tree search, a copy and a MAC per value, on a
+//! thread of its own that competed with Cranelift for the two cores (sql.js: 15 ms of CPU on
+//! that thread, and 5 ms of BLAKE3 on the compile threads, against a 150 ms compile). A pack
+//! holds the same values, in the order they were asked, as one bookkeeping entry:
+//! `"pack\0\0\0\0" ‖ BLAKE3(binary)` in the engine's namespace. It is stored and verified like
+//! any entry (one MAC over the whole of it, and the key's link), so a large one lives in a
+//! value file, mapped and verified in place, and every value in it is as trustworthy as one
+//! read on its own: the MAC covers each value with the key it is served for, and the link
+//! binds the pack to the namespace those keys belong to.
+//!
+//! A compile served at least [`REUSE_MIN_SHARE`] of its values from the earlier compile's
+//! pack writes no pack of its own, only a pointer to that one (`"packof\0\0" ‖ BLAKE3(binary)`:
+//! the owner's digest, also an authenticated entry): an edit then stores nothing more than
+//! before, and the pack is followed one step at most. The values a compile takes from a pack
+//! are not recorded as uses of their own entries; the pack's use keeps it, and the compile
+//! that drifts away from it writes a fresh one.
+//!
+//! Format, little-endian: `FNPK`, version (1), three zero bytes, the number of values (u32);
+//! then per value its Cranelift key (32 bytes) and its length (u32); then the values, one
+//! after another, in that order.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use fncache::store::Origin;
+use fncache::{Cache, Namespace, Value};
+
+use crate::manifest::FUNCTION_KEY_LEN;
+
+const MAGIC: &[u8; 4] = b"FNPK";
+const VERSION: u8 = 1;
+const HEADER_LEN: usize = 12;
+const INDEX_ENTRY_LEN: usize = FUNCTION_KEY_LEN + 4;
+const PACK_TAG: &[u8; 8] = b"pack\0\0\0\0";
+/// `"packof\0\0" ‖ BLAKE3(binary)`: the digest of the binary whose pack holds this one's
+/// values, for a compile that was served most of them from that pack and wrote none.
+const POINTER_TAG: &[u8; 8] = b"packof\0\0";
+
+/// A compile served at least this share of its values from the earlier compile's pack points
+/// at that pack rather than writing one of its own (sql.js: 3 MB, a third of an edit's
+/// flush); below, it writes a pack, so that a program edited again and again does not drift
+/// away from the pack it reads.
+pub const REUSE_MIN_SHARE: f64 = 0.9;
+
+/// A pack larger than this is not written (the read-ahead holds at most as much).
+pub const MAX_PACK_BYTES: usize = 256 << 20;
+
+type Key = [u8; FUNCTION_KEY_LEN];
+
+/// A verified pack, with its values found by key.
+#[derive(Debug)]
+pub struct Pack {
+    /// The digest of the binary whose compile wrote it.
+    owner: [u8; 32],
+    /// The tier it was read from: its values count as hits from there.
+    origin: Origin,
+    bytes: Value,
+    index: HashMap<Key, (usize, usize)>,
+}
+
+impl Pack {
+    /// The pack that holds the values of the compile of the binary with `binary_digest`,
+    /// verified, if any: its own, or the one it points at.
+    pub fn load(cache: &Cache, namespace: &Namespace, binary_digest: &[u8; 32]) -> Option<Pack> {
+        let pointer = cache.get_bookkeeping_value(namespace, &tagged(POINTER_TAG, binary_digest));
+        let owner = match pointer {
+            Some((owner, _)) => <[u8; 32]>::try_from(&owner[..]).ok()?,
+            None => *binary_digest,
+        };
+        // One step only: a pack is pointed at only by compiles that read it, never by a pointer.
+        let (bytes, origin) = cache.get_bookkeeping_value(namespace, &key(&owner))?;
+        let pack = Pack::decode(owner, origin, bytes);
+        if pack.is_none() {
+            // It passed its MAC, so this fncache wrote it: another version of the format.
+            log::debug!("a pack of another format was not used");
+        }
+        pack
+    }
+
+    fn decode(owner: [u8; 32], origin: Origin, bytes: Value) -> Option<Pack> {
+        let header = bytes.get(..HEADER_LEN)?;
+        if &header[..4] != MAGIC || header[4] != VERSION {
+            return None;
+        }
+        let count = u32::from_le_bytes(header[8..12].try_into().ok()?) as usize;
+        let index_len = count.checked_mul(INDEX_ENTRY_LEN)?;
+        let values_start = HEADER_LEN.checked_add(index_len)?;
+        let index_bytes = bytes.get(HEADER_LEN..values_start)?;
+        let mut index = HashMap::with_capacity(count);
+        let mut offset = values_start;
+        for entry in index_bytes.chunks_exact(INDEX_ENTRY_LEN) {
+            let key: Key = entry[..FUNCTION_KEY_LEN].try_into().ok()?;
+            let len = u32::from_le_bytes(entry[FUNCTION_KEY_LEN..].try_into().ok()?) as usize;
+            let end = offset.checked_add(len)?;
+            index.insert(key, (offset, end));
+            offset = end;
+        }
+        if offset != bytes.len() {
+            return None;
+        }
+        Some(Pack {
+            owner,
+            origin,
+            bytes,
+            index,
+        })
+    }
+
+    /// The digest of the binary whose compile wrote this pack.
+    pub fn owner(&self) -> &[u8; 32] {
+        &self.owner
+    }
+
+    /// The tier the pack was read from.
+    pub fn origin(&self) -> Origin {
+        self.origin
+    }
+
+    /// The value stored under `key`, if this pack has it.
+    pub fn get(&self, key: &[u8]) -> Option<&[u8]> {
+        let &(start, end) = self.index.get(key)?;
+        Some(&self.bytes[start..end])
+    }
+
+    pub fn contains(&self, key: &Key) -> bool {
+        self.index.contains_key(key)
+    }
+
+    /// How many values it holds.
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+}
+
+/// Encodes `values` (key and value, in the order they are to be kept) as a pack.
+pub fn encode(values: &[(Key, impl AsRef<[u8]>)]) -> Vec<u8> {
+    let total: usize = values.iter().map(|(_, value)| value.as_ref().len()).sum();
+    let mut out = Vec::with_capacity(HEADER_LEN + values.len() * INDEX_ENTRY_LEN + total);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&[VERSION, 0, 0, 0]);
+    out.extend_from_slice(&(values.len() as u32).to_le_bytes());
+    for (key, value) in values {
+        out.extend_from_slice(key);
+        out.extend_from_slice(&(value.as_ref().len() as u32).to_le_bytes());
+    }
+    for (_, value) in values {
+        out.extend_from_slice(value.as_ref());
+    }
+    out
+}
+
+/// Stores the values of `keys` as the pack of the binary with `binary_digest`, or, when at
+/// least [`REUSE_MIN_SHARE`] of them are in `earlier`, a pointer to that pack. Each value is taken from
+/// `kept` (values this compile was served or compiled), else from `earlier` (the pack it was
+/// served from), else read from the cache (not counted as a lookup). Stores nothing if a value cannot be had
+/// (evicted meanwhile) or the pack would be larger than [`MAX_PACK_BYTES`]: the next compile
+/// then reads ahead key by key, as it would without packs.
+pub fn store(
+    cache: &Cache,
+    namespace: &Namespace,
+    binary_digest: &[u8; 32],
+    keys: &[Key],
+    kept: &HashMap<Key, Arc<[u8]>>,
+    earlier: Option<&Pack>,
+) {
+    if cache.store().is_read_only() {
+        return;
+    }
+    if let Some(earlier) = earlier {
+        let served = keys.iter().filter(|key| earlier.contains(key)).count();
+        if served as f64 >= REUSE_MIN_SHARE * keys.len() as f64 {
+            if earlier.owner != *binary_digest {
+                let pointer = tagged(POINTER_TAG, binary_digest);
+                cache.insert_bookkeeping(namespace, &pointer, &earlier.owner);
+            }
+            return;
+        }
+    }
+    let mut values: Vec<(Key, Cow<[u8]>)> = Vec::with_capacity(keys.len());
+    for key in keys {
+        let value = match kept.get(key) {
+            Some(value) => Cow::Borrowed(&value[..]),
+            None => match earlier.and_then(|pack| pack.get(key)) {
+                Some(value) => Cow::Borrowed(value),
+                None => match cache.get_bookkeeping(namespace, key) {
+                    Some(value) => Cow::Owned(value),
+                    None => {
+                        log::debug!("no pack: a value it would hold is not in the cache");
+                        return;
+                    }
+                },
+            },
+        };
+        values.push((*key, value));
+    }
+    let total: usize = values.iter().map(|(_, value)| value.len()).sum();
+    if total > MAX_PACK_BYTES {
+        log::debug!("no pack: {total} bytes of values");
+        return;
+    }
+    let started = std::time::Instant::now();
+    let encoded = encode(&values);
+    let encoding = started.elapsed();
+    cache.insert_bookkeeping(namespace, &key(binary_digest), &encoded);
+    log::debug!(
+        "pack of {} values, {total} bytes: encoded in {:.1} ms, authenticated and queued in {:.1} ms",
+        values.len(),
+        encoding.as_secs_f64() * 1e3,
+        (started.elapsed() - encoding).as_secs_f64() * 1e3
+    );
+}
+
+/// The key of the pack the compile of the binary with `binary_digest` wrote, in its engine's
+/// namespace.
+pub fn key(binary_digest: &[u8; 32]) -> Vec<u8> {
+    tagged(PACK_TAG, binary_digest)
+}
+
+/// `tag ‖ digest`: 40 bytes, never a Cranelift key (32) and never another tag's.
+fn tagged(tag: &[u8; 8], binary_digest: &[u8; 32]) -> Vec<u8> {
+    let mut key = tag.to_vec();
+    key.extend_from_slice(binary_digest);
+    key
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decoded(bytes: Vec<u8>) -> Option<Pack> {
+        Pack::decode([7; 32], Origin::Local, Value::Owned(bytes))
+    }
+
+    #[test]
+    fn a_pack_round_trips_and_anything_else_is_refused() {
+        let values = [
+            ([1; 32], &b"one"[..]),
+            ([2; 32], &b""[..]),
+            ([3; 32], &b"three"[..]),
+        ];
+        let bytes = encode(&values);
+        let pack = decoded(bytes.clone()).unwrap();
+        assert_eq!(pack.len(), 3);
+        for (key, value) in values {
+            assert_eq!(pack.get(&key), Some(value));
+        }
+        assert_eq!(pack.get(&[4; 32]), None);
+        assert_eq!(pack.owner(), &[7; 32]);
+
+        // A byte short or long, a length that runs past the end, a count larger than the
+        // index, another version or magic: none is read.
+        assert!(decoded(bytes[..bytes.len() - 1].to_vec()).is_none());
+        assert!(decoded([&bytes[..], b"x"].concat()).is_none());
+        let mut long = bytes.clone();
+        long[HEADER_LEN + FUNCTION_KEY_LEN] = 200;
+        assert!(decoded(long).is_none());
+        let mut counted = bytes.clone();
+        counted[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(decoded(counted).is_none());
+        let mut version = bytes.clone();
+        version[4] = VERSION + 1;
+        assert!(decoded(version).is_none());
+        assert!(decoded(b"FNMF".to_vec()).is_none());
+        let empty: [(Key, &[u8]); 0] = [];
+        assert!(decoded(encode(&empty)).unwrap().is_empty());
+    }
+}
