@@ -216,7 +216,15 @@ impl WriterState {
                 }
             }
         } else {
-            self.commit(&data)
+            let committed = self.commit(&data);
+            if committed.is_ok() {
+                // Cut as soon as the log is past its budget, while the compile still runs:
+                // the checkpoint's `fsync`s are waited for on this thread, beside the
+                // compile, instead of in the flush at its end (a sql.js edit's flush: 8.2 to
+                // 5.3 ms, end to end paired 0.991 over 60 interleaved runs).
+                self.cut_log_past_budget();
+            }
+            committed
         };
         if let Err(error) = &committed {
             if !self.warned.swap(true, Ordering::Relaxed) {
