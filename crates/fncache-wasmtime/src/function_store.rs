@@ -48,7 +48,7 @@ pub struct FunctionStore {
     /// The values served from the store or compiled since [`FunctionStore::take_kept`] last
     /// took them, for the pack of the compile that asked (see [`crate::pack`]). Values served
     /// from [`FunctionStore::pack`] are not kept: that pack has them.
-    kept: Mutex<HashMap<Key, Arc<[u8]>>>,
+    kept: Mutex<HashMap<Key, Vec<u8>>>,
     /// Whether values are kept: only between [`FunctionStore::keep_values`] and
     /// [`FunctionStore::take_kept`], so that an engine that never takes them keeps nothing.
     keeping: std::sync::atomic::AtomicBool,
@@ -136,7 +136,7 @@ impl FunctionStore {
     }
 
     /// The values kept since [`FunctionStore::keep_values`], by key; keeping stops.
-    pub fn take_kept(&self) -> HashMap<Key, Arc<[u8]>> {
+    pub fn take_kept(&self) -> HashMap<Key, Vec<u8>> {
         self.keeping.store(false, Ordering::Relaxed);
         std::mem::take(&mut *self.kept.lock().unwrap())
     }
@@ -159,7 +159,8 @@ impl FunctionStore {
         Some(value)
     }
 
-    fn keep(&self, key: &[u8], value: &[u8]) {
+    /// Keeps `value` (a copy of it only if keeping) for the pack.
+    fn keep(&self, key: &[u8], value: impl Into<Vec<u8>>) {
         if !self.keeping.load(Ordering::Relaxed) {
             return;
         }
@@ -192,7 +193,7 @@ impl CacheStore for FunctionStore {
             None => {
                 let value = self.cache.get(&self.namespace, key);
                 if let Some(value) = &value {
-                    self.keep(key, value);
+                    self.keep(key, &value[..]);
                 }
                 value
             }
@@ -231,7 +232,7 @@ impl CacheStore for FunctionStore {
         self.inserted_bytes
             .fetch_add(value.len() as u64, Ordering::Relaxed);
         self.cache.insert(&self.namespace, key, &value);
-        self.keep(key, &value);
+        self.keep(key, value); // moved, not copied
         true
     }
 }

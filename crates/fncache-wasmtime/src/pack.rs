@@ -24,7 +24,6 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use fncache::store::Origin;
 use fncache::{Cache, Namespace, Value};
@@ -168,7 +167,7 @@ pub fn store(
     namespace: &Namespace,
     binary_digest: &[u8; 32],
     keys: &[Key],
-    kept: &HashMap<Key, Arc<[u8]>>,
+    kept: &HashMap<Key, Vec<u8>>,
     earlier: Option<&Pack>,
 ) {
     if cache.store().is_read_only() {
