@@ -32,7 +32,8 @@ pub struct Global {
     /// Cache functions only, not whole modules
     #[arg(long, global = true)]
     pub no_module_level: bool,
-    /// Do not read ahead the entries the last compile of the same program used (for measuring)
+    /// Do not read ahead the entries the last compile of the same program used, nor serve from
+    /// its pack (for measuring)
     #[arg(long, global = true)]
     pub no_prefetch: bool,
     /// When the cache predicts it can serve too little of a module to pay for the function

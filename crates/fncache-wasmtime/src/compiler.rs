@@ -271,9 +271,10 @@ impl Compiler {
         self
     }
 
-    /// Whether a compile reads ahead, in one batch, the entries the earlier compile it most
-    /// resembles used (default: on; see [`crate::manifest`]). Off, manifests are still left
-    /// for others; for measuring.
+    /// Whether a compile is served from the pack of the earlier compile it most resembles and
+    /// reads ahead, in batches, the entries that pack lacks (default: on; see
+    /// [`crate::manifest`] and [`crate::pack`]). Off, manifests and packs are still left for
+    /// others; for measuring.
     pub fn prefetch(mut self, enabled: bool) -> Compiler {
         self.prefetch = enabled;
         self
