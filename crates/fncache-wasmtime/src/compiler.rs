@@ -665,7 +665,9 @@ impl Compiler {
             started.elapsed().as_secs_f64() * 1000.0
         );
         store.take_looked_up(); // what earlier compiles of this engine asked is theirs
-        store.keep_values(); // for this compile's pack
+        if !store.cache().store().is_read_only() {
+            store.keep_values(); // for this compile's pack
+        }
         store.serve_from(None);
         let manifests = Manifests {
             cache: store.cache(),
