@@ -915,12 +915,15 @@ impl ReadAhead {
         abstract_callees: bool,
     ) -> (ReadAheadDone, Option<std::thread::JoinHandle<()>>) {
         let mut report = self.prefetch.take().map(|p| p.finish()).unwrap_or_default();
-        let (Some(store), true) = (store, compiled) else {
+        let Some(store) = store else {
             return (self.done(report), None);
         };
         let (kept, earlier_pack) = (store.take_kept(), store.pack());
         store.serve_from(None);
         let keys = first_occurrences(store.take_looked_up());
+        if !compiled {
+            return (self.done(report), None); // a failed compile leaves nothing
+        }
         if let Some(pack) = &earlier_pack {
             let used = keys.iter().filter(|key| pack.contains(key)).count() as u64;
             report.read += self.packed;
