@@ -838,7 +838,8 @@ fn tagged(tag: &[u8; 8], bytes: &[u8]) -> Vec<u8> {
     tagged_digest(tag, blake3::hash(bytes).as_bytes())
 }
 
-fn tagged_digest(tag: &[u8; 8], digest: &[u8; 32]) -> Vec<u8> {
+/// `tag ‖ digest`; every bookkeeping key is one (packs use it too, with tags of their own).
+pub(crate) fn tagged_digest(tag: &[u8; 8], digest: &[u8; 32]) -> Vec<u8> {
     let mut key = tag.to_vec();
     key.extend_from_slice(digest);
     key

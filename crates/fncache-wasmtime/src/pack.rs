@@ -28,12 +28,14 @@ use std::collections::HashMap;
 use fncache::store::Origin;
 use fncache::{Cache, Namespace, Value};
 
-use crate::manifest::FUNCTION_KEY_LEN;
+use crate::manifest::{tagged_digest, FUNCTION_KEY_LEN};
 
 const MAGIC: &[u8; 4] = b"FNPK";
 const VERSION: u8 = 1;
 const HEADER_LEN: usize = 12;
 const INDEX_ENTRY_LEN: usize = FUNCTION_KEY_LEN + 4;
+/// Tags distinct from the manifest's (`manifest`, `name`, `sketch`): 40-byte keys, never a
+/// Cranelift key (32 bytes) and never another kind of bookkeeping.
 const PACK_TAG: &[u8; 8] = b"pack\0\0\0\0";
 /// `"packof\0\0" ‖ BLAKE3(binary)`: the digest of the binary whose pack holds this one's
 /// values, for a compile that was served most of them from that pack and wrote none.
@@ -65,7 +67,8 @@ impl Pack {
     /// The pack that holds the values of the compile of the binary with `binary_digest`,
     /// verified, if any: its own, or the one it points at.
     pub fn load(cache: &Cache, namespace: &Namespace, binary_digest: &[u8; 32]) -> Option<Pack> {
-        let pointer = cache.get_bookkeeping_value(namespace, &tagged(POINTER_TAG, binary_digest));
+        let pointer =
+            cache.get_bookkeeping_value(namespace, &tagged_digest(POINTER_TAG, binary_digest));
         let owner = match pointer {
             Some((owner, _)) => <[u8; 32]>::try_from(&owner[..]).ok()?,
             None => *binary_digest,
@@ -178,7 +181,7 @@ pub fn store(
         log::debug!("{served} of {} values were in the earlier pack", keys.len());
         if served as f64 >= REUSE_MIN_SHARE * keys.len() as f64 {
             if earlier.owner != *binary_digest {
-                let pointer = tagged(POINTER_TAG, binary_digest);
+                let pointer = tagged_digest(POINTER_TAG, binary_digest);
                 cache.insert_bookkeeping(namespace, &pointer, &earlier.owner);
             }
             return;
@@ -221,14 +224,7 @@ pub fn store(
 /// The key of the pack the compile of the binary with `binary_digest` wrote, in its engine's
 /// namespace.
 pub fn key(binary_digest: &[u8; 32]) -> Vec<u8> {
-    tagged(PACK_TAG, binary_digest)
-}
-
-/// `tag ‖ digest`: 40 bytes, never a Cranelift key (32) and never another tag's.
-fn tagged(tag: &[u8; 8], binary_digest: &[u8; 32]) -> Vec<u8> {
-    let mut key = tag.to_vec();
-    key.extend_from_slice(binary_digest);
-    key
+    tagged_digest(PACK_TAG, binary_digest)
 }
 
 #[cfg(test)]
