@@ -144,19 +144,34 @@ impl Pack {
 
 /// Encodes `values` (key and value, in the order they are to be kept) as a pack.
 pub fn encode(values: &[(Key, impl AsRef<[u8]>)]) -> Vec<u8> {
+    let mut out = vec![0; encoded_len(values)];
+    encode_into(values, &mut out);
+    out
+}
+
+/// The length of [`encode`]'s output.
+fn encoded_len(values: &[(Key, impl AsRef<[u8]>)]) -> usize {
     let total: usize = values.iter().map(|(_, value)| value.as_ref().len()).sum();
-    let mut out = Vec::with_capacity(HEADER_LEN + values.len() * INDEX_ENTRY_LEN + total);
-    out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&[VERSION, 0, 0, 0]);
-    out.extend_from_slice(&(values.len() as u32).to_le_bytes());
+    HEADER_LEN + values.len() * INDEX_ENTRY_LEN + total
+}
+
+/// [`encode`] into `out`, exactly [`encoded_len`] bytes long.
+fn encode_into(values: &[(Key, impl AsRef<[u8]>)], out: &mut [u8]) {
+    let mut at = 0;
+    let mut put = |bytes: &[u8]| {
+        out[at..at + bytes.len()].copy_from_slice(bytes);
+        at += bytes.len();
+    };
+    put(MAGIC);
+    put(&[VERSION, 0, 0, 0]);
+    put(&(values.len() as u32).to_le_bytes());
     for (key, value) in values {
-        out.extend_from_slice(key);
-        out.extend_from_slice(&(value.as_ref().len() as u32).to_le_bytes());
+        put(key);
+        put(&(value.as_ref().len() as u32).to_le_bytes());
     }
     for (_, value) in values {
-        out.extend_from_slice(value.as_ref());
+        put(value.as_ref());
     }
-    out
 }
 
 /// Stores the values of `keys` as the pack of the binary with `binary_digest`, or, when at
@@ -210,14 +225,14 @@ pub fn store(
         return;
     }
     let started = std::time::Instant::now();
-    let encoded = encode(&values);
-    let encoding = started.elapsed();
-    cache.insert_bookkeeping(namespace, &key(binary_digest), &encoded);
+    let len = encoded_len(&values);
+    cache.insert_bookkeeping_in_place(namespace, &key(binary_digest), len, |out| {
+        encode_into(&values, out)
+    });
     log::debug!(
-        "pack of {} values, {total} bytes: encoded in {:.1} ms, authenticated and queued in {:.1} ms",
+        "pack of {} values, {total} bytes: encoded, authenticated and queued in {:.1} ms",
         values.len(),
-        encoding.as_secs_f64() * 1e3,
-        (started.elapsed() - encoding).as_secs_f64() * 1e3
+        started.elapsed().as_secs_f64() * 1e3
     );
 }
 

@@ -376,12 +376,41 @@ impl Cache {
         self.store_entry(namespace, key, value, false);
     }
 
+    /// [`Cache::insert_bookkeeping`] of a value of `len` bytes that `write` lays out in place
+    /// (see [`entry::encode_shared_in_place`]): for a large value built from many pieces, which
+    /// is then copied once rather than twice.
+    pub fn insert_bookkeeping_in_place(
+        &self,
+        namespace: &Namespace,
+        key: &[u8],
+        len: usize,
+        write: impl FnOnce(&mut [u8]),
+    ) {
+        if self.inner.store.is_read_only() {
+            return;
+        }
+        let secret = self.inner.secret.as_ref();
+        let encoded = entry::encode_shared_in_place(len, write, self.inner.compression, secret);
+        self.put_encoded(namespace, key, encoded, false);
+    }
+
     fn store_entry(&self, namespace: &Namespace, key: &[u8], value: &[u8], count: bool) {
         if self.inner.store.is_read_only() {
             return;
         }
         let secret = self.inner.secret.as_ref();
-        let (encoded, digest) = entry::encode_shared(value, self.inner.compression, secret);
+        let encoded = entry::encode_shared(value, self.inner.compression, secret);
+        self.put_encoded(namespace, key, encoded, count);
+    }
+
+    fn put_encoded(
+        &self,
+        namespace: &Namespace,
+        key: &[u8],
+        (encoded, digest): (Arc<[u8]>, Digest),
+        count: bool,
+    ) {
+        let secret = self.inner.secret.as_ref();
         let session = &self.inner.session;
         if count {
             session.inserts.fetch_add(1, Ordering::Relaxed);

@@ -103,6 +103,30 @@ pub fn encode_shared(
     (unsafe { entry.assume_init() }, digest)
 }
 
+/// [`encode_shared`] of a payload of `len` bytes that `write` lays out in place, straight into
+/// the shared buffer: the payload is written once, where building it and then encoding it
+/// copies it twice (a compile's pack: 39 MB for esbuild, 29 ms for the first copy). With
+/// compression the payload is built first and compressed, as [`encode_shared`] does.
+pub fn encode_shared_in_place(
+    len: usize,
+    write: impl FnOnce(&mut [u8]),
+    compression: Compression,
+    secret: Option<&Secret>,
+) -> (Arc<[u8]>, Digest) {
+    if !matches!(compression, Compression::None) {
+        let mut payload = vec![0; len];
+        write(&mut payload);
+        return encode_shared(&payload, compression, secret);
+    }
+    // SAFETY: zeroed bytes are valid `u8`s.
+    let mut entry = unsafe { Arc::<[u8]>::new_zeroed_slice(HEADER_LEN + len).assume_init() };
+    let slots = Arc::get_mut(&mut entry).expect("a new Arc is not shared");
+    write(&mut slots[HEADER_LEN..]);
+    let (header, _, digest) = prepare(&slots[HEADER_LEN..], Compression::None, secret);
+    slots[..HEADER_LEN].copy_from_slice(&header);
+    (entry, digest)
+}
+
 /// An entry's header, its compressed body if compression pays, and the payload's digest.
 fn prepare(
     payload: &[u8],
@@ -264,8 +288,9 @@ mod tests {
         (0..5000u32).flat_map(|i| (i % 251).to_le_bytes()).collect()
     }
 
-    /// The shared encoding is byte for byte the plain one, below and above the size from which
-    /// the MAC is computed on all cores, compressed or not, keyed or not; and it decodes.
+    /// The shared encoding, and the one laid out in place, are byte for byte the plain one,
+    /// below and above the size from which the MAC is computed on all cores, compressed or
+    /// not, keyed or not; and they decode.
     #[test]
     fn the_shared_encoding_is_the_plain_one() {
         let secret = Secret::from_bytes([7; 32]);
@@ -284,6 +309,11 @@ mod tests {
                     let (shared, shared_digest) = encode_shared(&payload, compression, secret);
                     assert_eq!(&plain[..], &shared[..], "{len} bytes");
                     assert_eq!(digest, shared_digest);
+                    let write = |out: &mut [u8]| out.copy_from_slice(&payload);
+                    let (in_place, in_place_digest) =
+                        encode_shared_in_place(len, write, compression, secret);
+                    assert_eq!(&plain[..], &in_place[..], "{len} bytes, in place");
+                    assert_eq!(digest, in_place_digest);
                     assert_eq!(
                         decode_with(&shared, Some(&digest), secret).unwrap(),
                         payload
