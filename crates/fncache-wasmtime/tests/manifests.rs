@@ -360,6 +360,32 @@ fn a_compile_served_from_a_pack_points_at_it_and_one_that_drifted_writes_its_own
 }
 
 #[test]
+fn a_pointer_to_an_evicted_pack_degrades_to_reading_key_by_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let (old, edited, again) = (module(60, None), module(60, Some(9)), module(60, Some(11)));
+    fill(dir.path(), &old, Some("app"));
+    fill(dir.path(), &edited, Some("app")); // points at the original's pack
+    remove_entries(dir.path(), &[pack_key(dir.path(), &old)]);
+    assert!(
+        pack_of(dir.path(), &edited).is_none(),
+        "the pointer leads nowhere"
+    );
+
+    let compiler = compiler(dir.path());
+    let (code, report) = compiler.precompile_named(&again, "app").unwrap();
+    assert_eq!(code, uncached(&again));
+    // Served by the function entries, read ahead from the manifest.
+    assert!(report.prefetched >= 60, "{report:?}");
+    assert!(report.hits * 10 >= report.lookups() * 8, "{report:?}");
+    let session = compiler.cache().unwrap().session_counters();
+    assert_eq!(session.rejected, 0, "{session:?}");
+    drop(compiler);
+    // That compile took nothing from a pack: it wrote its own.
+    let pack = pack_of(dir.path(), &again).expect("a pack of its own");
+    assert_eq!(pack.owner(), blake3::hash(&again).as_bytes());
+}
+
+#[test]
 fn the_adaptive_compile_gives_the_same_code_and_fills_the_function_level_for_the_next_edit() {
     let dir = tempfile::tempdir().unwrap();
     let (old, new) = (module(60, None), module(60, Some(4)));
