@@ -142,20 +142,13 @@ impl Pack {
     }
 }
 
-/// Encodes `values` (key and value, in the order they are to be kept) as a pack.
-pub fn encode(values: &[(Key, impl AsRef<[u8]>)]) -> Vec<u8> {
-    let mut out = vec![0; encoded_len(values)];
-    encode_into(values, &mut out);
-    out
-}
-
-/// The length of [`encode`]'s output.
+/// The length of a pack of `values` (key and value, in the order they are to be kept).
 fn encoded_len(values: &[(Key, impl AsRef<[u8]>)]) -> usize {
     let total: usize = values.iter().map(|(_, value)| value.as_ref().len()).sum();
     HEADER_LEN + values.len() * INDEX_ENTRY_LEN + total
 }
 
-/// [`encode`] into `out`, exactly [`encoded_len`] bytes long.
+/// Lays out the pack of `values` in `out`, exactly [`encoded_len`] bytes long.
 fn encode_into(values: &[(Key, impl AsRef<[u8]>)], out: &mut [u8]) {
     let mut at = 0;
     let mut put = |bytes: &[u8]| {
@@ -245,6 +238,12 @@ pub fn key(binary_digest: &[u8; 32]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn encode(values: &[(Key, impl AsRef<[u8]>)]) -> Vec<u8> {
+        let mut out = vec![0; encoded_len(values)];
+        encode_into(values, &mut out);
+        out
+    }
 
     fn decoded(bytes: Vec<u8>) -> Option<Pack> {
         Pack::decode([7; 32], Origin::Local, Value::Owned(bytes))

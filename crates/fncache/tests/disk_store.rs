@@ -754,27 +754,31 @@ fn a_commit_past_the_budget_cuts_the_log_before_any_flush() {
     }
     wait_until_copied_into_the_database(dir.path(), 300);
     // The last cut copies the keys into the database, then cuts the log: wait for both.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while log_of(dir.path()).len() as u64 > fncache::store::disk::LOG_BUDGET {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the log was not cut: {} bytes",
-            log_of(dir.path()).len()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_until(
+        || log_of(dir.path()).len() as u64 <= fncache::store::disk::LOG_BUDGET,
+        || format!("the log was not cut: {} bytes", log_of(dir.path()).len()),
+    );
 }
 
 /// Waits (30 s at most) until `keys` keys are in the database file itself, not only its log.
 fn wait_until_copied_into_the_database(dir: &std::path::Path, keys: i64) {
+    wait_until(
+        || keys_without_the_log(dir) >= keys,
+        || {
+            format!(
+                "not committed and copied into the database: {} keys, {} bytes of log",
+                keys_without_the_log(dir),
+                log_of(dir).len()
+            )
+        },
+    );
+}
+
+/// Polls `done` every 20 ms until it holds; fails with `why()` after 30 s.
+fn wait_until(done: impl Fn() -> bool, why: impl Fn() -> String) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while keys_without_the_log(dir) < keys {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "not committed and copied into the database: {} keys, {} bytes of log",
-            keys_without_the_log(dir),
-            log_of(dir).len()
-        );
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "{}", why());
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
