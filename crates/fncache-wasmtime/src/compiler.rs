@@ -586,9 +586,12 @@ impl Compiler {
         if let Some(bodies) = fill_bodies {
             self.fill_later(kind, binary, name, bodies, *digest);
         }
-        if let (Some(store), Some(key)) = (&self.functions, key) {
-            // The functions' entries are committed while the module is serialized.
+        if let Some(store) = &self.functions {
+            // The compile has ended: its functions' entries are committed while the module is
+            // serialized.
             store.cache().commit_soon();
+        }
+        if let (Some(store), Some(key)) = (&self.functions, key) {
             self.store_whole(store, key, precompiled, compiled.serializer());
         }
         let after = self.counters();

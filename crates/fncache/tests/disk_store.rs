@@ -390,19 +390,48 @@ fn two_handles_on_one_directory_see_each_others_writes() {
     assert!(second.store().usage().unwrap().entries == 1);
 }
 
+/// The first compile into a cache this process made looks up only the keys it put: nothing
+/// else was there when it started, and what another process stores meanwhile is seen once the
+/// compile ends (`commit_soon`), never a wrong value, at worst a hit lost.
+#[test]
+fn a_new_caches_first_compile_reads_only_what_it_put_until_it_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let ours = open(dir.path(), 1 << 30);
+    ours.insert(&namespace(), b"ours", &value(1, 1000));
+    wait_until(
+        || dir.path().join("fncache.db").exists(),
+        || "the new cache's database was not made".into(),
+    );
+    let theirs = open(dir.path(), 1 << 30);
+    theirs.insert(&namespace(), b"theirs", &value(2, 1000));
+    theirs.flush().unwrap();
+    // Committed, so no longer held in memory: still read from the database.
+    wait_until(
+        || theirs.get(&namespace(), b"ours").is_some(),
+        || "our key was never committed".into(),
+    );
+    assert_eq!(ours.get(&namespace(), b"ours"), Some(value(1, 1000)));
+    assert_eq!(ours.get(&namespace(), b"theirs"), None, "looked for");
+    ours.commit_soon(); // the compile has ended
+    assert_eq!(ours.get(&namespace(), b"theirs"), Some(value(2, 1000)));
+    assert_eq!(ours.session_counters().rejected, 0);
+}
+
 #[test]
 fn entries_written_without_the_key_are_rejected_and_counted() {
     let dir = tempfile::tempdir().unwrap();
     let store = || Arc::new(DiskStore::open(dir.path(), 1 << 30, false).unwrap());
-    let ours = Cache::with_store(
-        store(),
-        &CacheConfig::new().secret(Secret::from_bytes([1; 32])),
-    );
+    // Theirs makes the cache: the first compile into a cache it made would not look for
+    // what others planted, and ours is to read it.
     let theirs = Cache::with_store(
         store(),
         &CacheConfig::new().secret(Secret::from_bytes([2; 32])),
     );
     let unkeyed = Cache::with_store(store(), &CacheConfig::new());
+    let ours = Cache::with_store(
+        store(),
+        &CacheConfig::new().secret(Secret::from_bytes([1; 32])),
+    );
     theirs.insert(&namespace(), b"planted", &value(3, 1000));
     unkeyed.insert(&namespace(), b"unkeyed", &value(4, 1000));
     theirs.flush().unwrap();

@@ -33,8 +33,10 @@
 //!
 //! The parts: [`schema`] (the tables, opening, migration and the checks before opening),
 //! [`writer`] (the writer thread and its group commit, eviction and vacuum), [`sql`] (the
-//! statements a transaction runs) and [`value_files`] (large values as files of their own).
+//! statements a transaction runs), [`value_files`] (large values as files of their own) and
+//! [`new_cache`] (a new cache's first compile looks up only what it stored).
 
+mod new_cache;
 pub mod parked_counters;
 mod schema;
 mod sql;
@@ -53,6 +55,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
 
+use self::new_cache::{NewCache, NEW_CACHE_WINDOW};
 use self::schema::{
     check_layout, check_schema_version, configure_sqlite, immutable_uri, index_read_only_uri,
     keep_log_on_close, open_flags, open_writer, open_writer_replacing_older,
@@ -132,6 +135,8 @@ pub struct DiskStore {
     /// A new cache's database is being made by the writer: until then there is nothing to
     /// read, and lookups miss without waiting for it.
     creating: Arc<AtomicBool>,
+    /// A database this handle made holds only what it put, until its first compile ends.
+    new_cache: Arc<NewCache>,
 }
 
 /// What the writer thread starts with.
@@ -144,6 +149,8 @@ struct WriterStart {
     pending: Pending,
     /// Set while the database is to be made first (a new cache), cleared once it is.
     creating: Option<Arc<AtomicBool>>,
+    /// Closed by the writer if the database it opens was not made by it.
+    new_cache: Arc<NewCache>,
 }
 
 impl std::fmt::Debug for DiskStore {
@@ -230,6 +237,7 @@ impl DiskStore {
             writer_start: Mutex::new(None),
             unsent: Mutex::new(Counters::default()),
             creating: Arc::new(AtomicBool::new(false)),
+            new_cache: Arc::default(),
         };
         if !read_only && !db_path.exists() {
             return store.made_by_the_writer(options);
@@ -242,7 +250,7 @@ impl DiskStore {
             let (conn, clock, entries) = match store.settled(options) {
                 Some((clock, entries)) => (None, clock, entries),
                 None => {
-                    let conn = open_writer_replacing_older(dir, &db_path, options)?;
+                    let (conn, _) = open_writer_replacing_older(dir, &db_path, options)?;
                     let (clock, entries) =
                         use_clock(&conn).map_err(|cause| store.db_error(cause))?;
                     (Some(conn), clock, entries)
@@ -259,6 +267,7 @@ impl DiskStore {
                 touch_floor,
                 pending,
                 creating: None,
+                new_cache: store.new_cache.clone(),
             });
         }
         // Open one reader now so that a cache that cannot be read fails here, not mid-compile.
@@ -283,10 +292,12 @@ impl DiskStore {
     /// A new cache: its database is made on the writer's thread, started now, while the caller
     /// goes on (making it takes 2.5-3 ms, most of it an `fsync`, which the first compile into
     /// a new cache waited for). Meanwhile lookups miss, as they would in the new database, and
-    /// other reads wait for it. A database that cannot be made costs the writer's one warning
+    /// other reads wait for it. Until the first compile ends, lookups then read only the keys
+    /// this handle put ([`new_cache`]), unless the writer finds a database another process made. A database that cannot be made costs the writer's one warning
     /// and every write, as a failed commit does.
     fn made_by_the_writer(mut self, options: &DiskOptions) -> Result<DiskStore, StoreError> {
         self.creating.store(true, Ordering::Release);
+        self.new_cache = Arc::new(NewCache::open_until(Instant::now() + NEW_CACHE_WINDOW));
         self.touch_floor.store(0, Ordering::Relaxed); // a new cache: nothing is old yet
         *self.writer_start.lock() = Some(WriterStart {
             conn: None,
@@ -294,6 +305,7 @@ impl DiskStore {
             touch_floor: self.touch_floor.clone(),
             pending: self.pending.clone(),
             creating: Some(self.creating.clone()),
+            new_cache: self.new_cache.clone(),
         });
         self.writer()?;
         self.max_bytes = options
@@ -469,6 +481,7 @@ impl DiskStore {
             touch_floor,
             pending,
             creating,
+            new_cache,
         } = start;
         let queue = Arc::new(Queue::default());
         let writer_queue = queue.clone();
@@ -478,7 +491,14 @@ impl DiskStore {
             .spawn(move || {
                 let opened = match (conn, &creating) {
                     (Some(conn), _) => Ok(conn),
-                    (None, Some(_)) => open_writer_replacing_older(&dir, &db_path, &options),
+                    (None, Some(_)) => {
+                        open_writer_replacing_older(&dir, &db_path, &options).map(|(conn, made)| {
+                            if !made {
+                                new_cache.close(); // another process's, or an older one's
+                            }
+                            conn
+                        })
+                    }
                     (None, None) => open_writer(&db_path, &options),
                 };
                 let conn = match opened {
@@ -647,7 +667,9 @@ impl Store for DiskStore {
                 StoredEntry::Whole(entry.clone()),
             )));
         }
-        if self.nothing_to_read_yet() {
+        // The window is looked at once the writer has the database: it closes the window
+        // first if another process made it.
+        if self.nothing_to_read_yet() || self.new_cache.surely_absent(key) {
             return Ok(None);
         }
         let row = self.with_reader(|conn| read_row(conn, key))?;
@@ -726,6 +748,7 @@ impl Store for DiskStore {
         if self.read_only {
             return Ok(());
         }
+        self.new_cache.put(key);
         self.pending
             .lock()
             .insert(key, (digest, link, entry.clone()));
@@ -765,6 +788,7 @@ impl Store for DiskStore {
     }
 
     fn flush(&self) -> Result<(), StoreError> {
+        self.new_cache.close();
         // Nothing was written but counters: no writer to start and wait for.
         if self.writer.get().is_none() && (self.read_only || self.park_unsent()) {
             return Ok(());
@@ -787,6 +811,7 @@ impl Store for DiskStore {
     /// the log past its budget then: the cut's checkpoint and two `fsync`s (5-8 ms after a
     /// sql.js edit) overlap the module's serialization instead of holding the last flush.
     fn commit_soon(&self) {
+        self.new_cache.close(); // the first compile has ended
         if self.writer.get().is_some() {
             let _ = self.send(Op::CommitSoon);
         }

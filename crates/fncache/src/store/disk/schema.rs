@@ -118,30 +118,32 @@ pub(super) fn check_schema_version(db_path: &Path, version: i64) -> Result<(), S
 /// [`open_writer`], except that a cache written by an older fncache, which holds nothing this
 /// one can use (the entry format and the fingerprint changed with it), is started afresh rather
 /// than leave the user without a cache. A newer schema is left alone (a newer fncache may be
-/// using it) and refused. A new cache's database is made whole first ([`create_database`]).
+/// using it) and refused. A new cache's database is made whole first ([`create_database`]);
+/// the flag says whether this call made it (not another process, nor an earlier fncache).
 pub(super) fn open_writer_replacing_older(
     dir: &Path,
     db_path: &Path,
     options: &DiskOptions,
-) -> Result<Connection, StoreError> {
-    create_database_if_missing(dir, db_path, options);
+) -> Result<(Connection, bool), StoreError> {
+    let made = create_database_if_missing(dir, db_path, options);
     match open_writer(db_path, options) {
         // Looked into only when the schema is not this one's: one connection in the usual case.
         Err(StoreError::Incompatible { .. }) if replace_older_schema(dir, db_path)? => {
-            create_database_if_missing(dir, db_path, options);
-            open_writer(db_path, options)
+            let made = create_database_if_missing(dir, db_path, options);
+            open_writer(db_path, options).map(|conn| (conn, made))
         }
-        result => result,
+        result => result.map(|conn| (conn, made)),
     }
 }
 
-fn create_database_if_missing(dir: &Path, db_path: &Path, options: &DiskOptions) {
+/// Makes the database if there is none; `true` if this call made it.
+fn create_database_if_missing(dir: &Path, db_path: &Path, options: &DiskOptions) -> bool {
     let missing = || {
         matches!(fs::symlink_metadata(db_path),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound)
     };
     if !missing() {
-        return;
+        return false;
     }
     // The log stays between processes, so a database removed by hand, or half removed by a
     // crash, leaves its log behind, and SQLite would replay the old pages into the new file.
@@ -149,7 +151,7 @@ fn create_database_if_missing(dir: &Path, db_path: &Path, options: &DiskOptions)
     // database takes, so that it is never the log of a database another one just made.
     let lock = lock_directory(dir);
     if !missing() {
-        return;
+        return false;
     }
     if lock.is_some() {
         for path in [log_path(db_path), index_path(db_path)] {
@@ -162,9 +164,13 @@ fn create_database_if_missing(dir: &Path, db_path: &Path, options: &DiskOptions)
     } else {
         log::debug!("the cache directory stayed locked; a log left without its database stays");
     }
-    if let Err(error) = create_database(dir, db_path, options) {
-        // `open_writer` makes it in place instead, as it always did: slower, not wrong.
-        log::debug!("cannot make the new cache database aside ({error}); making it in place");
+    match create_database(dir, db_path, options) {
+        Ok(made) => made,
+        Err(error) => {
+            // `open_writer` makes it in place instead, as it always did: slower, not wrong.
+            log::debug!("cannot make the new cache database aside ({error}); making it in place");
+            false
+        }
     }
 }
 
@@ -193,7 +199,7 @@ fn lock_directory(dir: &Path) -> Option<fs::File> {
 /// of a first compile. Nothing half made is ever at `db_path`: a crash leaves at most a file
 /// under the temporary name. If another process linked its own first, this one's is dropped
 /// and theirs used.
-fn create_database(dir: &Path, db_path: &Path, options: &DiskOptions) -> rusqlite::Result<()> {
+fn create_database(dir: &Path, db_path: &Path, options: &DiskOptions) -> rusqlite::Result<bool> {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos());
@@ -230,8 +236,9 @@ fn create_database(dir: &Path, db_path: &Path, options: &DiskOptions) -> rusqlit
             .and_then(|file| file.sync_all())
             .map_err(io)?;
         match fs::hard_link(&aside, db_path) {
-            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => Err(io(e)),
-            _ => Ok(()),
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(io(e)),
         }
     })();
     for path in [log_path(&aside), index_path(&aside), aside] {
