@@ -2,8 +2,8 @@
 //!
 //! A process that makes the cache's database knows what is in it: nothing but what it put.
 //! Until its first compile ends, a lookup of any other key misses at once instead of searching
-//! the database: sql.js into an empty cache makes 2,551 lookups, 2,000 of them misses, and the
-//! queries cost 3% of that compile end to end (docs/performance.md, fourteenth run), each one
+//! the database: sql.js into an empty cache makes 2,551 lookups, 2,034 of them misses, and the
+//! queries cost 2-3% of that compile end to end (docs/performance.md, fourteenth run), each one
 //! a read transaction (two `fcntl` locks, the log's index checked, pages read again after
 //! every commit of the writer) for an answer known in advance.
 //!
