@@ -293,8 +293,9 @@ impl DiskStore {
     /// goes on (making it takes 2.5-3 ms, most of it an `fsync`, which the first compile into
     /// a new cache waited for). Meanwhile lookups miss, as they would in the new database, and
     /// other reads wait for it. Until the first compile ends, lookups then read only the keys
-    /// this handle put ([`new_cache`]), unless the writer finds a database another process made. A database that cannot be made costs the writer's one warning
-    /// and every write, as a failed commit does.
+    /// this handle put ([`new_cache`]), unless the writer finds a database another process
+    /// made. A database that cannot be made costs the writer's one warning and every write, as
+    /// a failed commit does.
     fn made_by_the_writer(mut self, options: &DiskOptions) -> Result<DiskStore, StoreError> {
         self.creating.store(true, Ordering::Release);
         self.new_cache = Arc::new(NewCache::open_until(Instant::now() + NEW_CACHE_WINDOW));

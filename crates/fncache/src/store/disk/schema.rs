@@ -552,3 +552,22 @@ pub(super) fn open_writer(db_path: &Path, options: &DiskOptions) -> Result<Conne
     tx.commit().map_err(err)?;
     Ok(conn)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The new cache's lookup window ([`super::new_cache`]) stays open only for the handle
+    /// that made the database: this flag.
+    #[test]
+    fn only_the_open_that_makes_the_database_says_it_made_it() {
+        configure_sqlite();
+        let dir = tempfile::tempdir().unwrap();
+        let db_path = dir.path().join(DB_FILE);
+        let options = DiskOptions::default();
+        let (_, made) = open_writer_replacing_older(dir.path(), &db_path, &options).unwrap();
+        assert!(made, "the first open made the database");
+        let (_, made) = open_writer_replacing_older(dir.path(), &db_path, &options).unwrap();
+        assert!(!made, "the second found it");
+    }
+}
