@@ -56,6 +56,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     if let Some(probe) = cli.probe {
+        fncache_bench::probe::log_warnings();
         let probe: fncache_bench::probe::Probe =
             serde_json::from_str(&probe).context("not a benchmark probe")?;
         println!("{}", serde_json::to_string(&probe.run()?)?);

@@ -69,10 +69,13 @@ fn bench_measures_every_configuration_and_the_family() {
         rows["edit-const/fncache"]["hit_rate"].as_f64().unwrap() > 0.8,
         "{rows}"
     );
-    // The previous release has 40 of these 41 functions.
+    // The previous release has 40 of these 41 functions. (Once in CI, 28 of 45 lookups hit
+    // here while every other row of the run hit 44; not reproduced since, in 100 runs with
+    // and without load. The probes' warnings go with the rows, should it happen again.)
     assert!(
         rows["previous-release/fncache"]["hits"].as_u64().unwrap() >= 35,
-        "{rows}"
+        "{rows}\n{}",
+        String::from_utf8_lossy(&out.stderr)
     );
     // Not applicable to a module without imports or globals: left out, not faked.
     assert!(rows.get("add-import/fncache").is_none());

@@ -293,6 +293,17 @@ pub fn run_probe(command: &[OsString], probe: &Probe) -> Result<Sample> {
             String::from_utf8_lossy(&output.stderr).trim()
         );
     }
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    if !stderr.trim().is_empty() {
+        let kind = serde_json::to_value(probe).ok();
+        let kind = kind
+            .as_ref()
+            .and_then(|v| v["probe"].as_str())
+            .unwrap_or("?");
+        for line in stderr.lines() {
+            eprintln!("fncache-bench: probe {kind}: {line}");
+        }
+    }
     serde_json::from_slice(&output.stdout).context("the probe printed no sample")
 }
 
