@@ -16,6 +16,7 @@
 //! entries for longer than that.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -27,8 +28,11 @@ pub const NEW_CACHE_WINDOW: Duration = Duration::from_secs(10);
 
 /// The keys put into a database this process made, while that is all the database can hold
 /// that is worth a query.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(super) struct NewCache {
+    /// Set once the window is closed (or was never open), so that the lookups of every later
+    /// compile pass without taking the lock.
+    closed: AtomicBool,
     open: Mutex<Option<OpenWindow>>,
 }
 
@@ -38,10 +42,21 @@ struct OpenWindow {
     put: HashSet<KeyId>,
 }
 
+impl Default for NewCache {
+    /// No window: every lookup reads the database.
+    fn default() -> NewCache {
+        NewCache {
+            closed: AtomicBool::new(true),
+            open: Mutex::new(None),
+        }
+    }
+}
+
 impl NewCache {
     /// A window open until `until`.
     pub(super) fn open_until(until: Instant) -> NewCache {
         NewCache {
+            closed: AtomicBool::new(false),
             open: Mutex::new(Some(OpenWindow {
                 until,
                 put: HashSet::new(),
@@ -51,6 +66,9 @@ impl NewCache {
 
     /// Records a key put, before it can leave the values not yet committed.
     pub(super) fn put(&self, key: KeyId) {
+        if self.closed.load(Ordering::Acquire) {
+            return;
+        }
         if let Some(window) = &mut *self.open.lock() {
             window.put.insert(key);
         }
@@ -59,11 +77,15 @@ impl NewCache {
     /// Whether `key` can be answered as a miss without reading the database: the window is
     /// open and this process never put it.
     pub(super) fn surely_absent(&self, key: &KeyId) -> bool {
+        if self.closed.load(Ordering::Acquire) {
+            return false;
+        }
         let mut open = self.open.lock();
         match &*open {
             Some(window) if Instant::now() < window.until => !window.put.contains(key),
             Some(_) => {
                 *open = None;
+                self.closed.store(true, Ordering::Release);
                 false
             }
             None => false,
@@ -72,6 +94,9 @@ impl NewCache {
 
     /// Closes the window: from now on every lookup reads the database.
     pub(super) fn close(&self) {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
         *self.open.lock() = None;
     }
 }
