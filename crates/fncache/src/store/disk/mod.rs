@@ -147,10 +147,9 @@ struct WriterStart {
     options: DiskOptions,
     touch_floor: Arc<std::sync::atomic::AtomicI64>,
     pending: Pending,
-    /// Set while the database is to be made first (a new cache), cleared once it is.
-    creating: Option<Arc<AtomicBool>>,
-    /// Closed by the writer if the database it opens was not made by it.
-    new_cache: Arc<NewCache>,
+    /// For a new cache: the flag set while its database is to be made, cleared once it is,
+    /// and the lookup window, closed if the database the writer opens was not made by it.
+    creating: Option<(Arc<AtomicBool>, Arc<NewCache>)>,
 }
 
 impl std::fmt::Debug for DiskStore {
@@ -267,7 +266,6 @@ impl DiskStore {
                 touch_floor,
                 pending,
                 creating: None,
-                new_cache: store.new_cache.clone(),
             });
         }
         // Open one reader now so that a cache that cannot be read fails here, not mid-compile.
@@ -305,8 +303,7 @@ impl DiskStore {
             options: *options,
             touch_floor: self.touch_floor.clone(),
             pending: self.pending.clone(),
-            creating: Some(self.creating.clone()),
-            new_cache: self.new_cache.clone(),
+            creating: Some((self.creating.clone(), self.new_cache.clone())),
         });
         self.writer()?;
         self.max_bytes = options
@@ -482,7 +479,6 @@ impl DiskStore {
             touch_floor,
             pending,
             creating,
-            new_cache,
         } = start;
         let queue = Arc::new(Queue::default());
         let writer_queue = queue.clone();
@@ -492,10 +488,10 @@ impl DiskStore {
             .spawn(move || {
                 let opened = match (conn, &creating) {
                     (Some(conn), _) => Ok(conn),
-                    (None, Some(_)) => {
+                    (None, Some((_, window))) => {
                         open_writer_replacing_older(&dir, &db_path, &options).map(|(conn, made)| {
                             if !made {
-                                new_cache.close(); // another process's, or an older one's
+                                window.close(); // another process's, or an older one's
                             }
                             conn
                         })
@@ -507,7 +503,7 @@ impl DiskStore {
                     // Lookups of a database never made go on missing (`creating` stays set).
                     Err(error) => return writer::refuse_all(&writer_queue, &pending, &error),
                 };
-                if let Some(creating) = creating {
+                if let Some((creating, _)) = creating {
                     creating.store(false, Ordering::Release);
                 }
                 let state = WriterState {
