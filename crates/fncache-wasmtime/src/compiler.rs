@@ -22,6 +22,7 @@ use fncache::{Cache, Kind, Namespace, Value};
 use wasmtime::component::Component;
 use wasmtime::{Config, Engine, Module};
 
+use crate::fill_input;
 use crate::fingerprint::engine_fingerprint;
 use crate::function_store::{enable, enable_with_cross_check, FunctionCounters, FunctionStore};
 use crate::key_variants;
@@ -798,7 +799,14 @@ impl Compiler {
             functions.cache().clone(),
             *functions.namespace(),
         );
-        let (binary, name) = (binary.to_vec(), name.map(str::to_string));
+        // A copy of its own, made before the caller has its module; the data's bytes, which
+        // no function's code depends on, are zeroed rather than copied (see `fill_input`).
+        let binary = match kind {
+            WasmKind::Module => fill_input::with_data_zeroed(binary),
+            WasmKind::Component => None,
+        }
+        .unwrap_or_else(|| binary.to_vec());
+        let name = name.map(str::to_string);
         let fill = std::thread::Builder::new()
             .name("fncache-fill".into())
             .spawn(move || {

@@ -4,6 +4,7 @@
 //!   versions or two code-changing settings sharing one cache never read each other's entries.
 //! - [`function_store`]: the [`wasmtime::CacheStore`] adapter Cranelift's incremental cache
 //!   calls, once per function and trampoline, from many threads at once.
+//! - `fill_input`: the binary the adaptive compile's fill compiles, its data bytes zeroed.
 //! - `key_variants`: after a fill, the other keys Cranelift gives the same functions when the
 //!   compile before them hit, learned by replaying the fill.
 //! - [`manifest`]: what each compile looked up, so that the next compile of the same program
@@ -23,6 +24,7 @@
 
 pub mod compiler;
 pub mod explain;
+mod fill_input;
 pub mod fingerprint;
 pub mod function_store;
 mod key_variants;

@@ -782,3 +782,63 @@ fn after_a_fill_a_compile_that_hits_asks_only_keys_the_cache_has() {
     assert_eq!(report.hits, report.lookups(), "{report:?}");
     assert_eq!(report.inserts, 0, "{report:?}");
 }
+
+/// The fill compiles the binary with its data segments' bytes zeroed when they are all active
+/// (`fill_input`), and whole otherwise; either way it must store the keys a compile of the
+/// original asks. Both modules are cases that emptied segments got wrong: `memory.init` is
+/// compiled with where a passive segment lies, and the sparse image of the active one makes
+/// Wasmtime add a start-up function compiled with the segments' lengths.
+#[test]
+fn a_fill_from_a_binary_without_its_data_stores_the_keys_of_the_original() {
+    let functions = |body: &dyn Fn(usize) -> String| {
+        (0..30)
+            .map(|i| {
+                format!(
+                    "(func (export \"f{i}\") (param $at i32) (result i32) {})\n",
+                    body(i)
+                )
+            })
+            .collect::<String>()
+    };
+    let active = format!(
+        "(module (memory 4) (data (i32.const 64) \"{}\") (data (i32.const 200000) \"{}\") {})",
+        "parse table ".repeat(6000),
+        "more ".repeat(100),
+        functions(&|i| format!("(i32.add (i32.load offset={i} (local.get $at)) (i32.const {i}))")),
+    );
+    let passive = format!(
+        "(module (memory 1) (data (i32.const 64) \"{}\") (data \"{}\") {} (func (export \"drop\") (data.drop 1)))",
+        "parse table ".repeat(6000),
+        "passive ".repeat(300),
+        functions(&|i| format!(
+            "(memory.init 1 (local.get $at) (i32.const {i}) (i32.const 8)) (i32.load (local.get $at))"
+        )),
+    );
+    let serial = || {
+        let mut config = Config::new();
+        config.parallel_compilation(false); // the same keys from run to run
+        config
+    };
+    for wat in [active, passive] {
+        let wasm = wat::parse_str(&wat).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let first = Compiler::new(serial(), Some(open(dir.path())))
+            .unwrap()
+            .module_level(false)
+            .adaptive(true)
+            .adaptive_min_code_bytes(0);
+        let (_, report) = first.precompile(&wasm).unwrap();
+        assert!(report.deferred_fill, "{report:?}");
+        first.wait_for_fill();
+        first.cache().unwrap().flush().unwrap();
+        drop(first);
+
+        let again = Compiler::new(serial(), Some(open(dir.path())))
+            .unwrap()
+            .module_level(false);
+        let (code, report) = again.precompile(&wasm).unwrap();
+        assert_eq!(code, uncached(&wasm));
+        assert!(report.lookups() > 30, "{report:?}");
+        assert_eq!(report.hits, report.lookups(), "{report:?}");
+    }
+}
