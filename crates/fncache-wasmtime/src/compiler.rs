@@ -649,7 +649,11 @@ impl Compiler {
         }
         let (store, key) = (store.clone(), key.to_vec());
         let write = move || {
-            let mut insert = |bytes: &[u8]| store.cache().insert(store.namespace(), &key, bytes);
+            // Written straight from the bytes into the module's value file (on disk): no entry
+            // is built in memory for it.
+            let mut insert = |bytes: &[u8]| {
+                store.cache().insert_large(store.namespace(), &key, bytes);
+            };
             match precompiled {
                 Some(precompiled) => insert(&precompiled),
                 None => serializer(&mut insert),

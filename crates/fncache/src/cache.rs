@@ -371,6 +371,41 @@ impl Cache {
         self.store_entry(namespace, key, value, true);
     }
 
+    /// [`Cache::insert`] for a large value (a whole module): where the store keeps large values
+    /// in files of their own (the disk store, uncompressed, not shared by several users), the
+    /// file is written here, straight from `value`, and no entry is built in memory; `true`
+    /// then. Otherwise it is stored as `insert` stores it, and `false`. A whole module is
+    /// megabytes, and a process waits for it to be stored before it exits.
+    pub fn insert_large(&self, namespace: &Namespace, key: &[u8], value: &[u8]) -> bool {
+        let store = &self.inner.store;
+        if store.is_read_only() || !matches!(self.inner.compression, Compression::None) {
+            self.insert(namespace, key, value);
+            return false;
+        }
+        let secret = self.inner.secret.as_ref();
+        let (header, digest) = entry::header_of(value, secret);
+        let key_id = KeyId::new(namespace, key);
+        let link = Link::new(secret, &key_id, &digest);
+        match store.put_in_file(key_id, link, digest, Arc::from(&header[..]), value) {
+            Ok(true) => {
+                let session = &self.inner.session;
+                session.inserts.fetch_add(1, Ordering::Relaxed);
+                session
+                    .bytes_written
+                    .fetch_add((header.len() + value.len()) as u64, Ordering::Relaxed);
+                true
+            }
+            Ok(false) => {
+                self.insert(namespace, key, value);
+                false
+            }
+            Err(error) => {
+                self.warn_once(&error);
+                false
+            }
+        }
+    }
+
     /// [`Cache::insert`] for the cache's own bookkeeping: not one of the `inserts`.
     pub fn insert_bookkeeping(&self, namespace: &Namespace, key: &[u8], value: &[u8]) {
         self.store_entry(namespace, key, value, false);

@@ -85,6 +85,14 @@ pub fn encode_with(
     (entry, digest)
 }
 
+/// The header of the uncompressed entry of `payload`, and the payload's digest: for a store
+/// that keeps the body where it is (a value file written straight from the payload), so that
+/// the entry is never built in memory.
+pub fn header_of(payload: &[u8], secret: Option<&Secret>) -> ([u8; HEADER_LEN], Digest) {
+    let (header, _, digest) = prepare(payload, Compression::None, secret);
+    (header, digest)
+}
+
 /// [`encode_with`], straight into the shared buffer a store takes: one copy of the payload
 /// where `encode_with(..).0.into()` makes two. A whole module is megabytes, and this is on the
 /// way to the flush a process waits for.
@@ -139,7 +147,13 @@ fn prepare(
         Compression::Zstd(level) => compress(payload, level)
             .ok()
             // Incompressible values are stored as they are: no decompression on the read path.
-            .filter(|body| body.len() < payload.len()),
+            // So are values that compress past what a reader accepts (`MAX_EXPANSION`): stored
+            // compressed, they were refused on every read, compiled and stored again (a
+            // 300 kB run of zeros compresses to 30 bytes).
+            .filter(|body| {
+                body.len() < payload.len()
+                    && payload.len() as u64 <= (body.len() as u64).saturating_mul(MAX_EXPANSION)
+            }),
     };
     let (codec, body_len) = match &compressed {
         Some(body) => (CODEC_ZSTD, body.len()),
@@ -351,6 +365,35 @@ mod tests {
             let (entry, digest) = encode(&sample(), compression);
             assert_eq!(decode(&entry, Some(&digest)).unwrap(), sample());
         }
+    }
+
+    /// A value that compresses past `MAX_EXPANSION` is stored uncompressed, so that it reads
+    /// back: compressed, the reader refused it every time.
+    #[test]
+    fn a_value_that_compresses_past_what_a_reader_accepts_is_stored_plain_and_reads_back() {
+        let zeros = vec![0u8; 300_000];
+        let (entry, digest) = encode(&zeros, Compression::Zstd(3));
+        assert_eq!(entry.len(), HEADER_LEN + zeros.len(), "stored uncompressed");
+        assert!(decode(&entry, Some(&digest)).unwrap() == zeros);
+        // Within the bound, it is still compressed, and reads back.
+        let mut state = 0x9e37_79b9_u32;
+        let mostly_zeros: Vec<u8> = (0..300_000u32)
+            .map(|i| {
+                state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                if i % 16 == 0 {
+                    (state >> 24) as u8
+                } else {
+                    0
+                }
+            })
+            .collect();
+        let (entry, digest) = encode(&mostly_zeros, Compression::Zstd(3));
+        assert!(
+            entry.len() < HEADER_LEN + mostly_zeros.len() / 2,
+            "{}",
+            entry.len()
+        );
+        assert!(decode(&entry, Some(&digest)).unwrap() == mostly_zeros);
     }
 
     #[test]

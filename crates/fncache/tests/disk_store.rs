@@ -537,6 +537,93 @@ fn large_values_live_in_files_and_come_back_mapped() {
     assert_eq!(cache.verify().unwrap().rejected, 0);
 }
 
+/// `insert_large` (a finished module) writes the value's file on the caller's thread, straight
+/// from the bytes: it is served mapped before the writer has committed its row, and after, from
+/// a new handle, accounted as an ordinary insert is.
+#[test]
+fn a_large_value_is_written_straight_to_its_file_and_served_before_its_row_is_committed() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = open(dir.path(), 1 << 30);
+    assert!(cache.insert_large(&namespace(), b"big", &value(7, LARGE)));
+    let files = value_files(dir.path());
+    assert_eq!(files.len(), 1, "written before any flush: {files:?}");
+    assert_eq!(std::fs::metadata(&files[0]).unwrap().len(), LARGE as u64);
+    let big = cache.get_value(&namespace(), b"big").unwrap();
+    assert!(big.file().is_some(), "served mapped from its file");
+    assert_eq!(&*big, value(7, LARGE).as_slice());
+    // Small values go the usual way.
+    assert!(!cache.insert_large(&namespace(), b"small", &value(8, 100)));
+    assert_eq!(cache.get(&namespace(), b"small"), Some(value(8, 100)));
+    cache.flush().unwrap();
+    assert_eq!(cache.session_counters().inserts, 2);
+    let stats = cache.stats().unwrap();
+    drop((big, cache));
+
+    let reopened = open(dir.path(), 1 << 30);
+    let big = reopened.get_value(&namespace(), b"big").unwrap();
+    assert!(big.file().is_some());
+    assert_eq!(&*big, value(7, LARGE).as_slice());
+    assert_eq!(reopened.verify().unwrap().rejected, 0);
+    assert_eq!(value_files(dir.path()).len(), 1);
+
+    // The same two values inserted the usual way are accounted the same.
+    let usual = tempfile::tempdir().unwrap();
+    let cache = open(usual.path(), 1 << 30);
+    cache.insert(&namespace(), b"big", &value(7, LARGE));
+    cache.insert(&namespace(), b"small", &value(8, 100));
+    cache.flush().unwrap();
+    let usual_stats = cache.stats().unwrap();
+    assert_eq!(
+        (stats.entries, stats.bytes),
+        (usual_stats.entries, usual_stats.bytes)
+    );
+}
+
+/// Where values are not kept in files written from the caller's bytes, `insert_large` stores
+/// as `insert` does: compressed, or read-only (nothing).
+#[test]
+fn insert_large_stores_as_insert_does_where_it_cannot_write_the_file_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let compressed = Cache::open(
+        &CacheConfig::new()
+            .directory(dir.path())
+            .compression(Compression::Zstd(3)),
+    )
+    .unwrap();
+    // Compresses about 8 times, well within what a reader accepts.
+    let mut state = 0x9e37_79b9_u32;
+    let sparse: Vec<u8> = (0..LARGE)
+        .map(|i| {
+            state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            if i % 16 == 0 {
+                (state >> 24) as u8
+            } else {
+                0
+            }
+        })
+        .collect();
+    assert!(!compressed.insert_large(&namespace(), b"sparse", &sparse));
+    compressed.flush().unwrap();
+    assert!(compressed.get(&namespace(), b"sparse") == Some(sparse));
+    assert!(
+        value_files(dir.path()).is_empty(),
+        "compressed into the database"
+    );
+    drop(compressed);
+
+    let read_only = Cache::open(
+        &CacheConfig::new()
+            .directory(dir.path())
+            .compression(Compression::None)
+            .read_only(true),
+    )
+    .unwrap();
+    assert!(!read_only.insert_large(&namespace(), b"big", &value(7, LARGE)));
+    read_only.flush().unwrap();
+    assert_eq!(read_only.get(&namespace(), b"big"), None);
+    assert!(value_files(dir.path()).is_empty());
+}
+
 #[test]
 fn a_damaged_value_file_is_rejected_and_stored_again() {
     let dir = tempfile::tempdir().unwrap();

@@ -158,6 +158,21 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         entry: Arc<[u8]>,
     ) -> Result<(), StoreError>;
 
+    /// Stores the entry made of `header` and `body` as [`Store::put`] does, writing `body` into
+    /// a file of its own straight from where it lies, with no copy of the entry in memory;
+    /// `false` if this store does not keep values so (the caller then puts the entry whole).
+    /// Default: `false`.
+    fn put_in_file(
+        &self,
+        _key: KeyId,
+        _link: Link,
+        _digest: Digest,
+        _header: Arc<[u8]>,
+        _body: &[u8],
+    ) -> Result<bool, StoreError> {
+        Ok(false)
+    }
+
     /// Copies what a slower tier `found` under `key`, verified by the cache, into the faster
     /// tiers. Default: nothing (a store of one tier).
     fn fill(&self, _key: KeyId, _found: &Found) {}

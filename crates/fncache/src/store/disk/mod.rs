@@ -61,7 +61,7 @@ use self::schema::{
     keep_log_on_close, open_flags, open_writer, open_writer_replacing_older,
 };
 use self::sql::GET_SQL;
-use self::value_files::MappedFile;
+use self::value_files::{MappedFile, FILE_THRESHOLD};
 use self::writer::{Op, Pending, Queue, Writer, WriterState};
 use super::{Eviction, Found, Store, StoreError, StoredEntry, Usage};
 use crate::key::{Digest, KeyId, Link};
@@ -472,6 +472,26 @@ impl DiskStore {
         queue.push(Op::Record(unsent))
     }
 
+    /// Hands `entry` to the writer, serving it from memory until it is committed.
+    fn queue_put(
+        &self,
+        key: KeyId,
+        link: Link,
+        digest: Digest,
+        entry: StoredEntry,
+    ) -> Result<(), StoreError> {
+        self.new_cache.put(key);
+        self.pending
+            .lock()
+            .insert(key, (digest, link, entry.clone()));
+        self.send(Op::Put {
+            key,
+            link,
+            digest,
+            entry,
+        })
+    }
+
     fn spawn_writer(&self, start: WriterStart) -> Writer {
         let WriterStart {
             conn,
@@ -658,11 +678,7 @@ impl Drop for DiskStore {
 impl Store for DiskStore {
     fn get(&self, key: &KeyId) -> Result<Option<Found>, StoreError> {
         if let Some((digest, link, entry)) = self.pending.lock().get(key) {
-            return Ok(Some(Found::local(
-                *digest,
-                *link,
-                StoredEntry::Whole(entry.clone()),
-            )));
+            return Ok(Some(Found::local(*digest, *link, entry.clone())));
         }
         // The window is looked at once the writer has the database: it closes the window
         // first if another process made it.
@@ -684,10 +700,9 @@ impl Store for DiskStore {
             let pending = self.pending.lock();
             for key in keys {
                 match pending.get(key) {
-                    Some((digest, link, entry)) => unwritten.push((
-                        *key,
-                        Found::local(*digest, *link, StoredEntry::Whole(entry.clone())),
-                    )),
+                    Some((digest, link, entry)) => {
+                        unwritten.push((*key, Found::local(*digest, *link, entry.clone())))
+                    }
                     None => to_read.push(*key),
                 }
             }
@@ -745,16 +760,35 @@ impl Store for DiskStore {
         if self.read_only {
             return Ok(());
         }
-        self.new_cache.put(key);
-        self.pending
-            .lock()
-            .insert(key, (digest, link, entry.clone()));
-        self.send(Op::Put {
-            key,
-            link,
-            digest,
-            entry,
-        })
+        self.queue_put(key, link, digest, StoredEntry::Whole(entry))
+    }
+
+    /// Writes the value file here, on the caller's thread, straight from `body`; the writer
+    /// then writes only the row. Until it has, lookups are served from the file, mapped. Not
+    /// in a shared cache, whose files are read by copying them (see [`MappedFile`]).
+    fn put_in_file(
+        &self,
+        key: KeyId,
+        link: Link,
+        digest: Digest,
+        header: Arc<[u8]>,
+        body: &[u8],
+    ) -> Result<bool, StoreError> {
+        if self.read_only || self.shared || header.len() + body.len() < FILE_THRESHOLD {
+            return Ok(false);
+        }
+        let written = value_files::write(&self.dir, &digest, body, self.shared)
+            .and_then(|()| MappedFile::open(&self.dir, &digest, self.shared));
+        let body = match written {
+            Ok(body) => Arc::new(body),
+            Err(error) => {
+                // Put whole instead: the writer tries the file again, and warns if it fails.
+                log::debug!("cannot write a value file here ({error}); leaving it to the writer");
+                return Ok(false);
+            }
+        };
+        self.queue_put(key, link, digest, StoredEntry::Split { header, body })?;
+        Ok(true)
     }
 
     fn remove_key(&self, key: &KeyId) -> Result<(), StoreError> {

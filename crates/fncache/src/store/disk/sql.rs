@@ -9,10 +9,9 @@ use rusqlite::{params, OptionalExtension, Transaction};
 
 use super::value_files::{self, FILE_THRESHOLD};
 use super::{DB_FILE, LOW_WATER_PERCENT};
-use crate::entry::HEADER_LEN;
 use crate::key::{Digest, KeyId, Link};
 use crate::stats::Counters;
-use crate::store::{Eviction, KEY_OVERHEAD, VALUE_OVERHEAD};
+use crate::store::{Eviction, StoredEntry, KEY_OVERHEAD, VALUE_OVERHEAD};
 
 /// A lookup: one search in the randomly keyed `entries`, one in `blob_data`, whose ids grow
 /// with every insert.
@@ -127,7 +126,7 @@ pub(super) struct NewEntry<'a> {
     pub(super) key: &'a KeyId,
     pub(super) link: &'a Link,
     pub(super) digest: &'a Digest,
-    pub(super) entry: &'a [u8],
+    pub(super) entry: &'a StoredEntry,
 }
 
 /// Stores `new`, replacing what its key held; returns the accounted bytes added and the rows
@@ -145,17 +144,18 @@ pub(super) fn put(
         digest,
         entry,
     } = new;
-    let in_file = entry.len() >= FILE_THRESHOLD;
+    let (header, body) = entry.parts();
+    let len = header.len() + body.len();
+    let in_file = len >= FILE_THRESHOLD;
     if in_file {
         // Before the row, so that a committed row always has its file (a file without a row
-        // is an orphan that `gc` sweeps); rewritten if it went missing since.
-        value_files::write(values.dir, digest, &entry[HEADER_LEN..], values.shared).map_err(
-            |e| {
-                rusqlite::Error::ToSqlConversionFailure(
-                    format!("cannot write the value file: {e}").into(),
-                )
-            },
-        )?;
+        // is an orphan that `gc` sweeps); rewritten if it went missing since. (A value put
+        // `in_file` has it already, written by the caller.)
+        value_files::write(values.dir, digest, body, values.shared).map_err(|e| {
+            rusqlite::Error::ToSqlConversionFailure(
+                format!("cannot write the value file: {e}").into(),
+            )
+        })?;
     }
     let current: Option<(Vec<u8>, Vec<u8>)> = tx
         .prepare_cached("SELECT digest, link FROM entries WHERE key = ?1")?
@@ -178,7 +178,15 @@ pub(super) fn put(
         }
         None => {}
     }
-    let stored = if in_file { &entry[..HEADER_LEN] } else { entry };
+    let whole;
+    let stored = match entry {
+        _ if in_file => header,
+        StoredEntry::Whole(entry) => &entry[..],
+        StoredEntry::Split { .. } => {
+            whole = [header, body].concat();
+            &whole[..]
+        }
+    };
     tx.prepare_cached("INSERT INTO blob_data (data) VALUES (?1)")?
         .execute([stored])?;
     let data_id = tx.last_insert_rowid();
@@ -191,11 +199,11 @@ pub(super) fn put(
         link.as_bytes(),
         digest.as_bytes(),
         data_id,
-        entry.len() as i64,
+        len as i64,
         clock,
         in_file
     ])?;
-    added += accounted(entry.len() as i64);
+    added += accounted(len as i64);
     Ok((added, rows))
 }
 

@@ -23,9 +23,9 @@ use super::{parked_counters, value_files};
 use super::{BUSY_TIMEOUT, MIN_EVICTIONS_PER_COMMIT};
 use crate::key::{Digest, KeyId, Link};
 use crate::stats::Counters;
-use crate::store::{Eviction, StoreError};
+use crate::store::{Eviction, StoreError, StoredEntry};
 
-pub(super) type Pending = Arc<Mutex<HashMap<KeyId, (Digest, Link, Arc<[u8]>)>>>;
+pub(super) type Pending = Arc<Mutex<HashMap<KeyId, (Digest, Link, StoredEntry)>>>;
 
 pub(super) struct Writer {
     pub(super) queue: Arc<Queue>,
@@ -39,7 +39,7 @@ pub(super) enum Op {
         key: KeyId,
         link: Link,
         digest: Digest,
-        entry: Arc<[u8]>,
+        entry: StoredEntry,
     },
     Touch(KeyId),
     RemoveKey(KeyId),
@@ -749,7 +749,7 @@ mod tests {
         let queue = Arc::new(Queue::default());
         let pending: Pending = Arc::default();
         let (key, digest) = (KeyId(Digest::of(b"key")), Digest::of(b"entry"));
-        let entry: Arc<[u8]> = Arc::from(&b"entry"[..]);
+        let entry = StoredEntry::Whole(Arc::from(&b"entry"[..]));
         let link = Link(Digest::of(b"link"));
         pending.lock().insert(key, (digest, link, entry.clone()));
         let thread = {
