@@ -562,14 +562,26 @@ impl Compiler {
                 .validate_all(binary)
                 .context("not a valid component")?;
         }
+        // The fill starts once the module has been handed to the store: it takes a core only
+        // when nothing else wants it, and it allocates, which slowed storing the module.
+        let (module_stored, wait_for_module) = std::sync::mpsc::channel::<()>();
+        let mut module_stored = Some(module_stored);
         // A binary that fails to compile stores nothing whole (the error returns here).
         let compiled = match deferred {
-            // Compiled by another engine: loaded into this one from its precompiled form.
+            // Compiled by another engine: loaded into this one from its precompiled form, which
+            // is stored meanwhile (each copies megabytes; the compile has left a core idle).
             Some(plain) => precompile(plain, kind, binary).and_then(|precompiled| {
-                let loaded = T::load(&self.engine, &precompiled)?;
-                Ok((loaded, Some(precompiled)))
+                let precompiled = Arc::new(precompiled);
+                if let (Some(store), Some(key), Some(stored)) =
+                    (&self.functions, key, module_stored.take())
+                {
+                    let bytes = precompiled.clone();
+                    let write: Serializer = Box::new(move |write| write(&bytes));
+                    self.store_whole(store, key, write, stored);
+                }
+                T::load(&self.engine, &precompiled)
             }),
-            None => T::build(&self.engine, kind, binary).map(|built| (built, None)),
+            None => T::build(&self.engine, kind, binary),
         };
         let fill_bodies = deferred.map(|_| read_ahead.bodies.clone());
         let manifest_store = self.functions.clone().filter(|_| deferred.is_none());
@@ -583,10 +595,7 @@ impl Compiler {
         if let Some(manifest) = manifest {
             self.background_writes.lock().unwrap().push(manifest);
         }
-        let (compiled, precompiled) = compiled?;
-        // The fill starts once the module has been handed to the store: it takes a core only
-        // when nothing else wants it, and it allocates, which slowed storing the module.
-        let (module_stored, wait_for_module) = std::sync::mpsc::channel::<()>();
+        let compiled = compiled?;
         if let Some(bodies) = fill_bodies {
             self.fill_later(kind, binary, name, bodies, *digest, wait_for_module);
         }
@@ -595,14 +604,8 @@ impl Compiler {
             // serialized.
             store.cache().commit_soon();
         }
-        if let (Some(store), Some(key)) = (&self.functions, key) {
-            self.store_whole(
-                store,
-                key,
-                precompiled,
-                compiled.serializer(),
-                module_stored,
-            );
+        if let (Some(store), Some(key), Some(stored)) = (&self.functions, key, module_stored) {
+            self.store_whole(store, key, compiled.serializer(), stored);
         }
         let after = self.counters();
         let lookups = after.lookups - before.lookups;
@@ -640,7 +643,6 @@ impl Compiler {
         &self,
         store: &Arc<FunctionStore>,
         key: &[u8],
-        precompiled: Option<Vec<u8>>,
         serializer: Serializer,
         stored: std::sync::mpsc::Sender<()>,
     ) {
@@ -654,10 +656,7 @@ impl Compiler {
             let mut insert = |bytes: &[u8]| {
                 store.cache().insert_large(store.namespace(), &key, bytes);
             };
-            match precompiled {
-                Some(precompiled) => insert(&precompiled),
-                None => serializer(&mut insert),
-            }
+            serializer(&mut insert);
             drop(stored);
         };
         if let Some(thread) = spawn_or_run("fncache-store", write) {

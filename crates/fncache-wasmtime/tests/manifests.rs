@@ -842,3 +842,26 @@ fn a_fill_from_a_binary_without_its_data_stores_the_keys_of_the_original() {
         assert_eq!(report.hits, report.lookups(), "{report:?}");
     }
 }
+
+/// An adaptive compile stores the module whole while it loads it: the next process is served
+/// at the module level, byte for byte what a cold compile makes.
+#[test]
+fn an_adaptive_compile_stores_its_module_for_the_next_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = module(40, None);
+    let first = Compiler::new(Config::new(), Some(open(dir.path())))
+        .unwrap()
+        .adaptive(true)
+        .adaptive_min_code_bytes(0);
+    let (module, report) = first.compile(&wasm).unwrap();
+    assert!(report.deferred_fill, "{report:?}");
+    assert_eq!(module.serialize().unwrap(), uncached(&wasm));
+    drop(module);
+    first.cache().unwrap().flush().unwrap();
+    drop(first);
+
+    let next = Compiler::new(Config::new(), Some(open(dir.path()))).unwrap();
+    let (code, report) = next.precompile(&wasm).unwrap();
+    assert_eq!(report.level, fncache_wasmtime::Level::Module, "{report:?}");
+    assert_eq!(code, uncached(&wasm));
+}
