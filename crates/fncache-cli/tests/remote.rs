@@ -187,6 +187,59 @@ fn two_machines_share_modules_and_functions_through_redis() {
     );
 }
 
+/// How many `GET`s Redis has answered since its statistics were last reset.
+fn gets(redis: &Redis) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut redis.connection().unwrap())
+        .unwrap();
+    info.lines()
+        .find_map(|line| line.strip_prefix("cmdstat_get:calls="))
+        .map_or(0, |rest| rest.split(',').next().unwrap().parse().unwrap())
+}
+
+/// A new machine whose compile is served from a pack the fleet supplied looks for what the pack
+/// lacks on its own disk, not with a round trip to Redis per key.
+#[test]
+#[ignore = "needs redis-server"]
+fn a_compile_served_from_the_fleets_pack_asks_redis_nothing_per_missing_key() {
+    let redis = Redis::start(&[]);
+    let env = Env::new();
+    let module = env.file("app.wat", generated_module(301, 3));
+    let out = env.dir.path().join("out.cwasm");
+    compile(
+        &env,
+        &machine(&env, "a"),
+        &redis,
+        &module,
+        &out,
+        &["--no-module-level"],
+    );
+
+    // The next version: the same 301 functions and 40 new ones, on a new machine.
+    let module = env.file("app.wat", generated_module(341, 3));
+    let expected = reference(&env, &module);
+    redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query::<()>(&mut redis.connection().unwrap())
+        .unwrap();
+    let (report, stderr) = compile(
+        &env,
+        &machine(&env, "b"),
+        &redis,
+        &module,
+        &out,
+        &["--no-module-level"],
+    );
+    assert_eq!(std::fs::read(&out).unwrap(), expected);
+    assert_eq!(report["prefetch_source"], "name", "{report} {stderr}");
+    let misses = n(&report, "lookups") - n(&report, "hits");
+    assert!(misses >= 40, "{report}");
+    assert!(n(&report, "hits") >= 301, "served from the pack: {report}");
+    let asked = gets(&redis);
+    assert!(asked < 10, "{asked} GETs for {misses} misses: {report}");
+}
+
 #[test]
 #[ignore = "needs redis-server"]
 fn a_dead_redis_costs_a_warning_and_sharing_resumes_when_it_returns() {

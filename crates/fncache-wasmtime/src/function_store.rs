@@ -16,6 +16,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
+use fncache::store::Origin;
 use fncache::{Cache, Kind, Namespace};
 use wasmtime::{CacheStore, Config, Engine};
 
@@ -159,6 +160,13 @@ impl FunctionStore {
         Some(value)
     }
 
+    /// Whether this compile is served from a pack that the remote tier supplied.
+    fn serving_a_remote_pack(&self) -> bool {
+        let pack = self.pack.read().unwrap();
+        pack.as_ref()
+            .is_some_and(|pack| pack.origin() == Origin::Remote)
+    }
+
     /// Keeps `value` (a copy of it only if keeping) for the pack.
     fn keep(&self, key: &[u8], value: impl Into<Vec<u8>>) {
         if !self.keeping.load(Ordering::Relaxed) {
@@ -191,7 +199,16 @@ impl CacheStore for FunctionStore {
         let value = match self.served_by_pack(key) {
             Some(value) => Some(value),
             None => {
-                let value = self.cache.get(&self.namespace, key);
+                let value = if self.serving_a_remote_pack() {
+                    // Not asked of the fleet: a key the pack lacks is a function this compile
+                    // changed, or another of the keys upstream gives a function depending on
+                    // how the compile threads interleave, which the fleet seldom has. Asked
+                    // one by one, they were a round trip each on a compile thread (sql.js warm
+                    // from Redis: 132-197 of them, 17-31 ms; docs/performance.md).
+                    self.cache.get_local(&self.namespace, key)
+                } else {
+                    self.cache.get(&self.namespace, key)
+                };
                 if let Some(value) = &value {
                     self.keep(key, &value[..]);
                 }

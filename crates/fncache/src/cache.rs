@@ -236,6 +236,14 @@ impl Cache {
         self.lookup(namespace, key, false, true)
     }
 
+    /// [`Cache::get`] from this machine's stores only: a remote tier (Redis) is not asked.
+    /// For a key that would cost a round trip and that the fleet is not expected to have;
+    /// what is found is verified and counted as `get` does.
+    pub fn get_local(&self, namespace: &Namespace, key: &[u8]) -> Option<Vec<u8>> {
+        self.lookup_in(namespace, key, true, true, Tiers::Local)
+            .map(|(value, _)| value.into_vec())
+    }
+
     fn lookup(&self, namespace: &Namespace, key: &[u8], copy: bool, count: bool) -> Option<Value> {
         self.lookup_with_origin(namespace, key, copy, count)
             .map(|(value, _)| value)
@@ -248,11 +256,23 @@ impl Cache {
         copy: bool,
         count: bool,
     ) -> Option<(Value, Origin)> {
+        self.lookup_in(namespace, key, copy, count, Tiers::All)
+    }
+
+    fn lookup_in(
+        &self,
+        namespace: &Namespace,
+        key: &[u8],
+        copy: bool,
+        count: bool,
+        tiers: Tiers,
+    ) -> Option<(Value, Origin)> {
         let session = &self.inner.session;
         let key = KeyId::new(namespace, key);
-        let found = match self.take_prefetched(&key) {
-            Some(found) => Ok(Some(found)),
-            None => self.inner.store.get(&key),
+        let found = match (self.take_prefetched(&key), tiers) {
+            (Some(found), _) => Ok(Some(found)),
+            (None, Tiers::All) => self.inner.store.get(&key),
+            (None, Tiers::Local) => self.inner.store.get_local(&key),
         };
         let found = match found {
             Ok(found) => found,
@@ -582,6 +602,14 @@ impl Cache {
             log::warn!("the compilation cache is not working ({error}); compiling without it");
         }
     }
+}
+
+/// Which of the store's tiers a lookup asks.
+#[derive(Clone, Copy)]
+enum Tiers {
+    All,
+    /// This machine's only: not a remote tier.
+    Local,
 }
 
 /// Why a found entry was not served.

@@ -246,6 +246,21 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn location(&self) -> String;
 
     fn is_read_only(&self) -> bool;
+
+    /// Whether this store is shared by a fleet over the network (Redis): a lookup in it is a
+    /// round trip. Default: `false`.
+    fn is_remote(&self) -> bool {
+        false
+    }
+
+    /// [`Store::get`] from the stores on this machine only, skipping any [`Store::is_remote`]
+    /// tier. Default: `get`, or nothing for a remote store.
+    fn get_local(&self, key: &KeyId) -> Result<Option<Found>, StoreError> {
+        if self.is_remote() {
+            return Ok(None);
+        }
+        self.get(key)
+    }
 }
 
 impl StoreError {

@@ -104,4 +104,8 @@ impl Store for ReadOnlyStore {
     fn is_read_only(&self) -> bool {
         true
     }
+
+    fn is_remote(&self) -> bool {
+        self.inner.is_remote()
+    }
 }

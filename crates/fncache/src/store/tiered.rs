@@ -35,13 +35,19 @@ impl TieredStore {
     fn record_tier(&self) -> &Arc<dyn Store> {
         &self.tiers[self.of_record]
     }
-}
 
-impl Store for TieredStore {
-    fn get(&self, key: &KeyId) -> Result<Option<Found>, StoreError> {
+    /// The first of the tiers `asked` picks that has `key`, fastest first.
+    fn get_from(
+        &self,
+        key: &KeyId,
+        asked: impl Fn(&Arc<dyn Store>) -> bool,
+    ) -> Result<Option<Found>, StoreError> {
         // An error in one tier is the cache's to report, but a slower tier may still serve.
         let mut first_error = None;
         for (index, tier) in self.tiers.iter().enumerate() {
+            if !asked(tier) {
+                continue;
+            }
             match tier.get(key) {
                 Ok(Some(found)) => {
                     return Ok(Some(Found {
@@ -56,6 +62,20 @@ impl Store for TieredStore {
             }
         }
         first_error.map_or(Ok(None), Err)
+    }
+}
+
+impl Store for TieredStore {
+    fn get(&self, key: &KeyId) -> Result<Option<Found>, StoreError> {
+        self.get_from(key, |_| true)
+    }
+
+    fn get_local(&self, key: &KeyId) -> Result<Option<Found>, StoreError> {
+        self.get_from(key, |tier| !tier.is_remote())
+    }
+
+    fn is_remote(&self) -> bool {
+        self.tiers.iter().all(|tier| tier.is_remote())
     }
 
     /// Each tier is asked, in one batch, for the keys the faster ones did not have.

@@ -539,6 +539,10 @@ impl Store for RedisStore {
     fn is_read_only(&self) -> bool {
         false // a read-only remote tier is this store inside a ReadOnlyStore
     }
+
+    fn is_remote(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]
