@@ -100,7 +100,9 @@ fn compile(
     out: &Path,
     extra: &[&str],
 ) -> (Value, String) {
-    let output = common::fncache_in(cache)
+    let mut command = common::fncache_in(cache);
+    env.threads(&mut command);
+    let output = command
         .args(["--remote", &redis.url()])
         .args([
             "compile",
@@ -297,7 +299,11 @@ fn a_dead_redis_costs_a_warning_and_sharing_resumes_when_it_returns() {
 #[ignore = "needs redis-server"]
 fn tampered_or_foreign_entries_in_redis_are_rejected_and_recompiled() {
     let redis = Redis::start(&[]);
-    let env = Env::new();
+    // On one thread, every machine asks the same keys: the stranger below overwrites each key
+    // the second machine stored. On several, upstream's keys depend on how the compile threads
+    // interleave, and a key only the second machine asked stays valid and may serve the third
+    // (6 of 124 lookups once in CI).
+    let env = Env::serial();
     let module = env.file("gen.wat", generated_module(120, 4));
     let expected = reference(&env, &module);
     let out = env.dir.path().join("out.cwasm");
@@ -328,7 +334,9 @@ fn tampered_or_foreign_entries_in_redis_are_rejected_and_recompiled() {
 
     // Entries written by a machine with another key: rejected and counted, never used.
     let (_, _) = {
-        let output = common::fncache_command()
+        let mut command = common::fncache_command();
+        env.threads(&mut command);
+        let output = command
             .env("FNCACHE_KEY", "11".repeat(32))
             .arg("--cache-dir")
             .arg(machine(&env, "stranger"))

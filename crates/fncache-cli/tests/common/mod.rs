@@ -64,11 +64,16 @@ impl Env {
         path
     }
 
-    pub fn fncache(&self, args: &[&str]) -> Output {
-        let mut command = fncache_in(&self.cache_dir());
+    /// `command`, on one thread if this is a [`Env::serial`] one.
+    pub fn threads(&self, command: &mut Command) {
         if self.serial {
             command.env("RAYON_NUM_THREADS", "1");
         }
+    }
+
+    pub fn fncache(&self, args: &[&str]) -> Output {
+        let mut command = fncache_in(&self.cache_dir());
+        self.threads(&mut command);
         command
             .args(args)
             .env_remove("FNCACHE_DIR")
