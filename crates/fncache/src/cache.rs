@@ -213,7 +213,7 @@ impl Cache {
         namespace: &Namespace,
         key: &[u8],
     ) -> Option<(Value, Origin)> {
-        self.lookup_with_origin(namespace, key, false, false)
+        self.lookup_in(namespace, key, false, false, Tiers::All)
     }
 
     /// Counts a hit served from inside a value this cache verified (a compile's pack of
@@ -245,18 +245,8 @@ impl Cache {
     }
 
     fn lookup(&self, namespace: &Namespace, key: &[u8], copy: bool, count: bool) -> Option<Value> {
-        self.lookup_with_origin(namespace, key, copy, count)
-            .map(|(value, _)| value)
-    }
-
-    fn lookup_with_origin(
-        &self,
-        namespace: &Namespace,
-        key: &[u8],
-        copy: bool,
-        count: bool,
-    ) -> Option<(Value, Origin)> {
         self.lookup_in(namespace, key, copy, count, Tiers::All)
+            .map(|(value, _)| value)
     }
 
     fn lookup_in(
@@ -408,11 +398,7 @@ impl Cache {
         let link = Link::new(secret, &key_id, &digest);
         match store.put_in_file(key_id, link, digest, Arc::from(&header[..]), value) {
             Ok(true) => {
-                let session = &self.inner.session;
-                session.inserts.fetch_add(1, Ordering::Relaxed);
-                session
-                    .bytes_written
-                    .fetch_add((header.len() + value.len()) as u64, Ordering::Relaxed);
+                self.count_write(header.len() + value.len(), true);
                 true
             }
             Ok(false) => {
@@ -466,18 +452,23 @@ impl Cache {
         count: bool,
     ) {
         let secret = self.inner.secret.as_ref();
+        self.count_write(encoded.len(), count);
+        let key = KeyId::new(namespace, key);
+        let link = Link::new(secret, &key, &digest);
+        if let Err(error) = self.inner.store.put(key, link, digest, encoded) {
+            self.warn_once(&error);
+        }
+    }
+
+    /// Counts an entry of `bytes` handed to the store, and one of the `inserts` if `count`.
+    fn count_write(&self, bytes: usize, count: bool) {
         let session = &self.inner.session;
         if count {
             session.inserts.fetch_add(1, Ordering::Relaxed);
         }
         session
             .bytes_written
-            .fetch_add(encoded.len() as u64, Ordering::Relaxed);
-        let key = KeyId::new(namespace, key);
-        let link = Link::new(secret, &key, &digest);
-        if let Err(error) = self.inner.store.put(key, link, digest, encoded) {
-            self.warn_once(&error);
-        }
+            .fetch_add(bytes as u64, Ordering::Relaxed);
     }
 
     /// Counts a lookup of `kind` that hit or missed, for the counters that tell kinds apart
