@@ -897,9 +897,19 @@ impl ReadAhead {
     /// only where the prediction says that pays ([`PREFETCH_MIN_SHARED`]).
     fn start(&mut self, store: &FunctionStore) {
         let Some((digest, keys)) = self.earlier_keys.take() else {
+            // No earlier compile to point at: this one writes a pack of its own, and the
+            // values it makes are held for it.
+            store.hold_new_values(true);
             return;
         };
         let pack = Pack::load(store.cache(), store.namespace(), &digest);
+        // Held for a pack of its own unless it is expected to be served enough from this one
+        // to point at it instead (a prediction: one that drifts stores what it made twice, in
+        // rows and in its pack, as before; one served more than predicted stores them one by
+        // one after the compile).
+        store.hold_new_values(
+            pack.is_none() || self.predicted_reuse.unwrap_or(0.0) < pack::REUSE_MIN_SHARE,
+        );
         let rest: Vec<_> = match &pack {
             _ if self.predicted_reuse.unwrap_or(0.0) < PREFETCH_MIN_SHARED => Vec::new(),
             Some(pack) => keys.into_iter().filter(|key| !pack.contains(key)).collect(),
@@ -950,7 +960,9 @@ impl ReadAhead {
         store.serve_from(None);
         let keys = first_occurrences(store.take_looked_up());
         if !compiled {
-            return (self.done(report), None); // a failed compile leaves nothing
+            // A failed compile leaves no manifest nor pack; the functions it made stand.
+            store.store_held(&kept);
+            return (self.done(report), None);
         }
         if let Some(pack) = &earlier_pack {
             let used = keys.iter().filter(|key| pack.contains(key)).count() as u64;
@@ -1213,10 +1225,12 @@ impl FillEngine {
             WasmKind::Component => engine.precompile_component(binary),
         };
         self.store.keep_values();
+        self.store.hold_new_values(true); // for the pack it leaves
         let precompiled = match precompile(&self.engine) {
             Ok(precompiled) => precompiled,
             Err(error) => {
                 log::debug!("filling the function level failed: {error:#}");
+                self.store.store_held(&self.store.take_kept());
                 return;
             }
         };

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use fncache::store::Origin;
-use fncache::{Cache, Kind, Namespace};
+use fncache::{Cache, Kind, Namespace, ValueHeader};
 use wasmtime::{CacheStore, Config, Engine};
 
 use crate::fingerprint::engine_fingerprint;
@@ -49,13 +49,25 @@ pub struct FunctionStore {
     /// The values served from the store or compiled since [`FunctionStore::take_kept`] last
     /// took them, for the pack of the compile that asked (see [`crate::pack`]). Values served
     /// from [`FunctionStore::pack`] are not kept: that pack has them.
-    kept: Mutex<HashMap<Key, Vec<u8>>>,
+    kept: Mutex<HashMap<Key, Kept>>,
     /// Whether values are kept: only between [`FunctionStore::keep_values`] and
     /// [`FunctionStore::take_kept`], so that an engine that never takes them keeps nothing.
     keeping: std::sync::atomic::AtomicBool,
+    /// Whether compiled values are held for the compile's pack rather than stored one by one
+    /// ([`FunctionStore::hold_new_values`]).
+    holding: std::sync::atomic::AtomicBool,
     /// The pack lookups are served from first, if any: values verified as a whole when the
     /// pack was loaded.
     pack: RwLock<Option<Arc<Pack>>>,
+}
+
+/// A value kept for a compile's pack.
+#[derive(Debug)]
+pub struct Kept {
+    pub value: Vec<u8>,
+    /// For a value this compile made and has not stored yet (held for its pack): its entry
+    /// header, made on the compile thread that had it.
+    pub unstored: Option<ValueHeader>,
 }
 
 /// Lookups seen by a [`FunctionStore`] since it was made.
@@ -92,6 +104,7 @@ impl FunctionStore {
             looked_up: Mutex::new(Vec::new()),
             kept: Mutex::new(HashMap::new()),
             keeping: std::sync::atomic::AtomicBool::new(false),
+            holding: std::sync::atomic::AtomicBool::new(false),
             pack: RwLock::new(None),
         }
     }
@@ -136,10 +149,57 @@ impl FunctionStore {
         self.keeping.store(true, Ordering::Relaxed);
     }
 
-    /// The values kept since [`FunctionStore::keep_values`], by key; keeping stops.
-    pub fn take_kept(&self) -> HashMap<Key, Vec<u8>> {
+    /// The values kept since [`FunctionStore::keep_values`], by key; keeping and holding
+    /// stop. The caller stores the ones held ([`Kept::unstored`]): [`crate::pack::store`] does.
+    pub fn take_kept(&self) -> HashMap<Key, Kept> {
         self.keeping.store(false, Ordering::Relaxed);
+        self.holding.store(false, Ordering::Relaxed);
         std::mem::take(&mut *self.kept.lock().unwrap())
+    }
+
+    /// While keeping values, holds the values Cranelift compiles for the compile's pack
+    /// instead of storing each at once, if `hold` and the cache can keep them in the pack's
+    /// file ([`Cache::keeps_values_in_packs`]): each is then written once, with its pack, and
+    /// a row per key says where (sql.js into an empty cache: 2.9 MB of values were written
+    /// twice, through SQLite's log and in the pack). For a compile that will write a pack of
+    /// its own; one that ends up pointing at an earlier pack stores them one by one then.
+    /// A lookup of a held value is answered from memory.
+    pub fn hold_new_values(&self, hold: bool) {
+        let hold =
+            hold && self.keeping.load(Ordering::Relaxed) && self.cache.keeps_values_in_packs();
+        self.holding.store(hold, Ordering::Relaxed);
+    }
+
+    /// Stores the values of `kept` that were held for a pack, one by one: for a compile that
+    /// leaves no pack (it failed).
+    pub fn store_held(&self, kept: &HashMap<Key, Kept>) {
+        for (key, kept) in kept {
+            if kept.unstored.is_some() {
+                self.cache.insert(&self.namespace, key, &kept.value);
+            }
+        }
+    }
+
+    /// The value this compile made under `key` and holds for its pack, if any (not stored
+    /// yet, so that the cache does not have it).
+    pub fn held(&self, key: &[u8]) -> Option<Vec<u8>> {
+        if !self.holding.load(Ordering::Relaxed) {
+            return None;
+        }
+        let key: &Key = key.try_into().ok()?;
+        let kept = self.kept.lock().unwrap();
+        Some(
+            kept.get(key)
+                .filter(|kept| kept.unstored.is_some())?
+                .value
+                .clone(),
+        )
+    }
+
+    fn served_by_held(&self, key: &[u8]) -> Option<Vec<u8>> {
+        let value = self.held(key)?;
+        self.cache.count_hit_within(value.len(), Origin::Local);
+        Some(value)
     }
 
     /// Serves lookups from `pack` first (or from none), until the next call.
@@ -168,12 +228,16 @@ impl FunctionStore {
     }
 
     /// Keeps `value` (a copy of it only if keeping) for the pack.
-    fn keep(&self, key: &[u8], value: impl Into<Vec<u8>>) {
+    fn keep(&self, key: &[u8], value: impl Into<Vec<u8>>, unstored: Option<ValueHeader>) {
         if !self.keeping.load(Ordering::Relaxed) {
             return;
         }
         if let Ok(key) = key.try_into() {
-            self.kept.lock().unwrap().insert(key, value.into());
+            let kept = Kept {
+                value: value.into(),
+                unstored,
+            };
+            self.kept.lock().unwrap().insert(key, kept);
         }
     }
 
@@ -196,7 +260,10 @@ impl CacheStore for FunctionStore {
         if let Ok(key) = key.try_into() {
             self.looked_up.lock().unwrap().push(key);
         }
-        let value = match self.served_by_pack(key) {
+        let value = match self
+            .served_by_pack(key)
+            .or_else(|| self.served_by_held(key))
+        {
             Some(value) => Some(value),
             None => {
                 let value = if self.serving_a_remote_pack() {
@@ -210,7 +277,7 @@ impl CacheStore for FunctionStore {
                     self.cache.get(&self.namespace, key)
                 };
                 if let Some(value) = &value {
-                    self.keep(key, &value[..]);
+                    self.keep(key, &value[..], None);
                 }
                 value
             }
@@ -248,8 +315,14 @@ impl CacheStore for FunctionStore {
         self.inserts.fetch_add(1, Ordering::Relaxed);
         self.inserted_bytes
             .fetch_add(value.len() as u64, Ordering::Relaxed);
-        self.cache.insert(&self.namespace, key, &value);
-        self.keep(key, value); // moved, not copied
+        if self.holding.load(Ordering::Relaxed) && key.len() == FUNCTION_KEY_LEN {
+            // Its MAC is made here, on the compile thread, as `insert` would.
+            let header = self.cache.value_header(&self.namespace, key, &value);
+            self.keep(key, value, Some(header));
+        } else {
+            self.cache.insert(&self.namespace, key, &value);
+            self.keep(key, value, None); // moved, not copied
+        }
         true
     }
 }

@@ -94,12 +94,14 @@ impl CacheStore for Replay {
             return None;
         };
         // Verified as any lookup, but not one of the cache's hits (the fill's own lookup of this
-        // value was). A value evicted or damaged since is a miss here, which derails the pass:
+        // value was); one the fill made and holds for its pack is taken from it. A value
+        // evicted or damaged since is a miss here, which derails the pass:
         // Cranelift compiles the function and calls `insert`.
-        let value = self
-            .store
-            .cache()
-            .get_bookkeeping(self.store.namespace(), earlier);
+        let value = self.store.held(earlier).or_else(|| {
+            self.store
+                .cache()
+                .get_bookkeeping(self.store.namespace(), earlier)
+        });
         let mut asked = self.asked.lock().unwrap();
         asked.0.push(key);
         match &value {

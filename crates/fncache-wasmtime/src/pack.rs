@@ -23,11 +23,12 @@
 //! after another, in that order.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use fncache::store::Origin;
 use fncache::{Cache, Namespace, Value};
 
+use crate::function_store::Kept;
 use crate::manifest::{tagged_digest, FUNCTION_KEY_LEN};
 
 const MAGIC: &[u8; 4] = b"FNPK";
@@ -168,22 +169,44 @@ fn encode_into(values: &[(Key, impl AsRef<[u8]>)], out: &mut [u8]) {
 }
 
 /// Stores the values of `keys` as the pack of the binary with `binary_digest`, or, when at
-/// least [`REUSE_MIN_SHARE`] of them are in `earlier`, a pointer to that pack. Each value is taken from
-/// `kept` (values this compile was served or compiled), else from `earlier` (the pack it was
-/// served from), else read from the cache (not counted as a lookup). Stores nothing if a value cannot be had
-/// (evicted meanwhile) or the pack would be larger than [`MAX_PACK_BYTES`]: the next compile
-/// then reads ahead key by key, as it would without packs.
+/// least [`REUSE_MIN_SHARE`] of them are in `earlier`, a pointer to that pack. Each value is
+/// taken from `kept` (values this compile was served or compiled), else from `earlier` (the
+/// pack it was served from), else read from the cache (not counted as a lookup). Stores no
+/// pack if a value cannot be had (evicted meanwhile) or the pack would be larger than
+/// [`MAX_PACK_BYTES`]: the next compile then reads ahead key by key, as it would without
+/// packs.
+///
+/// The values the compile made and held for its pack ([`Kept::unstored`]) are stored too: in
+/// the pack's file, each written once, where the cache keeps them so
+/// ([`Cache::insert_pack`]), else one by one.
 pub fn store(
     cache: &Cache,
     namespace: &Namespace,
     binary_digest: &[u8; 32],
     keys: &[Key],
-    kept: &HashMap<Key, Vec<u8>>,
+    kept: &HashMap<Key, Kept>,
     earlier: Option<&Pack>,
 ) {
     if cache.store().is_read_only() {
         return;
     }
+    let in_pack = store_pack(cache, namespace, binary_digest, keys, kept, earlier);
+    for (key, kept) in kept {
+        if kept.unstored.is_some() && !in_pack.contains(key) {
+            cache.insert(namespace, key, &kept.value);
+        }
+    }
+}
+
+/// [`store`]'s pack or pointer; the keys of the values held for it that were stored in it.
+fn store_pack(
+    cache: &Cache,
+    namespace: &Namespace,
+    binary_digest: &[u8; 32],
+    keys: &[Key],
+    kept: &HashMap<Key, Kept>,
+    earlier: Option<&Pack>,
+) -> HashSet<Key> {
     if let Some(earlier) = earlier {
         let served = keys.iter().filter(|key| earlier.contains(key)).count();
         log::debug!("{served} of {} values were in the earlier pack", keys.len());
@@ -192,20 +215,20 @@ pub fn store(
                 let pointer = tagged_digest(POINTER_TAG, binary_digest);
                 cache.insert_bookkeeping(namespace, &pointer, &earlier.owner);
             }
-            return;
+            return HashSet::new();
         }
     }
     let mut values: Vec<(Key, Cow<[u8]>)> = Vec::with_capacity(keys.len());
     for key in keys {
         let value = match kept.get(key) {
-            Some(value) => Cow::Borrowed(&value[..]),
+            Some(kept) => Cow::Borrowed(&kept.value[..]),
             None => match earlier.and_then(|pack| pack.get(key)) {
                 Some(value) => Cow::Borrowed(value),
                 None => match cache.get_bookkeeping(namespace, key) {
                     Some(value) => Cow::Owned(value),
                     None => {
                         log::debug!("no pack: a value it would hold is not in the cache");
-                        return;
+                        return HashSet::new();
                     }
                 },
             },
@@ -215,18 +238,53 @@ pub fn store(
     let total: usize = values.iter().map(|(_, value)| value.len()).sum();
     if total > MAX_PACK_BYTES {
         log::debug!("no pack: {total} bytes of values");
-        return;
+        return HashSet::new();
     }
     let started = std::time::Instant::now();
     let len = encoded_len(&values);
-    cache.insert_bookkeeping_in_place(namespace, &key(binary_digest), len, |out| {
-        encode_into(&values, out)
-    });
+    // The values this compile made and held are kept in the pack's file alone, if the
+    // cache can (a value held but not in the pack, a variant a replay learned and the
+    // manifest left out, is stored on its own by the caller).
+    let held: Vec<_> = values_at(&values)
+        .filter_map(|(key, range)| Some((key, range, kept.get(key)?.unstored.as_ref()?)))
+        .collect();
+    let stored_with_values = !held.is_empty() && {
+        let mut pack = vec![0; len];
+        encode_into(&values, &mut pack);
+        let members: Vec<_> = held
+            .iter()
+            .map(|(_, range, header)| (range.clone(), *header))
+            .collect();
+        cache.insert_pack(namespace, &key(binary_digest), &pack, &members)
+    };
+    if !stored_with_values {
+        cache.insert_bookkeeping_in_place(namespace, &key(binary_digest), len, |out| {
+            encode_into(&values, out)
+        });
+    }
     log::debug!(
-        "pack of {} values, {total} bytes: encoded, authenticated and queued in {:.1} ms",
+        "pack of {} values, {total} bytes ({} of them kept in it alone): encoded, \
+         authenticated and queued in {:.1} ms",
         values.len(),
+        if stored_with_values { held.len() } else { 0 },
         started.elapsed().as_secs_f64() * 1e3
     );
+    if !stored_with_values {
+        return HashSet::new();
+    }
+    held.iter().map(|(key, _, _)| **key).collect()
+}
+
+/// Where each of `values` lies in their pack, by key.
+fn values_at<'a>(
+    values: &'a [(Key, impl AsRef<[u8]>)],
+) -> impl Iterator<Item = (&'a Key, std::ops::Range<usize>)> + 'a {
+    let mut at = HEADER_LEN + values.len() * INDEX_ENTRY_LEN;
+    values.iter().map(move |(key, value)| {
+        let start = at;
+        at += value.as_ref().len();
+        (key, start..at)
+    })
 }
 
 /// The key of the pack the compile of the binary with `binary_digest` wrote, in its engine's

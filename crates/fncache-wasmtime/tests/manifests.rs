@@ -865,3 +865,44 @@ fn an_adaptive_compile_stores_its_module_for_the_next_process() {
     assert_eq!(report.level, fncache_wasmtime::Level::Module, "{report:?}");
     assert_eq!(code, uncached(&wasm));
 }
+
+/// A compile that writes a pack of its own holds the values it makes for it: each is written
+/// once, in the pack's file, and its key is a row that says where (`Cache::insert_pack`).
+/// Another program that shares most of its functions, with reading ahead off (so that no pack
+/// serves it), hits them through those rows, and its code is what a compile without the cache
+/// makes.
+#[test]
+fn a_compile_keeps_the_values_it_makes_once_in_its_pack_and_others_hit_them_by_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = module(1500, None);
+    let first = one_thread_compiler(dir.path());
+    let (_, report) = first.precompile_named(&wasm, "app").unwrap();
+    first.cache().unwrap().flush().unwrap();
+    drop(first);
+    assert!(report.inserts >= 1500, "{report:?}");
+
+    let db = database(dir.path());
+    let count = |sql: &str| db.query_row(sql, [], |row| row.get::<_, i64>(0)).unwrap();
+    // Every value made is kept in the pack alone (a key two compile threads made at once is
+    // one value).
+    let members = count("SELECT COUNT(*) FROM entries WHERE pack IS NOT NULL") as u64;
+    assert!(
+        (1500..=report.inserts).contains(&members),
+        "{members} values in the pack, {report:?}"
+    );
+    // The rest is bookkeeping: the manifest, its name, its sketch and the pack itself.
+    assert!(count("SELECT COUNT(*) FROM entries WHERE pack IS NULL") <= 8);
+    assert_eq!(
+        count("SELECT COUNT(*) FROM entries WHERE in_file"),
+        1,
+        "the pack's file"
+    );
+    drop(db);
+
+    let other = module(1500, Some(700));
+    let second = one_thread_compiler(dir.path()).prefetch(false);
+    let (code, report) = second.precompile_named(&other, "other").unwrap();
+    assert_eq!(code, uncached(&other));
+    assert!(report.hits >= 1499, "{report:?}");
+    assert!(report.misses <= 2, "{report:?}");
+}

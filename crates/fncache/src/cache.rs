@@ -20,6 +20,15 @@ use crate::store::{
     Eviction, Found, MappedFile, Origin, Store, StoreError, StoredEntry,
 };
 
+/// What storing a value under a key takes, made ahead by [`Cache::value_header`].
+#[derive(Clone, Copy, Debug)]
+pub struct ValueHeader {
+    header: [u8; entry::HEADER_LEN],
+    digest: Digest,
+    key: KeyId,
+    link: Link,
+}
+
 /// A handle to a cache; cheap to clone and shared by all compile threads.
 #[derive(Clone, Debug)]
 pub struct Cache {
@@ -277,8 +286,9 @@ impl Cache {
             }
             return None;
         };
-        if let (true, StoredEntry::Split { header, body }) = (copy, &found.entry) {
-            let whole: Vec<u8> = [&header[..], body.bytes()].concat();
+        if copy && !matches!(found.entry, StoredEntry::Whole(_)) {
+            let (header, body) = found.entry.parts();
+            let whole: Vec<u8> = [header, body].concat();
             found.entry = StoredEntry::Whole(whole.into());
         }
         match self.check(&key, &found) {
@@ -405,6 +415,89 @@ impl Cache {
                 self.insert(namespace, key, value);
                 false
             }
+            Err(error) => {
+                self.warn_once(&error);
+                false
+            }
+        }
+    }
+
+    /// Whether [`Cache::insert_pack`] can keep values once, in their pack's file: the store
+    /// keeps them so (the disk store, not shared), values are not compressed (a member is a
+    /// slice of the pack as it lies), and the cache is written.
+    pub fn keeps_values_in_packs(&self) -> bool {
+        let store = &self.inner.store;
+        !store.is_read_only()
+            && matches!(self.inner.compression, Compression::None)
+            && store.keeps_members()
+    }
+
+    /// What [`Cache::insert`] would store for `value` under `key` in `namespace`: its entry
+    /// header, with the value's MAC, and the key's link. Made ahead, by the thread that has
+    /// the value (a compile thread), for [`Cache::insert_pack`].
+    pub fn value_header(&self, namespace: &Namespace, key: &[u8], value: &[u8]) -> ValueHeader {
+        let secret = self.inner.secret.as_ref();
+        let (header, digest) = entry::header_of(value, secret);
+        let key = KeyId::new(namespace, key);
+        ValueHeader {
+            header,
+            digest,
+            key,
+            link: Link::new(secret, &key, &digest),
+        }
+    }
+
+    /// Stores `pack` under `key` (bookkeeping: not one of the `inserts`), and each of
+    /// `members`, a value lying in `pack` at its range, under the key its header was made for
+    /// ([`Cache::value_header`], in this cache): each value is written once, in the pack's
+    /// file, and is verified on its own when read, as any entry. `false` if the store cannot
+    /// keep them so ([`Cache::keeps_values_in_packs`], a pack too small for a file of its
+    /// own): nothing is stored then, and the caller inserts them one by one.
+    pub fn insert_pack(
+        &self,
+        namespace: &Namespace,
+        key: &[u8],
+        pack: &[u8],
+        members: &[(std::ops::Range<usize>, &ValueHeader)],
+    ) -> bool {
+        if !self.keeps_values_in_packs() {
+            return false;
+        }
+        let mut stored = Vec::with_capacity(members.len());
+        for (range, value_header) in members {
+            let Some(value) = pack.get(range.clone()) else {
+                return false;
+            };
+            // A header made for other bytes would be stored and rejected at every read.
+            if entry::body_len(&value_header.header) != Some(value.len() as u64) {
+                return false;
+            }
+            stored.push(crate::store::Member {
+                key: value_header.key,
+                link: value_header.link,
+                digest: value_header.digest,
+                header: Arc::from(&value_header.header[..]),
+                offset: range.start as u64,
+            });
+        }
+        let secret = self.inner.secret.as_ref();
+        let (header, digest) = entry::header_of(pack, secret);
+        let key = KeyId::new(namespace, key);
+        let link = Link::new(secret, &key, &digest);
+        let header = Arc::from(&header[..]);
+        match self
+            .inner
+            .store
+            .put_with_members(key, link, digest, header, pack, stored)
+        {
+            Ok(true) => {
+                self.count_write(entry::HEADER_LEN + pack.len(), false);
+                for (range, _) in members {
+                    self.count_write(entry::HEADER_LEN + range.len(), true);
+                }
+                true
+            }
+            Ok(false) => false,
             Err(error) => {
                 self.warn_once(&error);
                 false

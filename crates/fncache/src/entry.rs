@@ -199,6 +199,11 @@ fn decompress(body: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
     })
 }
 
+/// The body length an entry's header claims, without checking anything.
+pub fn body_len(header: &[u8]) -> Option<u64> {
+    Some(u64::from_le_bytes(header.get(16..24)?.try_into().ok()?))
+}
+
 /// The digest an entry's header claims, without checking the body.
 pub fn header_digest(entry: &[u8]) -> Option<Digest> {
     entry.get(24..56).and_then(Digest::from_slice)

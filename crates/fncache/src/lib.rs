@@ -27,7 +27,7 @@ pub mod stats;
 pub mod store;
 pub mod trust;
 
-pub use cache::{Cache, Prefetch, PrefetchReport, Value};
+pub use cache::{Cache, Prefetch, PrefetchReport, Value, ValueHeader};
 pub use config::{CacheConfig, Compression, RemoteConfig};
 pub use key::{Digest, KeyId, Link, Namespace};
 pub use secret::Secret;

@@ -1208,3 +1208,215 @@ fn a_new_cache_opened_by_many_at_once_is_made_once_and_shared() {
     assert_eq!(setting("journal_mode"), "Text(\"wal\")");
     assert_eq!(open(&path, 1 << 30).stats().unwrap().entries, 8);
 }
+
+/// Keys of a pack's values, and where each lies in it.
+type Members = Vec<(Vec<u8>, std::ops::Range<usize>)>;
+
+/// A pack of `count` values of `len` bytes each, laid out after a `prefix`-byte index as a
+/// compile's pack is: the pack's bytes, and each value's key and range in them.
+fn pack_of(count: usize, len: usize, prefix: usize) -> (Vec<u8>, Members) {
+    let mut pack = vec![0xa5; prefix];
+    let mut members = Vec::new();
+    for i in 0..count {
+        let start = pack.len();
+        pack.extend_from_slice(&value(1000 + i as u64, len));
+        members.push((format!("member {i}").into_bytes(), start..pack.len()));
+    }
+    (pack, members)
+}
+
+/// Stores `pack` under `b"pack"` with `members` kept in it (`Cache::insert_pack`).
+fn insert_pack(cache: &Cache, pack: &[u8], members: &Members) -> bool {
+    let headers: Vec<_> = members
+        .iter()
+        .map(|(key, range)| cache.value_header(&namespace(), key, &pack[range.clone()]))
+        .collect();
+    let held: Vec<_> = members
+        .iter()
+        .zip(&headers)
+        .map(|((_, range), header)| (range.clone(), header))
+        .collect();
+    cache.insert_pack(&namespace(), b"pack", pack, &held)
+}
+
+fn count_rows(dir: &std::path::Path, sql: &str) -> i64 {
+    let conn = rusqlite::Connection::open(dir.join("fncache.db")).unwrap();
+    conn.query_row(sql, [], |row| row.get(0)).unwrap()
+}
+
+/// `insert_pack` writes a pack's values once, in its file: each member's key is a row that
+/// says where its value lies (its header and an offset), served and verified on its own, before
+/// and after the commit and from a new handle, accounted once, and evicted with the pack.
+#[test]
+fn a_packs_values_are_written_once_in_its_file_served_alone_and_go_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = open(dir.path(), 1 << 30);
+    assert!(cache.keeps_values_in_packs());
+    let (pack, members) = pack_of(64, 8 << 10, 100);
+    assert!(insert_pack(&cache, &pack, &members));
+    // Served before the writer has committed anything.
+    for (key, range) in &members {
+        assert_eq!(
+            cache.get(&namespace(), key).as_deref(),
+            Some(&pack[range.clone()])
+        );
+    }
+    cache.flush().unwrap();
+    assert_eq!(
+        cache.session_counters().inserts,
+        64,
+        "the members are inserts"
+    );
+    let stats = cache.stats().unwrap();
+    drop(cache);
+
+    // One file, the pack's; a row per member holding its header and offset alone.
+    assert_eq!(value_files(dir.path()).len(), 1);
+    let path = dir.path();
+    assert_eq!(
+        count_rows(path, "SELECT COUNT(*) FROM entries WHERE pack IS NOT NULL"),
+        64
+    );
+    assert_eq!(
+        count_rows(
+            path,
+            "SELECT max(length(within)) FROM entries WHERE pack IS NOT NULL"
+        ),
+        56 + 8
+    );
+    assert_eq!(
+        count_rows(path, "SELECT COUNT(*) FROM blob_data"),
+        1,
+        "the pack's header"
+    );
+    // Accounted once: the pack's entry, and the members' rows.
+    let per_row = (KEY_OVERHEAD + VALUE_OVERHEAD) as usize;
+    assert_eq!(stats.entries, 65);
+    assert_eq!(
+        stats.bytes as usize,
+        (56 + pack.len() + per_row) + 64 * (56 + 8 + per_row)
+    );
+
+    let reopened = open(dir.path(), 1 << 30);
+    for (key, range) in &members {
+        assert_eq!(
+            reopened.get(&namespace(), key).as_deref(),
+            Some(&pack[range.clone()])
+        );
+    }
+    let pack_entry = reopened.get_value(&namespace(), b"pack").unwrap();
+    assert_eq!(&*pack_entry, &pack[..]);
+    drop(pack_entry);
+    let verification = reopened.verify().unwrap();
+    assert_eq!((verification.checked, verification.rejected), (65, 0));
+
+    // Evicted with their pack: nothing left, nothing accounted.
+    reopened.gc(0).unwrap();
+    let stats = reopened.stats().unwrap();
+    assert_eq!((stats.entries, stats.bytes), (0, 0));
+    assert!(value_files(dir.path()).is_empty());
+    for (key, _) in &members {
+        assert_eq!(reopened.get(&namespace(), key), None);
+    }
+}
+
+/// A value of a pack is verified on its own: a flipped byte in its slice of the pack's file, or
+/// a row pointed at another value's slice, is rejected and counted, and every other value of
+/// the pack is still served. A pack's file removed by hand costs misses, and `gc` forgets its
+/// rows.
+#[test]
+fn a_damaged_or_misplaced_value_of_a_pack_is_rejected_and_the_others_are_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = open(dir.path(), 1 << 30);
+    let (pack, members) = pack_of(40, 8 << 10, 100);
+    assert!(insert_pack(&cache, &pack, &members));
+    cache.flush().unwrap();
+    drop(cache);
+
+    // A byte of member 3 flipped in the file (ours: its mode is opened for this test).
+    let file = &value_files(dir.path())[0];
+    let mut bytes = std::fs::read(file).unwrap();
+    bytes[members[3].1.start + 10] ^= 1;
+    std::fs::write(file, &bytes).unwrap();
+    // Member 5's row pointed at member 6's slice: its header stays 5's.
+    let conn = rusqlite::Connection::open(dir.path().join("fncache.db")).unwrap();
+    let offset_of_6 = (members[6].1.start as u64).to_le_bytes();
+    let rows: Vec<(Vec<u8>, Vec<u8>)> = conn
+        .prepare("SELECT key, within FROM entries WHERE pack IS NOT NULL")
+        .unwrap()
+        .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let offset_of_5 = (members[5].1.start as u64).to_le_bytes();
+    let (key, mut within) = rows
+        .into_iter()
+        .find(|(_, within)| within[56..] == offset_of_5)
+        .unwrap();
+    within[56..].copy_from_slice(&offset_of_6);
+    conn.execute(
+        "UPDATE entries SET within = ?1 WHERE key = ?2",
+        rusqlite::params![within, key],
+    )
+    .unwrap();
+    drop(conn);
+
+    let cache = open(dir.path(), 1 << 30);
+    for (i, (key, range)) in members.iter().enumerate() {
+        let got = cache.get(&namespace(), key);
+        if i == 3 || i == 5 {
+            assert_eq!(got, None, "member {i}");
+        } else {
+            assert_eq!(got.as_deref(), Some(&pack[range.clone()]), "member {i}");
+        }
+    }
+    assert_eq!(cache.session_counters().rejected, 2);
+    cache.flush().unwrap();
+    drop(cache);
+
+    // The pack's file removed by hand: every value of it misses, and `gc` forgets the rows.
+    std::fs::remove_file(file).unwrap();
+    let cache = open(dir.path(), 1 << 30);
+    assert_eq!(cache.get(&namespace(), &members[0].0), None);
+    cache.gc(1 << 30).unwrap();
+    assert_eq!(cache.stats().unwrap().entries, 0);
+}
+
+/// Where a value cannot be a slice of its pack as it lies (compressed values), or a reader
+/// copies a whole file to read it (a cache shared on purpose), `insert_pack` stores nothing
+/// and says so, for the caller to insert the values one by one.
+#[test]
+fn insert_pack_refuses_where_values_cannot_be_kept_in_the_pack() {
+    let (pack, members) = pack_of(40, 8 << 10, 100);
+    let dir = tempfile::tempdir().unwrap();
+    let compressed = Cache::open(
+        &CacheConfig::new()
+            .directory(dir.path())
+            .compression(Compression::Zstd(3)),
+    )
+    .unwrap();
+    assert!(!compressed.keeps_values_in_packs());
+    assert!(!insert_pack(&compressed, &pack, &members));
+    compressed.flush().unwrap();
+    assert_eq!(compressed.stats().unwrap().entries, 0);
+    drop(compressed);
+
+    let shared = tempfile::tempdir().unwrap();
+    let cache = Cache::open(
+        &CacheConfig::new()
+            .directory(shared.path())
+            .compression(Compression::None)
+            .shared(true),
+    )
+    .unwrap();
+    assert!(!cache.keeps_values_in_packs());
+    assert!(!insert_pack(&cache, &pack, &members));
+
+    // A pack too small for a file of its own is refused too.
+    let private = tempfile::tempdir().unwrap();
+    let cache = open(private.path(), 1 << 30);
+    let (small, small_members) = pack_of(4, 1 << 10, 100);
+    assert!(!insert_pack(&cache, &small, &small_members));
+    cache.flush().unwrap();
+    assert_eq!(cache.stats().unwrap().entries, 0);
+}

@@ -42,6 +42,16 @@ pub enum StoredEntry {
         header: Arc<[u8]>,
         body: Arc<MappedFile>,
     },
+    /// The header, and the body as a slice of another value's file (a value of a compile's
+    /// pack, kept once, in the pack's file; see [`Store::put_with_members`]).
+    Within {
+        header: Arc<[u8]>,
+        file: Arc<MappedFile>,
+        /// The digest the file is named by (the pack's).
+        file_digest: Digest,
+        /// Where the body starts in the file; its length is the header's.
+        offset: u64,
+    },
 }
 
 impl StoredEntry {
@@ -52,6 +62,25 @@ impl StoredEntry {
             StoredEntry::Whole(entry) if entry.len() >= HEADER_LEN => entry.split_at(HEADER_LEN),
             StoredEntry::Whole(entry) => (entry, &[]),
             StoredEntry::Split { header, body } => (header, body.bytes()),
+            StoredEntry::Within {
+                header,
+                file,
+                offset,
+                ..
+            } => {
+                // A slice that runs past the file (a damaged row) yields no body, for the
+                // decoder to reject as truncated.
+                let len = crate::entry::body_len(header).unwrap_or(u64::MAX);
+                let body = usize::try_from(*offset)
+                    .ok()
+                    .zip(
+                        offset
+                            .checked_add(len)
+                            .and_then(|end| usize::try_from(end).ok()),
+                    )
+                    .and_then(|(start, end)| file.bytes().get(start..end));
+                (header, body.unwrap_or(&[]))
+            }
         }
     }
 
@@ -101,6 +130,17 @@ pub enum Origin {
     Local,
     /// A store shared by a fleet (Redis).
     Remote,
+}
+
+/// A value of a pack, as [`Store::put_with_members`] takes it: its key points at the slice
+/// of the pack's body at `offset`, whose entry header (with the value's own MAC) is `header`.
+#[derive(Clone, Debug)]
+pub struct Member {
+    pub key: KeyId,
+    pub link: Link,
+    pub digest: Digest,
+    pub header: Arc<[u8]>,
+    pub offset: u64,
 }
 
 /// Bytes accounted for each stored value on top of its entry bytes (index rows, page slack).
@@ -169,6 +209,31 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         _digest: Digest,
         _header: Arc<[u8]>,
         _body: &[u8],
+    ) -> Result<bool, StoreError> {
+        Ok(false)
+    }
+
+    /// Whether [`Store::put_with_members`] may keep values once, in their pack's file. Asked
+    /// before a compile, which then hands its new values over with its pack, after it, rather
+    /// than one by one. Default: `false`.
+    fn keeps_members(&self) -> bool {
+        false
+    }
+
+    /// Stores the entry of `header` and `body` as [`Store::put_in_file`] does (a compile's
+    /// pack of values), and points each of `members` at its slice of `body`, with a header of
+    /// its own: each value is then written once, in the pack's file, and its key is a row
+    /// that says where. A member lives as long as the pack's file: once that is evicted, its
+    /// rows go with it. `false` if this store does not keep values so (nothing was stored;
+    /// the caller puts the pack and each value whole). Default: `false`.
+    fn put_with_members(
+        &self,
+        _key: KeyId,
+        _link: Link,
+        _digest: Digest,
+        _header: Arc<[u8]>,
+        _body: &[u8],
+        _members: Vec<Member>,
     ) -> Result<bool, StoreError> {
         Ok(false)
     }

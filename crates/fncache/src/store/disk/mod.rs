@@ -5,11 +5,14 @@
 //! shared by many processes without any locking of our own.
 //!
 //! Layout (schema version [`SCHEMA_VERSION`]):
-//! - `entries(key, link, digest, data_id, size, last_used, in_file)`: one row per key, with
-//!   everything but the bytes. The link binds the key to the value's digest with the cache's
-//!   secret ([`Link`]), so that a row pointed elsewhere is rejected on read. `last_used` is a
-//!   logical clock shared by all processes (exact LRU at the granularity of a write batch),
-//!   indexed (`entries_by_use`) so that eviction reads the oldest first;
+//! - `entries(key, link, digest, data_id, size, last_used, in_file, pack, within)`: one row
+//!   per key, with everything but the bytes. The link binds the key to the value's digest with
+//!   the cache's secret ([`Link`]), so that a row pointed elsewhere is rejected on read.
+//!   `last_used` is a logical clock shared by all processes (exact LRU at the granularity of a
+//!   write batch), indexed (`entries_by_use`) so that eviction reads the oldest first. A value
+//!   kept in a compile's pack ([`Store::put_with_members`]) has no bytes of its own: `pack`
+//!   names the pack's file and `within` holds the value's header and its offset there
+//!   (indexed by `pack`, `entries_by_pack`, so that the values go with the pack's file);
 //! - `blob_data(id, data)`: the encoded entries, or only the header of one whose body is in a
 //!   file of its own (`in_file`, for entries of at least [`FILE_THRESHOLD`] bytes: whole
 //!   modules, which load fastest mapped; see [`value_files`]). Its ids grow with every insert,
@@ -63,14 +66,14 @@ use self::schema::{
 use self::sql::GET_SQL;
 use self::value_files::{MappedFile, FILE_THRESHOLD};
 use self::writer::{Op, Pending, Queue, Writer, WriterState};
-use super::{Eviction, Found, Store, StoreError, StoredEntry, Usage};
+use super::{Eviction, Found, Member, Store, StoreError, StoredEntry, Usage};
 use crate::key::{Digest, KeyId, Link};
 use crate::stats::Counters;
 
 /// The database file inside the cache directory.
 pub const DB_FILE: &str = "fncache.db";
 /// Bumped when the schema changes; a cache with another version is refused, not misread.
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 /// The largest limit a cache takes (SQLite's integers are signed).
 pub const MAX_LIMIT: u64 = i64::MAX as u64;
 /// Eviction brings the accounted bytes down to this share of the limit, so that it runs once
@@ -137,7 +140,14 @@ pub struct DiskStore {
     creating: Arc<AtomicBool>,
     /// A database this handle made holds only what it put, until its first compile ends.
     new_cache: Arc<NewCache>,
+    /// The packs' files this handle read values from last, mapped: a compile that reads a
+    /// pack's values one by one maps its file once. A file is never written again under its
+    /// name, so a mapping stays true after an eviction unlinks it.
+    packs: Mutex<Vec<(Digest, Arc<MappedFile>)>>,
 }
+
+/// Packs' files kept mapped by a [`DiskStore`].
+const MAPPED_PACKS: usize = 4;
 
 /// What the writer thread starts with.
 struct WriterStart {
@@ -237,6 +247,7 @@ impl DiskStore {
             unsent: Mutex::new(Counters::default()),
             creating: Arc::new(AtomicBool::new(false)),
             new_cache: Arc::default(),
+            packs: Mutex::new(Vec::new()),
         };
         if !read_only && !db_path.exists() {
             return store.made_by_the_writer(options);
@@ -603,14 +614,47 @@ impl DiskStore {
         writer.queue.push(make(tx))?;
         rx.recv().map_err(|_| StoreError::WriterGone)?
     }
+    /// The file of the pack `digest`, mapped (kept for the next value of it).
+    fn mapped_pack(&self, digest: &Digest) -> std::io::Result<Arc<MappedFile>> {
+        if let Some((_, file)) = self.packs.lock().iter().find(|(d, _)| d == digest) {
+            return Ok(file.clone());
+        }
+        let file = Arc::new(MappedFile::open(&self.dir, digest, self.shared)?);
+        let mut packs = self.packs.lock();
+        if packs.len() >= MAPPED_PACKS {
+            packs.remove(0);
+        }
+        packs.push((*digest, file.clone()));
+        Ok(file)
+    }
+
     /// The entry a row of [`GET_SQL`] describes: a value file is opened and mapped here, and a
     /// use is recorded if the value is old enough to need one.
     fn found(&self, key: &KeyId, row: Option<Row>) -> Result<Option<Found>, StoreError> {
         // A digest or link column of the wrong length is a damaged index row: nothing to serve.
-        let Some((Some(digest), stored, in_file, last_used, Some(link))) = row else {
+        let Some((Some(digest), stored, in_file, last_used, Some(link), pack)) = row else {
             return Ok(None);
         };
-        let entry = if in_file {
+        let entry = if let Some(pack) = pack {
+            let Some(pack) = pack else {
+                return Ok(None); // a pack column of the wrong length: a damaged row
+            };
+            let Some((header, offset)) = sql::parse_member_row(&stored) else {
+                return Ok(None); // rejected as a damaged row would be: nothing to serve
+            };
+            let path = value_files::path(&self.dir, &pack);
+            match self.mapped_pack(&pack) {
+                Ok(file) => StoredEntry::Within {
+                    header: Arc::from(header),
+                    file,
+                    file_digest: pack,
+                    offset,
+                },
+                // Evicted with its pack since the row was read: a miss.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(cause) => return Err(StoreError::Io { path, cause }),
+            }
+        } else if in_file {
             let path = value_files::path(&self.dir, &digest);
             match MappedFile::open(&self.dir, &digest, self.shared) {
                 Ok(body) => StoredEntry::Split {
@@ -643,8 +687,16 @@ fn use_clock(conn: &Connection) -> rusqlite::Result<(i64, Option<i64>)> {
     )
 }
 
-/// One row of [`GET_SQL`]: digest, stored bytes, in a file, last used, link.
-type Row = (Option<Digest>, Arc<[u8]>, bool, i64, Option<Link>);
+/// One row of [`GET_SQL`]: digest, stored bytes, in a file, last used, link, and the pack's
+/// file for a value kept in one (`Some(None)`: a pack column of the wrong length).
+type Row = (
+    Option<Digest>,
+    Arc<[u8]>,
+    bool,
+    i64,
+    Option<Link>,
+    Option<Option<Digest>>,
+);
 
 fn read_row(conn: &Connection, key: &KeyId) -> rusqlite::Result<Option<Row>> {
     conn.prepare_cached(GET_SQL)?
@@ -655,6 +707,7 @@ fn read_row(conn: &Connection, key: &KeyId) -> rusqlite::Result<Option<Row>> {
                 row.get::<_, bool>(2)?,
                 row.get::<_, i64>(3)?,
                 Link::from_slice(row.get_ref(4)?.as_blob()?),
+                row.get_ref(5)?.as_blob_or_null()?.map(Digest::from_slice),
             ))
         })
         .optional()
@@ -791,6 +844,72 @@ impl Store for DiskStore {
         Ok(true)
     }
 
+    /// Not in a shared cache (whose files are copied to be read: a value would cost a copy of
+    /// its whole pack), nor read-only.
+    fn keeps_members(&self) -> bool {
+        !self.read_only && !self.shared
+    }
+
+    /// Writes the pack's file here, as [`Store::put_in_file`] does, then hands the writer the
+    /// pack's row and a row per member, each served from the mapped file until committed.
+    /// A pack too small for a file of its own is refused (`false`).
+    fn put_with_members(
+        &self,
+        key: KeyId,
+        link: Link,
+        digest: Digest,
+        header: Arc<[u8]>,
+        body: &[u8],
+        members: Vec<Member>,
+    ) -> Result<bool, StoreError> {
+        if !self.keeps_members() || header.len() + body.len() < FILE_THRESHOLD {
+            return Ok(false);
+        }
+        let written = value_files::write(&self.dir, &digest, body, self.shared)
+            .and_then(|()| MappedFile::open(&self.dir, &digest, self.shared));
+        let file = match written {
+            Ok(file) => Arc::new(file),
+            Err(error) => {
+                log::debug!("cannot write a pack's file ({error}); its values are put whole");
+                return Ok(false);
+            }
+        };
+        // Served from the mapped file until committed, the pack and its values in one
+        // transaction: a value is stored only with its pack's row in place.
+        {
+            let mut pending = self.pending.lock();
+            let pack = StoredEntry::Split {
+                header: header.clone(),
+                body: file.clone(),
+            };
+            pending.insert(key, (digest, link, pack));
+            self.new_cache.put(key);
+            for member in &members {
+                let entry = StoredEntry::Within {
+                    header: member.header.clone(),
+                    file: file.clone(),
+                    file_digest: digest,
+                    offset: member.offset,
+                };
+                pending.insert(member.key, (member.digest, member.link, entry));
+                self.new_cache.put(member.key);
+            }
+        }
+        self.send(Op::PutPack {
+            key,
+            link,
+            digest,
+            header,
+            file,
+            members,
+        })?;
+        // Committed at once rather than at the end of the group-commit window: a pack comes
+        // when its compile has ended, and its thousands of rows would otherwise wait for the
+        // process's last flush, instead of being written while the module is stored.
+        self.send(Op::CommitSoon)?;
+        Ok(true)
+    }
+
     fn remove_key(&self, key: &KeyId) -> Result<(), StoreError> {
         self.pending.lock().remove(key);
         self.send(Op::RemoveKey(*key))
@@ -900,8 +1019,8 @@ impl Store for DiskStore {
     fn for_each_entry(&self, visit: &mut dyn FnMut(Digest, &[u8])) -> Result<(), StoreError> {
         self.with_reader(|conn| {
             let mut stmt = conn.prepare(
-                "SELECT e.digest, d.data, e.in_file FROM entries e \
-                 JOIN blob_data d ON d.id = e.data_id",
+                "SELECT e.digest, coalesce(e.within, d.data), e.in_file, e.pack FROM entries e \
+                 LEFT JOIN blob_data d ON d.id = e.data_id",
             )?;
             let mut rows = stmt.query([])?;
             while let Some(row) = rows.next()? {
@@ -910,7 +1029,28 @@ impl Store for DiskStore {
                 let digest =
                     Digest::from_slice(row.get_ref(0)?.as_blob()?).unwrap_or(Digest([0; 32]));
                 let stored = row.get_ref(1)?.as_blob()?;
-                if row.get::<_, bool>(2)? {
+                if let Some(pack) = row.get_ref(3)?.as_blob_or_null()? {
+                    // A value of a pack: its header and its slice of the pack's file. A row
+                    // that says no such thing yields what it holds, which is rejected.
+                    let found = Digest::from_slice(pack)
+                        .zip(sql::parse_member_row(stored))
+                        .and_then(|(pack, (header, offset))| {
+                            let file = self.mapped_pack(&pack).ok()?;
+                            Some(StoredEntry::Within {
+                                header: Arc::from(header),
+                                file,
+                                file_digest: pack,
+                                offset,
+                            })
+                        });
+                    match found {
+                        Some(entry) => {
+                            let (header, body) = entry.parts();
+                            visit(digest, &[header, body].concat());
+                        }
+                        None => visit(digest, stored),
+                    }
+                } else if row.get::<_, bool>(2)? {
                     // Header and body joined again; a missing or unreadable file leaves the
                     // header alone, which verification rejects as truncated.
                     let mut whole = stored.to_vec();

@@ -18,10 +18,11 @@ pub(super) const SCHEMA: &str = "
     CREATE TABLE entries (
         key BLOB PRIMARY KEY, link BLOB NOT NULL, digest BLOB NOT NULL,
         data_id INTEGER NOT NULL, size INTEGER NOT NULL, last_used INTEGER NOT NULL,
-        in_file INTEGER NOT NULL)
+        in_file INTEGER NOT NULL, pack BLOB, within BLOB)
         WITHOUT ROWID;
     CREATE INDEX entries_by_use ON entries(last_used);
     CREATE INDEX entries_in_file ON entries(digest) WHERE in_file;
+    CREATE INDEX entries_by_pack ON entries(pack) WHERE pack IS NOT NULL;
     CREATE TABLE blob_data (id INTEGER PRIMARY KEY, data BLOB NOT NULL);
     INSERT INTO meta VALUES ('bytes', 0), ('clock', 0), ('hits', 0), ('misses', 0),
         ('inserts', 0), ('evictions', 0), ('bytes_read', 0), ('bytes_written', 0),

@@ -4,6 +4,7 @@
 use std::collections::HashSet;
 use std::fs;
 use std::path::Path;
+use std::sync::Arc;
 
 use rusqlite::{params, OptionalExtension, Transaction};
 
@@ -15,8 +16,27 @@ use crate::store::{Eviction, StoredEntry, KEY_OVERHEAD, VALUE_OVERHEAD};
 
 /// A lookup: one search in the randomly keyed `entries`, one in `blob_data`, whose ids grow
 /// with every insert.
-pub(super) const GET_SQL: &str = "SELECT e.digest, d.data, e.in_file, e.last_used, e.link \
-     FROM entries e JOIN blob_data d ON d.id = e.data_id WHERE e.key = ?1";
+/// A value of a pack (`pack` set) has no row in `blob_data`: its header and its offset in the
+/// pack's file are in `within` ([`member_row`]).
+pub(super) const GET_SQL: &str =
+    "SELECT e.digest, coalesce(e.within, d.data), e.in_file, e.last_used, e.link, e.pack \
+     FROM entries e LEFT JOIN blob_data d ON d.id = e.data_id WHERE e.key = ?1";
+
+/// What `within` holds for a value of a pack: its entry header, then where its body starts in
+/// the pack's file (u64, little endian).
+pub(super) fn member_row(header: &[u8], offset: u64) -> Vec<u8> {
+    [header, &offset.to_le_bytes()[..]].concat()
+}
+
+/// The header and the offset of a [`member_row`], if it is one.
+pub(super) fn parse_member_row(stored: &[u8]) -> Option<(&[u8], u64)> {
+    use crate::entry::HEADER_LEN;
+    if stored.len() != HEADER_LEN + 8 {
+        return None;
+    }
+    let (header, offset) = stored.split_at(HEADER_LEN);
+    Some((header, u64::from_le_bytes(offset.try_into().ok()?)))
+}
 
 /// The cache's byte limit as stored in it (0, never set: the default).
 pub(super) fn stored_limit(tx: &Transaction<'_>) -> rusqlite::Result<u64> {
@@ -130,7 +150,9 @@ pub(super) struct NewEntry<'a> {
 }
 
 /// Stores `new`, replacing what its key held; returns the accounted bytes added and the rows
-/// added (0 or 1).
+/// added (0 or 1). A value of a pack is stored only if the pack's file is in place: it lives
+/// as long as that file ([`keep_unreferenced`]), and one evicted meanwhile is not written
+/// again for it.
 pub(super) fn put(
     tx: &Transaction<'_>,
     values: ValuesDir<'_>,
@@ -146,64 +168,165 @@ pub(super) fn put(
     } = new;
     let (header, body) = entry.parts();
     let len = header.len() + body.len();
-    let in_file = len >= FILE_THRESHOLD;
-    if in_file {
-        // Before the row, so that a committed row always has its file (a file without a row
-        // is an orphan that `gc` sweeps); rewritten if it went missing since. (A value put
-        // `in_file` has it already, written by the caller.)
-        value_files::write(values.dir, digest, body, values.shared).map_err(|e| {
-            rusqlite::Error::ToSqlConversionFailure(
-                format!("cannot write the value file: {e}").into(),
-            )
-        })?;
-    }
-    let current: Option<(Vec<u8>, Vec<u8>)> = tx
-        .prepare_cached("SELECT digest, link FROM entries WHERE key = ?1")?
-        .query_row([key.0.as_bytes()], |row| Ok((row.get(0)?, row.get(1)?)))
+    let in_file = len >= FILE_THRESHOLD && !matches!(entry, StoredEntry::Within { .. });
+    let member;
+    // The bytes kept in `blob_data`, the bytes accounted, and the pack's file if a member.
+    let (stored, size, pack): (&[u8], usize, Option<&Digest>) = match entry {
+        StoredEntry::Within {
+            file_digest,
+            offset,
+            ..
+        } => {
+            if fs::symlink_metadata(value_files::path(values.dir, file_digest)).is_err() {
+                return Ok((0, 0));
+            }
+            member = member_row(header, *offset);
+            (&member[..], member.len(), Some(file_digest))
+        }
+        _ if in_file => {
+            // Before the row, so that a committed row always has its file (a file without a
+            // row is an orphan that `gc` sweeps); rewritten if it went missing since. (A value
+            // put `in_file` has it already, written by the caller.)
+            value_files::write(values.dir, digest, body, values.shared).map_err(|e| {
+                rusqlite::Error::ToSqlConversionFailure(
+                    format!("cannot write the value file: {e}").into(),
+                )
+            })?;
+            (header, len, None)
+        }
+        StoredEntry::Whole(entry) => (&entry[..], len, None),
+        StoredEntry::Split { .. } => {
+            member = [header, body].concat();
+            (&member[..], len, None)
+        }
+    };
+    // What the key holds now: digest, link, and the pack's file of a value kept in one.
+    type Current = (Vec<u8>, Vec<u8>, Option<Vec<u8>>);
+    let current: Option<Current> = tx
+        .prepare_cached("SELECT digest, link, pack FROM entries WHERE key = ?1")?
+        .query_row([key.0.as_bytes()], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+        })
         .optional()?;
     let mut added = 0;
     let mut rows = 1;
     match current {
-        Some((d, l)) if d == digest.as_bytes() && l == link.as_bytes() => {
+        Some((d, l, p))
+            if d == digest.as_bytes()
+                && l == link.as_bytes()
+                && p.as_deref() == pack.map(|p| &p.as_bytes()[..]) =>
+        {
             tx.prepare_cached("UPDATE entries SET last_used = ?1 WHERE key = ?2")?
                 .execute(params![clock, key.0.as_bytes()])?;
             return Ok((0, 0));
         }
         Some(_) => {
-            // A key that now points elsewhere (a false link rewritten, a value stored anew):
-            // the old row goes, with its bytes.
+            // A key that now points elsewhere (a false link rewritten, a value stored anew,
+            // in another pack or on its own): the old row goes, with its bytes.
             let (freed, _) = remove_key(tx, key, unlink)?;
             added -= freed;
             rows = 0;
         }
         None => {}
     }
-    let whole;
-    let stored = match entry {
-        _ if in_file => header,
-        StoredEntry::Whole(entry) => &entry[..],
-        StoredEntry::Split { .. } => {
-            whole = [header, body].concat();
-            &whole[..]
+    if let Some(pack) = pack {
+        insert_member(tx, key, link, digest, pack, stored, clock)?;
+    } else {
+        tx.prepare_cached("INSERT INTO blob_data (data) VALUES (?1)")?
+            .execute([stored])?;
+        let data_id = tx.last_insert_rowid();
+        tx.prepare_cached(
+            "INSERT INTO entries (key, link, digest, data_id, size, last_used, in_file) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )?
+        .execute(params![
+            key.0.as_bytes(),
+            link.as_bytes(),
+            digest.as_bytes(),
+            data_id,
+            size as i64,
+            clock,
+            in_file,
+        ])?;
+    }
+    added += accounted(size as i64);
+    Ok((added, rows))
+}
+
+/// Inserts the row of a value of the pack `pack` (no row in `blob_data`: `within` holds its
+/// header and offset), unless its key has a row; `false` then.
+fn insert_member(
+    tx: &Transaction<'_>,
+    key: &KeyId,
+    link: &Link,
+    digest: &Digest,
+    pack: &Digest,
+    within: &[u8],
+    clock: i64,
+) -> rusqlite::Result<bool> {
+    let inserted = tx
+        .prepare_cached(
+            "INSERT INTO entries \
+             (key, link, digest, data_id, size, last_used, in_file, pack, within) \
+             VALUES (?1, ?2, ?3, 0, ?4, ?5, 0, ?6, ?7) ON CONFLICT (key) DO NOTHING",
+        )?
+        .execute(params![
+            key.0.as_bytes(),
+            link.as_bytes(),
+            digest.as_bytes(),
+            within.len() as i64,
+            clock,
+            pack.as_bytes(),
+            within,
+        ])?;
+    Ok(inserted == 1)
+}
+
+/// Stores the values of the pack whose file is named `pack`, each under its key, as [`put`]
+/// would one by one, with one search per key where the key is new (nearly always: a compile
+/// holds for its pack only values it made); returns the accounted bytes and the rows added.
+/// Called once the pack's own row is in place, in the same transaction.
+pub(super) fn put_members(
+    tx: &Transaction<'_>,
+    values: ValuesDir<'_>,
+    pack: (&Digest, &Arc<super::MappedFile>),
+    members: &[crate::store::Member],
+    clock: i64,
+    unlink: &mut Vec<Digest>,
+) -> rusqlite::Result<(i64, i64)> {
+    let (mut added, mut rows) = (0, 0);
+    for member in members {
+        let within = member_row(&member.header, member.offset);
+        if insert_member(
+            tx,
+            &member.key,
+            &member.link,
+            &member.digest,
+            pack.0,
+            &within,
+            clock,
+        )? {
+            added += accounted(within.len() as i64);
+            rows += 1;
+            continue;
         }
-    };
-    tx.prepare_cached("INSERT INTO blob_data (data) VALUES (?1)")?
-        .execute([stored])?;
-    let data_id = tx.last_insert_rowid();
-    tx.prepare_cached(
-        "INSERT INTO entries (key, link, digest, data_id, size, last_used, in_file) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-    )?
-    .execute(params![
-        key.0.as_bytes(),
-        link.as_bytes(),
-        digest.as_bytes(),
-        data_id,
-        len as i64,
-        clock,
-        in_file
-    ])?;
-    added += accounted(len as i64);
+        // The key has a row already: replaced, as `put` replaces one.
+        let entry = StoredEntry::Within {
+            header: member.header.clone(),
+            file: pack.1.clone(),
+            file_digest: *pack.0,
+            offset: member.offset,
+        };
+        let new = NewEntry {
+            key: &member.key,
+            link: &member.link,
+            digest: &member.digest,
+            entry: &entry,
+        };
+        let (bytes, row) = put(tx, values, new, clock, unlink)?;
+        added += bytes;
+        rows += row;
+    }
     Ok((added, rows))
 }
 
@@ -237,11 +360,12 @@ pub(super) fn remove_key(
 /// Keeps in `unlink` only the value files that no row refers to, at the end of a transaction:
 /// the keys of a value in a file share it, and a put later in the same transaction may have
 /// taken up the file of a key removed before it (the same value under another key, or under
-/// the same key with a new link), finding it in place.
+/// the same key with a new link), finding it in place. The values of a pack whose file goes
+/// go with it; returns the accounted bytes they freed and their rows.
 pub(super) fn keep_unreferenced(
     tx: &Transaction<'_>,
     unlink: &mut Vec<Digest>,
-) -> rusqlite::Result<()> {
+) -> rusqlite::Result<(i64, i64)> {
     unlink.sort_unstable();
     unlink.dedup();
     let mut referenced =
@@ -253,7 +377,27 @@ pub(super) fn keep_unreferenced(
         }
     }
     *unlink = unreferenced;
-    Ok(())
+    let (mut freed, mut removed) = (0, 0);
+    for pack in unlink.iter() {
+        let (bytes, rows) = remove_members(tx, pack)?;
+        freed += bytes;
+        removed += rows;
+    }
+    Ok((freed, removed))
+}
+
+/// Removes the values kept in the file of the pack `pack`; returns the accounted bytes freed
+/// and the rows removed.
+fn remove_members(tx: &Transaction<'_>, pack: &Digest) -> rusqlite::Result<(i64, i64)> {
+    let (rows, size): (i64, i64) = tx
+        .prepare_cached("SELECT COUNT(*), coalesce(sum(size), 0) FROM entries WHERE pack = ?1")?
+        .query_row([pack.as_bytes()], |row| Ok((row.get(0)?, row.get(1)?)))?;
+    if rows == 0 {
+        return Ok((0, 0));
+    }
+    tx.prepare_cached("DELETE FROM entries WHERE pack = ?1")?
+        .execute([pack.as_bytes()])?;
+    Ok((size + rows * (VALUE_OVERHEAD + KEY_OVERHEAD) as i64, rows))
 }
 
 /// Removes every key whose value has one of `digests`; returns the accounted bytes freed and

@@ -16,14 +16,14 @@ use rusqlite::{params, Connection, Transaction, TransactionBehavior};
 use super::schema::{log_path, LOG_BUDGET};
 use super::sql::{
     add_counters, add_evictions, entries, evict_within, keep_unreferenced, low_water, meta, put,
-    remove_file_value, remove_key, remove_values, set_entries, set_meta, stored_limit,
+    put_members, remove_file_value, remove_key, remove_values, set_entries, set_meta, stored_limit,
     EvictionBudget, NewEntry, ValuesDir,
 };
 use super::{parked_counters, value_files};
 use super::{BUSY_TIMEOUT, MIN_EVICTIONS_PER_COMMIT};
 use crate::key::{Digest, KeyId, Link};
 use crate::stats::Counters;
-use crate::store::{Eviction, StoreError, StoredEntry};
+use crate::store::{Eviction, MappedFile, Member, StoreError, StoredEntry};
 
 pub(super) type Pending = Arc<Mutex<HashMap<KeyId, (Digest, Link, StoredEntry)>>>;
 
@@ -40,6 +40,15 @@ pub(super) enum Op {
         link: Link,
         digest: Digest,
         entry: StoredEntry,
+    },
+    /// A compile's pack, in its file, and the values kept in it ([`put_members`]).
+    PutPack {
+        key: KeyId,
+        link: Link,
+        digest: Digest,
+        header: Arc<[u8]>,
+        file: Arc<MappedFile>,
+        members: Vec<Member>,
     },
     Touch(KeyId),
     RemoveKey(KeyId),
@@ -236,11 +245,26 @@ impl WriterState {
         // Committed or not, these values are no longer waiting: a failed write is a miss later.
         {
             let mut pending = self.pending.lock();
+            let mut done = |key: &KeyId, digest: &Digest| {
+                if pending.get(key).is_some_and(|(d, _, _)| d == digest) {
+                    pending.remove(key);
+                }
+            };
             for op in &data {
-                if let Op::Put { key, digest, .. } = op {
-                    if pending.get(key).is_some_and(|(d, _, _)| d == digest) {
-                        pending.remove(key);
+                match op {
+                    Op::Put { key, digest, .. } => done(key, digest),
+                    Op::PutPack {
+                        key,
+                        digest,
+                        members,
+                        ..
+                    } => {
+                        done(key, digest);
+                        for member in members {
+                            done(&member.key, &member.digest);
+                        }
                     }
+                    _ => {}
                 }
             }
         }
@@ -444,6 +468,40 @@ impl WriterState {
                         added_bytes += added;
                         entries += rows;
                     }
+                    Op::PutPack {
+                        key,
+                        link,
+                        digest,
+                        header,
+                        file,
+                        members,
+                    } => {
+                        if !doomed.is_empty() {
+                            let doomed = std::mem::take(&mut doomed);
+                            let (freed, removed) = remove_values(tx, &doomed, &mut unlink)?;
+                            bytes -= freed;
+                            entries -= removed;
+                        }
+                        clock += 1;
+                        let values = ValuesDir { dir: &dir, shared };
+                        let entry = StoredEntry::Split {
+                            header: header.clone(),
+                            body: file.clone(),
+                        };
+                        let new = NewEntry {
+                            key,
+                            link,
+                            digest,
+                            entry: &entry,
+                        };
+                        let (added, rows) = put(tx, values, new, clock, &mut unlink)?;
+                        let pack = (digest, file);
+                        let (members_added, member_rows) =
+                            put_members(tx, values, pack, members, clock, &mut unlink)?;
+                        bytes += added + members_added;
+                        added_bytes += added + members_added;
+                        entries += rows + member_rows;
+                    }
                     Op::Touch(key) => {
                         clock += 1;
                         tx.prepare_cached("UPDATE entries SET last_used = ?1 WHERE key = ?2")?
@@ -491,13 +549,17 @@ impl WriterState {
                 entries -= eviction.entries as i64;
                 evicted = eviction.entries > 0;
             }
+            // The values of a pack whose file goes (evicted, or removed) go with it.
+            let (freed, removed) = keep_unreferenced(tx, &mut unlink)?;
+            bytes -= freed;
+            entries -= removed;
+            counters.evictions += removed as u64;
             set_meta(tx, "bytes", bytes)?;
             set_meta(tx, "clock", clock)?;
             set_entries(tx, entries)?;
             // Counters that processes which only read parked in files, folded in here.
             counters.add(&parked_counters::fold(&dir));
             add_counters(tx, &counters)?;
-            keep_unreferenced(tx, &mut unlink)?;
             Ok((evicted, clock, entries, max_bytes))
         })?;
         let (evicted, clock, entries, max_bytes) = evicted;
@@ -544,8 +606,11 @@ impl WriterState {
                 let mut bytes = meta(tx, "bytes")?;
                 let before = entries(tx)?; // counted before any row goes, if it must be
                 let target = (max_bytes as f64 / ratio) as u64;
-                let eviction = evict_within(tx, &mut bytes, target, None, &mut unlink)?;
-                keep_unreferenced(tx, &mut unlink)?;
+                let mut eviction = evict_within(tx, &mut bytes, target, None, &mut unlink)?;
+                let (freed, removed) = keep_unreferenced(tx, &mut unlink)?;
+                bytes -= freed;
+                eviction.entries += removed as u64;
+                eviction.bytes += freed.max(0) as u64;
                 set_meta(tx, "bytes", bytes)?;
                 set_entries(tx, before - eviction.entries as i64)?;
                 add_evictions(tx, eviction.entries)?;
@@ -586,6 +651,23 @@ impl WriterState {
                     lost.bytes += freed.max(0) as u64;
                 }
             }
+            // The values kept in a lost pack's file are lost with it, whether its row was
+            // just removed or went before (another process unlinked the file after this one
+            // stored a value of it).
+            let packs: Vec<Digest> = tx
+                .prepare("SELECT DISTINCT pack FROM entries WHERE pack IS NOT NULL")?
+                .query_map([], |row| row.get::<_, Vec<u8>>(0))?
+                .filter_map(|r| r.map(|d| Digest::from_slice(&d)).transpose())
+                .collect::<rusqlite::Result<_>>()?;
+            for pack in packs {
+                if fs::symlink_metadata(value_files::path(&dir, &pack)).is_err() {
+                    unlink.push(pack);
+                }
+            }
+            let (freed, removed) = keep_unreferenced(tx, &mut unlink)?;
+            bytes -= freed;
+            lost.entries += removed as u64;
+            lost.bytes += freed.max(0) as u64;
             set_meta(tx, "bytes", bytes)?;
             set_entries(tx, before - lost.entries as i64)?;
             add_evictions(tx, lost.entries)?;
