@@ -614,6 +614,20 @@ impl DiskStore {
         writer.queue.push(make(tx))?;
         rx.recv().map_err(|_| StoreError::WriterGone)?
     }
+    /// Writes the value file of `digest` here, on the caller's thread, and maps it; `None`
+    /// (said in the log) if it cannot be.
+    fn write_value_file(&self, digest: &Digest, body: &[u8]) -> Option<Arc<MappedFile>> {
+        let written = value_files::write(&self.dir, digest, body, self.shared)
+            .and_then(|()| MappedFile::open(&self.dir, digest, self.shared));
+        match written {
+            Ok(file) => Some(Arc::new(file)),
+            Err(error) => {
+                log::debug!("cannot write a value file here ({error}); it is put whole");
+                None
+            }
+        }
+    }
+
     /// The file of the pack `digest`, mapped (kept for the next value of it).
     fn mapped_pack(&self, digest: &Digest) -> std::io::Result<Arc<MappedFile>> {
         if let Some((_, file)) = self.packs.lock().iter().find(|(d, _)| d == digest) {
@@ -830,15 +844,10 @@ impl Store for DiskStore {
         if self.read_only || self.shared || header.len() + body.len() < FILE_THRESHOLD {
             return Ok(false);
         }
-        let written = value_files::write(&self.dir, &digest, body, self.shared)
-            .and_then(|()| MappedFile::open(&self.dir, &digest, self.shared));
-        let body = match written {
-            Ok(body) => Arc::new(body),
-            Err(error) => {
-                // Put whole instead: the writer tries the file again, and warns if it fails.
-                log::debug!("cannot write a value file here ({error}); leaving it to the writer");
-                return Ok(false);
-            }
+        // Put whole instead if it cannot be written here: the writer tries the file again,
+        // and warns if it fails.
+        let Some(body) = self.write_value_file(&digest, body) else {
+            return Ok(false);
         };
         self.queue_put(key, link, digest, StoredEntry::Split { header, body })?;
         Ok(true)
@@ -865,14 +874,8 @@ impl Store for DiskStore {
         if !self.keeps_members() || header.len() + body.len() < FILE_THRESHOLD {
             return Ok(false);
         }
-        let written = value_files::write(&self.dir, &digest, body, self.shared)
-            .and_then(|()| MappedFile::open(&self.dir, &digest, self.shared));
-        let file = match written {
-            Ok(file) => Arc::new(file),
-            Err(error) => {
-                log::debug!("cannot write a pack's file ({error}); its values are put whole");
-                return Ok(false);
-            }
+        let Some(file) = self.write_value_file(&digest, body) else {
+            return Ok(false); // the caller puts the pack and its values whole
         };
         // Served from the mapped file until committed, the pack and its values in one
         // transaction: a value is stored only with its pack's row in place.

@@ -141,6 +141,57 @@ impl Queue {
     }
 }
 
+/// Stores what a [`Op::Put`] or an [`Op::PutPack`] hands over (see [`put`] and
+/// [`put_members`]); returns the accounted bytes and the rows added.
+fn put_op(
+    tx: &Transaction<'_>,
+    values: ValuesDir<'_>,
+    op: &Op,
+    clock: i64,
+    unlink: &mut Vec<Digest>,
+) -> rusqlite::Result<(i64, i64)> {
+    match op {
+        Op::Put {
+            key,
+            link,
+            digest,
+            entry,
+        } => {
+            let new = NewEntry {
+                key,
+                link,
+                digest,
+                entry,
+            };
+            put(tx, values, new, clock, unlink)
+        }
+        Op::PutPack {
+            key,
+            link,
+            digest,
+            header,
+            file,
+            members,
+        } => {
+            let entry = StoredEntry::Split {
+                header: header.clone(),
+                body: file.clone(),
+            };
+            let new = NewEntry {
+                key,
+                link,
+                digest,
+                entry: &entry,
+            };
+            let (added, rows) = put(tx, values, new, clock, unlink)?;
+            let (members_added, member_rows) =
+                put_members(tx, values, (digest, file), members, clock, unlink)?;
+            Ok((added + members_added, rows + member_rows))
+        }
+        _ => Ok((0, 0)),
+    }
+}
+
 /// The sum of `ops`' counters if they are all counter records.
 fn only_counters(ops: &[Op]) -> Option<Counters> {
     let mut total = Counters::default();
@@ -443,12 +494,7 @@ impl WriterState {
             let mut doomed = HashSet::new();
             for op in ops {
                 match op {
-                    Op::Put {
-                        key,
-                        link,
-                        digest,
-                        entry,
-                    } => {
+                    Op::Put { .. } | Op::PutPack { .. } => {
                         if !doomed.is_empty() {
                             let doomed = std::mem::take(&mut doomed);
                             let (freed, removed) = remove_values(tx, &doomed, &mut unlink)?;
@@ -457,50 +503,10 @@ impl WriterState {
                         }
                         clock += 1;
                         let values = ValuesDir { dir: &dir, shared };
-                        let new = NewEntry {
-                            key,
-                            link,
-                            digest,
-                            entry,
-                        };
-                        let (added, rows) = put(tx, values, new, clock, &mut unlink)?;
+                        let (added, rows) = put_op(tx, values, op, clock, &mut unlink)?;
                         bytes += added;
                         added_bytes += added;
                         entries += rows;
-                    }
-                    Op::PutPack {
-                        key,
-                        link,
-                        digest,
-                        header,
-                        file,
-                        members,
-                    } => {
-                        if !doomed.is_empty() {
-                            let doomed = std::mem::take(&mut doomed);
-                            let (freed, removed) = remove_values(tx, &doomed, &mut unlink)?;
-                            bytes -= freed;
-                            entries -= removed;
-                        }
-                        clock += 1;
-                        let values = ValuesDir { dir: &dir, shared };
-                        let entry = StoredEntry::Split {
-                            header: header.clone(),
-                            body: file.clone(),
-                        };
-                        let new = NewEntry {
-                            key,
-                            link,
-                            digest,
-                            entry: &entry,
-                        };
-                        let (added, rows) = put(tx, values, new, clock, &mut unlink)?;
-                        let pack = (digest, file);
-                        let (members_added, member_rows) =
-                            put_members(tx, values, pack, members, clock, &mut unlink)?;
-                        bytes += added + members_added;
-                        added_bytes += added + members_added;
-                        entries += rows + member_rows;
                     }
                     Op::Touch(key) => {
                         clock += 1;
