@@ -1420,3 +1420,39 @@ fn insert_pack_refuses_where_values_cannot_be_kept_in_the_pack() {
     cache.flush().unwrap();
     assert_eq!(cache.stats().unwrap().entries, 0);
 }
+
+/// A cache shared on purpose never keeps values in packs, so a row that says a value lies in
+/// a pack's file was not written by fncache there: it is not followed (no file is read for
+/// it), and `verify` removes it.
+#[test]
+fn a_shared_cache_follows_no_row_into_a_packs_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let private = open(dir.path(), 1 << 30);
+    let (pack, members) = pack_of(40, 8 << 10, 100);
+    assert!(insert_pack(&private, &pack, &members));
+    private.flush().unwrap();
+    drop(private);
+
+    let shared = Cache::open(
+        &CacheConfig::new()
+            .directory(dir.path())
+            .compression(Compression::None)
+            .shared(true),
+    )
+    .unwrap();
+    for (key, _) in &members {
+        assert_eq!(shared.get(&namespace(), key), None);
+    }
+    assert_eq!(
+        shared.session_counters().rejected,
+        0,
+        "not read, so not rejected"
+    );
+    let verification = shared.verify().unwrap();
+    assert_eq!(verification.rejected, 40);
+    assert_eq!(
+        shared.stats().unwrap().entries,
+        1,
+        "the pack's own entry stays"
+    );
+}

@@ -650,8 +650,11 @@ impl DiskStore {
             return Ok(None);
         };
         let entry = if let Some(pack) = pack {
-            let Some(pack) = pack else {
-                return Ok(None); // a pack column of the wrong length: a damaged row
+            // A cache shared on purpose never keeps values in packs (a reader would copy the
+            // whole file for one of them): such a row was not written by fncache, and is not
+            // followed.
+            let (Some(pack), false) = (pack, self.shared) else {
+                return Ok(None); // or a pack column of the wrong length: a damaged row
             };
             let Some((header, offset)) = sql::parse_member_row(&stored) else {
                 return Ok(None); // rejected as a damaged row would be: nothing to serve
@@ -1036,6 +1039,7 @@ impl Store for DiskStore {
                     // A value of a pack: its header and its slice of the pack's file. A row
                     // that says no such thing yields what it holds, which is rejected.
                     let found = Digest::from_slice(pack)
+                        .filter(|_| !self.shared) // never followed there (see `found`)
                         .zip(sql::parse_member_row(stored))
                         .and_then(|(pack, (header, offset))| {
                             let file = self.mapped_pack(&pack).ok()?;
