@@ -877,6 +877,11 @@ impl Store for DiskStore {
         if !self.keeps_members() || header.len() + body.len() < FILE_THRESHOLD {
             return Ok(false);
         }
+        // In key order, the writer's inserts walk the table's leaves once, in order, and add
+        // to the two indexes of the values' rows (by use, by pack: the same for all of them)
+        // one after another: sql.js's 2,035 rows took 5.8-7.4 ms instead of 7.2-8.5.
+        let mut members = members;
+        members.sort_unstable_by_key(|member| member.key);
         let Some(file) = self.write_value_file(&digest, body) else {
             return Ok(false); // the caller puts the pack and its values whole
         };
