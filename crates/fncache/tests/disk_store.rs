@@ -1456,3 +1456,63 @@ fn a_shared_cache_follows_no_row_into_a_packs_file() {
         "the pack's own entry stays"
     );
 }
+
+/// Packs in a cache at its limit: the least recently used pack is evicted with its values,
+/// the cache stays under its limit, accounted as on disk, and every value still listed is
+/// served whole.
+#[test]
+fn a_cache_at_its_limit_evicts_a_pack_with_its_values_and_stays_under_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let packs: Vec<_> = (0..3u64)
+        .map(|seed| {
+            let (mut pack, members) = pack_of(48, 8 << 10, 100);
+            // Distinct packs: their values differ by seed.
+            for (_, range) in &members {
+                let fresh = value(seed * 10_000 + range.start as u64, range.len());
+                pack[range.clone()].copy_from_slice(&fresh);
+            }
+            let members: Members = members
+                .into_iter()
+                .map(|(key, range)| ([&key[..], &seed.to_le_bytes()[..]].concat(), range))
+                .collect();
+            (pack, members)
+        })
+        .collect();
+    // Room for two packs and their values' rows, not three.
+    let limit = 2 * (packs[0].0.len() as u64) + 256 * 1024;
+    let cache = open(dir.path(), limit);
+    for (i, (pack, members)) in packs.iter().enumerate() {
+        let headers: Vec<_> = members
+            .iter()
+            .map(|(key, range)| cache.value_header(&namespace(), key, &pack[range.clone()]))
+            .collect();
+        let held: Vec<_> = members
+            .iter()
+            .zip(&headers)
+            .map(|((_, range), header)| (range.clone(), header))
+            .collect();
+        let key = format!("pack {i}");
+        assert!(cache.insert_pack(&namespace(), key.as_bytes(), pack, &held));
+        cache.flush().unwrap();
+    }
+    let stats = cache.stats().unwrap();
+    assert!(stats.bytes <= limit, "{stats:?}");
+    assert!(
+        stats.counters.evictions >= 49,
+        "a pack and its 48 values: {stats:?}"
+    );
+    assert_eq!(value_files(dir.path()).len(), 2);
+    // The first pack went, with all of its values; the last two are served whole.
+    for (i, (pack, members)) in packs.iter().enumerate() {
+        for (key, range) in members {
+            let got = cache.get(&namespace(), key);
+            if i == 0 {
+                assert_eq!(got, None);
+            } else {
+                assert_eq!(got.as_deref(), Some(&pack[range.clone()]));
+            }
+        }
+    }
+    assert_eq!(stats.entries, 2 * 49);
+    assert_eq!(cache.verify().unwrap().rejected, 0);
+}

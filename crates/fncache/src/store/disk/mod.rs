@@ -146,8 +146,9 @@ pub struct DiskStore {
     packs: Mutex<Vec<(Digest, Arc<MappedFile>)>>,
 }
 
-/// Packs' files kept mapped by a [`DiskStore`].
-const MAPPED_PACKS: usize = 4;
+/// Packs' files kept mapped by a [`DiskStore`] (an open file and a mapping each): a compile
+/// that hits the values of a library several programs share reads them from as many packs.
+const MAPPED_PACKS: usize = 16;
 
 /// What the writer thread starts with.
 struct WriterStart {
@@ -630,8 +631,15 @@ impl DiskStore {
 
     /// The file of the pack `digest`, mapped (kept for the next value of it).
     fn mapped_pack(&self, digest: &Digest) -> std::io::Result<Arc<MappedFile>> {
-        if let Some((_, file)) = self.packs.lock().iter().find(|(d, _)| d == digest) {
-            return Ok(file.clone());
+        {
+            // The most recently used last, the least first.
+            let mut packs = self.packs.lock();
+            if let Some(at) = packs.iter().position(|(d, _)| d == digest) {
+                let used = packs.remove(at);
+                let file = used.1.clone();
+                packs.push(used);
+                return Ok(file);
+            }
         }
         let file = Arc::new(MappedFile::open(&self.dir, digest, self.shared)?);
         let mut packs = self.packs.lock();
