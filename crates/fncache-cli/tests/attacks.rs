@@ -137,10 +137,12 @@ fn keys_pointed_at_other_functions_values_are_rejected_and_recompiled() {
     env.compile(&module, &reference, &["--no-cache"]);
     let functions_only = ["--no-module-level"];
     env.compile(&module, &env.dir.path().join("cold.cwasm"), &functions_only);
-    // Rotate: each key takes the value of the next one (by key order), keeping its own link.
+    // Rotate: each key takes the value of the next one (by key order), keeping its own link:
+    // where the value lies, in the database or in its compile's pack (`pack`, `within`).
     let conn = db(&env);
     conn.execute_batch(
-        "CREATE TEMP TABLE next AS SELECT e.key, n.digest, n.data_id, n.size, n.in_file
+        "CREATE TEMP TABLE next AS
+             SELECT e.key, n.digest, n.data_id, n.size, n.in_file, n.pack, n.within
              FROM entries e JOIN entries n ON n.key = coalesce(
                  (SELECT min(e2.key) FROM entries e2 WHERE e2.key > e.key),
                  (SELECT min(e3.key) FROM entries e3));",
@@ -148,8 +150,9 @@ fn keys_pointed_at_other_functions_values_are_rejected_and_recompiled() {
     .unwrap();
     let changed = conn
         .execute(
-            "UPDATE entries SET (digest, data_id, size, in_file) = \
-             (SELECT digest, data_id, size, in_file FROM next WHERE next.key = entries.key)",
+            "UPDATE entries SET (digest, data_id, size, in_file, pack, within) = \
+             (SELECT digest, data_id, size, in_file, pack, within FROM next \
+              WHERE next.key = entries.key)",
             [],
         )
         .unwrap();

@@ -19,43 +19,94 @@ fn a_second_process_reuses_the_first_ones_functions() {
     assert_eq!(n(&report, "functions"), 301);
 }
 
-/// The stored values' ids.
-fn value_ids(cache_dir: &Path) -> Vec<i64> {
+/// The stored keys.
+fn stored_keys(cache_dir: &Path) -> Vec<Vec<u8>> {
     let conn = rusqlite::Connection::open(cache_dir.join("fncache.db")).unwrap();
-    let mut statement = conn.prepare("SELECT data_id FROM entries").unwrap();
-    let ids = statement
+    let mut statement = conn.prepare("SELECT key FROM entries").unwrap();
+    let keys = statement
         .query_map([], |row| row.get(0))
         .unwrap()
         .map(Result::unwrap)
         .collect();
-    ids
+    keys
 }
 
-/// Rewrites the bytes of the most recently used entry among `stable` (values that the cold
-/// compile stored and the warm one read back), as a disk error or a meddling process would:
-/// its key came back once, so the next compile asks for it again (some keys change from
-/// compile to compile upstream; a value the warm compile stored may be under such a key).
-fn damage_most_recently_used_entry(cache_dir: &Path, stable: &[i64], edit: fn(&mut Vec<u8>)) {
+/// Damage done to an entry, as a disk error or a meddling process would.
+#[derive(Clone, Copy, Debug)]
+enum Damage {
+    /// A byte of the value flipped where it lies: in the database, or in its compile's pack.
+    FlippedByte,
+    /// What the database holds for it cut short (the entry, or the row saying where it lies).
+    Truncated,
+    /// What the database holds for it emptied.
+    ZeroLength,
+}
+
+/// Damages the most recently used compiled function's entry among `stable` (keys that the
+/// cold compile stored and the warm one read back): its key came back once, so the next
+/// compile asks for it again (some keys change from compile to compile upstream; a value the
+/// warm compile stored may be under such a key). A value kept in its compile's pack has its
+/// bytes in the pack's file and its header and offset in its row (`within`).
+fn damage_most_recently_used_entry(cache_dir: &Path, stable: &[Vec<u8>], damage: Damage) {
     let conn = rusqlite::Connection::open(cache_dir.join("fncache.db")).unwrap();
-    let ids: Vec<String> = stable.iter().map(i64::to_string).collect();
-    let (id, mut data): (i64, Vec<u8>) = conn
+    let keys: Vec<String> = stable
+        .iter()
+        .map(|key| format!("x'{}'", hex(key)))
+        .collect();
+    // Its key, its entry in the database if there, its pack's file and place there if not.
+    type Stored = (Vec<u8>, Option<Vec<u8>>, Option<Vec<u8>>, Option<Vec<u8>>);
+    let (key, data, pack, within): Stored = conn
         .query_row(
             &format!(
-                "SELECT d.id, d.data FROM entries m JOIN blob_data d ON d.id = m.data_id \
-                 WHERE m.data_id IN ({}) AND {FUNCTION_ENTRY} \
+                "SELECT m.key, d.data, m.pack, m.within FROM entries m \
+                 LEFT JOIN blob_data d ON d.id = m.data_id \
+                 WHERE m.key IN ({}) AND (m.within IS NOT NULL OR {FUNCTION_ENTRY}) \
                  ORDER BY m.last_used DESC LIMIT 1",
-                ids.join(",")
+                keys.join(",")
             ),
             [],
-            |row| Ok((row.get(0)?, row.get(1)?)),
+            |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)),
         )
         .unwrap();
-    edit(&mut data);
-    conn.execute(
-        "UPDATE blob_data SET data = ?1 WHERE id = ?2",
-        rusqlite::params![data, id],
-    )
-    .unwrap();
+    let cut = |bytes: &mut Vec<u8>| match damage {
+        Damage::FlippedByte => unreachable!("flipped where the value lies"),
+        Damage::Truncated => bytes.truncate(bytes.len() - 3),
+        Damage::ZeroLength => bytes.clear(),
+    };
+    match (data, pack, within) {
+        (_, Some(pack), Some(within)) if matches!(damage, Damage::FlippedByte) => {
+            let file = cache_dir.join("values").join(hex(&pack));
+            let offset = u64::from_le_bytes(within[56..64].try_into().unwrap()) as usize;
+            let mut bytes = std::fs::read(&file).unwrap();
+            bytes[offset + 14] ^= 0x04;
+            std::fs::write(&file, bytes).unwrap();
+        }
+        (_, Some(_), Some(mut within)) => {
+            cut(&mut within);
+            conn.execute(
+                "UPDATE entries SET within = ?1 WHERE key = ?2",
+                rusqlite::params![within, key],
+            )
+            .unwrap();
+        }
+        (Some(mut data), _, _) => {
+            match damage {
+                Damage::FlippedByte => data[70] ^= 0x04,
+                _ => cut(&mut data),
+            }
+            conn.execute(
+                "UPDATE blob_data SET data = ?1 \
+                 WHERE id = (SELECT data_id FROM entries WHERE key = ?2)",
+                rusqlite::params![data, key],
+            )
+            .unwrap();
+        }
+        other => panic!("no entry to damage: {other:?}"),
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// SQL that holds for a compiled function's entry and not for the read-ahead's bookkeeping (a
@@ -64,17 +115,9 @@ fn damage_most_recently_used_entry(cache_dir: &Path, stable: &[i64], edit: fn(&m
 const FUNCTION_ENTRY: &str = "length(d.data) > 88 \
      AND substr(d.data, 57, 4) NOT IN (CAST('FNMF' AS BLOB), CAST('FNPK' AS BLOB))";
 
-/// A kind of damage, and what it does to an entry's bytes.
-type Damage = (&'static str, fn(&mut Vec<u8>));
-
 #[test]
 fn damaged_entries_are_detected_recompiled_warned_and_counted() {
-    let cases: [Damage; 3] = [
-        ("a flipped byte", |data| data[70] ^= 0x04),
-        ("a truncated entry", |data| data.truncate(data.len() - 3)),
-        ("a zero-length entry", |data| data.clear()),
-    ];
-    for (what, edit) in cases {
+    for what in [Damage::FlippedByte, Damage::Truncated, Damage::ZeroLength] {
         // On one thread: the compile after the damage must ask for the damaged entry's key
         // again, which on several threads depends on how they interleave (once in CI, the
         // compile after asked other variants and found nothing damaged).
@@ -88,26 +131,28 @@ fn damaged_entries_are_detected_recompiled_warned_and_counted() {
         // fncache-wasmtime).
         let functions_only = ["--no-module-level", "--no-prefetch"];
         env.compile(&module, &env.dir.path().join("cold.cwasm"), &functions_only);
-        let stable = value_ids(&env.cache_dir());
+        let stable = stored_keys(&env.cache_dir());
         env.compile(&module, &env.dir.path().join("warm.cwasm"), &functions_only);
-        damage_most_recently_used_entry(&env.cache_dir(), &stable, edit);
+        damage_most_recently_used_entry(&env.cache_dir(), &stable, what);
         let rejected_before = n(&env.stats(), "rejected");
         let out = env.dir.path().join("after.cwasm");
         let (report, stderr) = env.compile(&module, &out, &functions_only);
-        assert!(n(&report, "misses") >= 1, "{what}: {report}");
+        assert!(n(&report, "misses") >= 1, "{what:?}: {report}");
         assert_eq!(
             warnings(&stderr),
             1,
-            "{what}: expected one warning: {stderr}"
+            "{what:?}: expected one warning: {stderr}"
         );
-        assert!(stderr.contains("damaged"), "{what}: {stderr}");
-        assert_eq!(n(&env.stats(), "rejected"), rejected_before + 1, "{what}");
+        assert!(stderr.contains("damaged"), "{what:?}: {stderr}");
+        assert_eq!(n(&env.stats(), "rejected"), rejected_before + 1, "{what:?}");
         assert!(
             std::fs::read(&out).unwrap() == std::fs::read(&reference).unwrap(),
-            "{what}: code differs"
+            "{what:?}: code differs"
         );
+        // A value of a pack damaged in its file: the compile that recompiled it stored the
+        // same pack again, whose file replaced the damaged one.
         let verify = env.fncache(&["verify", "--json"]);
-        assert!(verify.status.success(), "{what}: cache left damaged");
+        assert!(verify.status.success(), "{what:?}: cache left damaged");
     }
 }
 

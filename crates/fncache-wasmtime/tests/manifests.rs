@@ -134,10 +134,28 @@ fn remove_entries(dir: &Path, keys: &[KeyId]) {
     }
 }
 
-/// Flips the last byte of the entries of `keys`, kept in the database (small values).
+/// Flips the last byte of what the database holds for each of `keys`: the entry of a value
+/// kept there, or for a value kept in its compile's pack, the row's header and offset (the
+/// offset's last byte: it then points past the file).
 fn damage_entries(dir: &Path, keys: &[KeyId]) {
     let conn = database(dir);
     for key in keys {
+        let within: Option<Vec<u8>> = conn
+            .query_row(
+                "SELECT within FROM entries WHERE key = ?1",
+                [key.0.as_bytes()],
+                |row| row.get(0),
+            )
+            .unwrap();
+        if let Some(mut within) = within {
+            *within.last_mut().unwrap() ^= 1;
+            conn.execute(
+                "UPDATE entries SET within = ?1 WHERE key = ?2",
+                rusqlite::params![within, key.0.as_bytes()],
+            )
+            .unwrap();
+            continue;
+        }
         let (id, mut data): (i64, Vec<u8>) = conn
             .query_row(
                 "SELECT d.id, d.data FROM entries e JOIN blob_data d ON d.id = e.data_id \

@@ -1411,19 +1411,37 @@ fn insert_pack_refuses_where_values_cannot_be_kept_in_the_pack() {
     .unwrap();
     assert!(!cache.keeps_values_in_packs());
     assert!(!insert_pack(&cache, &pack, &members));
+}
 
-    // A pack too small for a file of its own is refused too.
-    let private = tempfile::tempdir().unwrap();
-    let cache = open(private.path(), 1 << 30);
-    let (small, small_members) = pack_of(4, 1 << 10, 100);
-    assert!(!insert_pack(&cache, &small, &small_members));
+/// A pack below the size from which values get files of their own still gets one when values
+/// are kept in it: they are written once whatever the program's size.
+#[test]
+fn a_small_pack_keeps_its_values_in_a_file_of_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = open(dir.path(), 1 << 30);
+    let (small, members) = pack_of(4, 1 << 10, 100);
+    assert!(small.len() < fncache::store::value_files::FILE_THRESHOLD);
+    assert!(insert_pack(&cache, &small, &members));
     cache.flush().unwrap();
-    assert_eq!(cache.stats().unwrap().entries, 0);
+    assert_eq!(value_files(dir.path()).len(), 1);
+    drop(cache);
+    let cache = open(dir.path(), 1 << 30);
+    for (key, range) in &members {
+        assert_eq!(
+            cache.get(&namespace(), key).as_deref(),
+            Some(&small[range.clone()])
+        );
+    }
+    assert_eq!(
+        cache.get_value(&namespace(), b"pack").as_deref(),
+        Some(&small[..])
+    );
+    assert_eq!(cache.verify().unwrap().rejected, 0);
 }
 
 /// A cache shared on purpose never keeps values in packs, so a row that says a value lies in
 /// a pack's file was not written by fncache there: it is not followed (no file is read for
-/// it), and `verify` removes it.
+/// it), but rejected and removed as a damaged entry.
 #[test]
 fn a_shared_cache_follows_no_row_into_a_packs_file() {
     let dir = tempfile::tempdir().unwrap();
@@ -1440,16 +1458,12 @@ fn a_shared_cache_follows_no_row_into_a_packs_file() {
             .shared(true),
     )
     .unwrap();
-    for (key, _) in &members {
+    for (key, _) in &members[..10] {
         assert_eq!(shared.get(&namespace(), key), None);
     }
-    assert_eq!(
-        shared.session_counters().rejected,
-        0,
-        "not read, so not rejected"
-    );
+    assert_eq!(shared.session_counters().rejected, 10);
     let verification = shared.verify().unwrap();
-    assert_eq!(verification.rejected, 40);
+    assert_eq!(verification.rejected, 30, "the others");
     assert_eq!(
         shared.stats().unwrap().entries,
         1,

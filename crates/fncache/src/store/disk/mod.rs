@@ -615,11 +615,21 @@ impl DiskStore {
         writer.queue.push(make(tx))?;
         rx.recv().map_err(|_| StoreError::WriterGone)?
     }
-    /// Writes the value file of `digest` here, on the caller's thread, and maps it; `None`
-    /// (said in the log) if it cannot be.
-    fn write_value_file(&self, digest: &Digest, body: &[u8]) -> Option<Arc<MappedFile>> {
-        let written = value_files::write(&self.dir, digest, body, self.shared)
-            .and_then(|()| MappedFile::open(&self.dir, digest, self.shared));
+    /// Writes the value file of `digest` here, on the caller's thread (replacing any file of
+    /// that name if `anew`, see [`value_files::write_anew`]), and maps it; `None` (said in the
+    /// log) if it cannot be.
+    fn write_value_file(
+        &self,
+        digest: &Digest,
+        body: &[u8],
+        anew: bool,
+    ) -> Option<Arc<MappedFile>> {
+        let written = if anew {
+            value_files::write_anew(&self.dir, digest, body, self.shared)
+        } else {
+            value_files::write(&self.dir, digest, body, self.shared)
+        };
+        let written = written.and_then(|()| MappedFile::open(&self.dir, digest, self.shared));
         match written {
             Ok(file) => Some(Arc::new(file)),
             Err(error) => {
@@ -657,16 +667,15 @@ impl DiskStore {
         let Some((Some(digest), stored, in_file, last_used, Some(link), pack)) = row else {
             return Ok(None);
         };
-        let entry = if let Some(pack) = pack {
+        let followed = match pack {
             // A cache shared on purpose never keeps values in packs (a reader would copy the
-            // whole file for one of them): such a row was not written by fncache, and is not
-            // followed.
-            let (Some(pack), false) = (pack, self.shared) else {
-                return Ok(None); // or a pack column of the wrong length: a damaged row
-            };
-            let Some((header, offset)) = sql::parse_member_row(&stored) else {
-                return Ok(None); // rejected as a damaged row would be: nothing to serve
-            };
+            // whole file for one of them): such a row was not written by fncache there.
+            Some(Some(pack)) if !self.shared => {
+                sql::parse_member_row(&stored).map(|(header, offset)| (pack, header, offset))
+            }
+            _ => None,
+        };
+        let entry = if let Some((pack, header, offset)) = followed {
             let path = value_files::path(&self.dir, &pack);
             match self.mapped_pack(&pack) {
                 Ok(file) => StoredEntry::Within {
@@ -679,6 +688,11 @@ impl DiskStore {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
                 Err(cause) => return Err(StoreError::Io { path, cause }),
             }
+        } else if pack.is_some() {
+            // A row of a value in a pack that is not followed (above), or not well formed:
+            // handed over as it is, which is no entry, so that it is rejected, counted and
+            // removed as a damaged one.
+            StoredEntry::Whole(stored)
         } else if in_file {
             let path = value_files::path(&self.dir, &digest);
             match MappedFile::open(&self.dir, &digest, self.shared) {
@@ -857,7 +871,7 @@ impl Store for DiskStore {
         }
         // Put whole instead if it cannot be written here: the writer tries the file again,
         // and warns if it fails.
-        let Some(body) = self.write_value_file(&digest, body) else {
+        let Some(body) = self.write_value_file(&digest, body, false) else {
             return Ok(false);
         };
         self.queue_put(key, link, digest, StoredEntry::Split { header, body })?;
@@ -870,9 +884,9 @@ impl Store for DiskStore {
         !self.read_only && !self.shared
     }
 
-    /// Writes the pack's file here, as [`Store::put_in_file`] does, then hands the writer the
-    /// pack's row and a row per member, each served from the mapped file until committed.
-    /// A pack too small for a file of its own is refused (`false`).
+    /// Writes the pack's file here, as [`Store::put_in_file`] does, whatever its size, then
+    /// hands the writer the pack's row and a row per member, each served from the mapped file
+    /// until committed.
     fn put_with_members(
         &self,
         key: KeyId,
@@ -882,7 +896,7 @@ impl Store for DiskStore {
         body: &[u8],
         members: Vec<Member>,
     ) -> Result<bool, StoreError> {
-        if !self.keeps_members() || header.len() + body.len() < FILE_THRESHOLD {
+        if !self.keeps_members() {
             return Ok(false);
         }
         // In key order, the writer's inserts walk the table's leaves once, in order, and add
@@ -890,7 +904,7 @@ impl Store for DiskStore {
         // one after another: sql.js's 2,035 rows took 5.8-7.4 ms instead of 7.2-8.5.
         let mut members = members;
         members.sort_unstable_by_key(|member| member.key);
-        let Some(file) = self.write_value_file(&digest, body) else {
+        let Some(file) = self.write_value_file(&digest, body, true) else {
             return Ok(false); // the caller puts the pack and its values whole
         };
         // Served from the mapped file until committed, the pack and its values in one

@@ -168,7 +168,13 @@ pub(super) fn put(
     } = new;
     let (header, body) = entry.parts();
     let len = header.len() + body.len();
-    let in_file = len >= FILE_THRESHOLD && !matches!(entry, StoredEntry::Within { .. });
+    // A split entry's body is in a file already, whatever its size (a compile's pack, whose
+    // values lie in it); a whole one goes to a file from `FILE_THRESHOLD`.
+    let in_file = match entry {
+        StoredEntry::Split { .. } => true,
+        StoredEntry::Within { .. } => false,
+        StoredEntry::Whole(_) => len >= FILE_THRESHOLD,
+    };
     let member;
     // The bytes kept in `blob_data`, the bytes accounted, and the pack's file if a member.
     let (stored, size, pack): (&[u8], usize, Option<&Digest>) = match entry {
@@ -183,7 +189,8 @@ pub(super) fn put(
             member = member_row(header, *offset);
             (&member[..], member.len(), Some(file_digest))
         }
-        _ if in_file => {
+        StoredEntry::Whole(entry) if !in_file => (&entry[..], len, None),
+        _ => {
             // Before the row, so that a committed row always has its file (a file without a
             // row is an orphan that `gc` sweeps); rewritten if it went missing since. (A value
             // put `in_file` has it already, written by the caller.)
@@ -193,11 +200,6 @@ pub(super) fn put(
                 )
             })?;
             (header, len, None)
-        }
-        StoredEntry::Whole(entry) => (&entry[..], len, None),
-        StoredEntry::Split { .. } => {
-            member = [header, body].concat();
-            (&member[..], len, None)
         }
     };
     // What the key holds now: digest, link, and the pack's file of a value kept in one.

@@ -148,6 +148,24 @@ pub fn path(dir: &Path, digest: &Digest) -> PathBuf {
 /// Writes a value's body under its digest, unless this user's file of the right length is
 /// there already.
 pub fn write(dir: &Path, digest: &Digest, body: &[u8], shared: bool) -> io::Result<()> {
+    write_file(dir, digest, body, shared, false)
+}
+
+/// [`write`], replacing whatever file has the name. For a compile's pack, whose values are
+/// read as slices of its file and checked one by one: a file damaged under the right name
+/// is found only value by value, and it would otherwise be kept when the same pack is stored
+/// again (the same program compiled again, the damaged value among what it recompiled).
+pub fn write_anew(dir: &Path, digest: &Digest, body: &[u8], shared: bool) -> io::Result<()> {
+    write_file(dir, digest, body, shared, true)
+}
+
+fn write_file(
+    dir: &Path,
+    digest: &Digest,
+    body: &[u8],
+    shared: bool,
+    replace: bool,
+) -> io::Result<()> {
     // Not recursive: a cache directory removed under a running process is not made again
     // here, half empty; the write fails and the compile goes on without the cache.
     let mode = Mode::from_raw_mode(if shared { 0o770 } else { 0o700 });
@@ -159,7 +177,10 @@ pub fn write(dir: &Path, digest: &Digest, body: &[u8], shared: bool) -> io::Resu
     let name = digest.to_hex();
     // Kept only if it is this user's own regular file of the right length; anything else under
     // the name (another user's file, a link) is replaced by the rename below.
-    if let Ok(stat) = rustix::fs::statat(&values, &name, AtFlags::SYMLINK_NOFOLLOW) {
+    let existing = (!replace)
+        .then(|| rustix::fs::statat(&values, &name, AtFlags::SYMLINK_NOFOLLOW).ok())
+        .flatten();
+    if let Some(stat) = existing {
         let regular = rustix::fs::FileType::from_raw_mode(stat.st_mode).is_file();
         let private = stat.st_uid == trust::euid() && stat.st_mode & 0o022 == 0;
         if regular && private && stat.st_size as u64 == body.len() as u64 {
