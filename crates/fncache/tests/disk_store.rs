@@ -1227,6 +1227,11 @@ fn pack_of(count: usize, len: usize, prefix: usize) -> (Vec<u8>, Members) {
 
 /// Stores `pack` under `b"pack"` with `members` kept in it (`Cache::insert_pack`).
 fn insert_pack(cache: &Cache, pack: &[u8], members: &Members) -> bool {
+    insert_pack_as(cache, b"pack", pack, members)
+}
+
+/// [`insert_pack`] under `key`.
+fn insert_pack_as(cache: &Cache, key: &[u8], pack: &[u8], members: &Members) -> bool {
     let headers: Vec<_> = members
         .iter()
         .map(|(key, range)| cache.value_header(&namespace(), key, &pack[range.clone()]))
@@ -1236,7 +1241,7 @@ fn insert_pack(cache: &Cache, pack: &[u8], members: &Members) -> bool {
         .zip(&headers)
         .map(|((_, range), header)| (range.clone(), header))
         .collect();
-    cache.insert_pack(&namespace(), b"pack", pack, &held)
+    cache.insert_pack(&namespace(), key, pack, &held)
 }
 
 fn count_rows(dir: &std::path::Path, sql: &str) -> i64 {
@@ -1496,17 +1501,8 @@ fn a_cache_at_its_limit_evicts_a_pack_with_its_values_and_stays_under_it() {
     let limit = 2 * (packs[0].0.len() as u64) + 256 * 1024;
     let cache = open(dir.path(), limit);
     for (i, (pack, members)) in packs.iter().enumerate() {
-        let headers: Vec<_> = members
-            .iter()
-            .map(|(key, range)| cache.value_header(&namespace(), key, &pack[range.clone()]))
-            .collect();
-        let held: Vec<_> = members
-            .iter()
-            .zip(&headers)
-            .map(|((_, range), header)| (range.clone(), header))
-            .collect();
         let key = format!("pack {i}");
-        assert!(cache.insert_pack(&namespace(), key.as_bytes(), pack, &held));
+        assert!(insert_pack_as(&cache, key.as_bytes(), pack, members));
         cache.flush().unwrap();
     }
     let stats = cache.stats().unwrap();
