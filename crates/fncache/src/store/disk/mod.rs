@@ -141,8 +141,9 @@ pub struct DiskStore {
     /// A database this handle made holds only what it put, until its first compile ends.
     new_cache: Arc<NewCache>,
     /// The packs' files this handle read values from last, mapped: a compile that reads a
-    /// pack's values one by one maps its file once. A file is never written again under its
-    /// name, so a mapping stays true after an eviction unlinks it.
+    /// pack's values one by one maps its file once. A file is never written into, only
+    /// replaced whole under its name, so a mapping stays what it was after an eviction
+    /// unlinks the file; one this handle replaces is mapped again.
     packs: Mutex<Vec<(Digest, Arc<MappedFile>)>>,
 }
 
@@ -907,6 +908,9 @@ impl Store for DiskStore {
         let Some(file) = self.write_value_file(&digest, body, true) else {
             return Ok(false); // the caller puts the pack and its values whole
         };
+        // A mapping of the file it replaced (damaged, if its values were recompiled) is not
+        // read from again.
+        self.packs.lock().retain(|(mapped, _)| *mapped != digest);
         // Served from the mapped file until committed, the pack and its values in one
         // transaction: a value is stored only with its pack's row in place.
         {
