@@ -1526,3 +1526,38 @@ fn a_cache_at_its_limit_evicts_a_pack_with_its_values_and_stays_under_it() {
     assert_eq!(stats.entries, 2 * 49);
     assert_eq!(cache.verify().unwrap().rejected, 0);
 }
+
+/// A pack damaged in its file, stored again whole by the same handle (the program compiled
+/// again, the damaged value among what it recompiled), is written anew: its values are served
+/// from the new file, by this handle too (not from its mapping of the damaged one) and by the
+/// next.
+#[test]
+fn a_pack_stored_again_replaces_its_damaged_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = open(dir.path(), 1 << 30);
+    let (pack, members) = pack_of(40, 8 << 10, 100);
+    assert!(insert_pack(&cache, &pack, &members));
+    cache.flush().unwrap();
+    let (damaged_key, damaged_range) = &members[7];
+    // Read once, so that this handle has the file mapped, then damaged in place.
+    assert!(cache.get(&namespace(), &members[0].0).is_some());
+    let file = &value_files(dir.path())[0];
+    let mut bytes = std::fs::read(file).unwrap();
+    bytes[damaged_range.start + 5] ^= 1;
+    std::fs::write(file, &bytes).unwrap();
+    assert_eq!(cache.get(&namespace(), damaged_key), None);
+    assert_eq!(cache.session_counters().rejected, 1);
+
+    assert!(insert_pack(&cache, &pack, &members));
+    cache.flush().unwrap();
+    for (key, range) in &members {
+        assert_eq!(
+            cache.get(&namespace(), key).as_deref(),
+            Some(&pack[range.clone()])
+        );
+    }
+    assert_eq!(cache.session_counters().rejected, 1);
+    drop(cache);
+    let reopened = open(dir.path(), 1 << 30);
+    assert_eq!(reopened.verify().unwrap().rejected, 0);
+}
