@@ -307,6 +307,29 @@ mod tests {
         Pack::decode([7; 32], Origin::Local, Value::Owned(bytes))
     }
 
+    /// The ranges the values held for a pack are stored at (`Cache::insert_pack`) are where
+    /// the pack's layout puts them, and where a loaded pack finds them.
+    #[test]
+    fn each_value_lies_where_values_at_says() {
+        let values = [
+            ([1; 32], &b"first"[..]),
+            ([2; 32], &b""[..]),
+            ([3; 32], &b"the third value"[..]),
+        ];
+        let bytes = encode(&values);
+        let at: Vec<_> = values_at(&values).collect();
+        assert_eq!(at.len(), 3);
+        for ((key, range), (expected_key, value)) in at.iter().zip(&values) {
+            assert_eq!(*key, expected_key);
+            assert_eq!(&bytes[range.clone()], *value);
+        }
+        assert_eq!(at[2].1.end, bytes.len());
+        let pack = decoded(bytes.clone()).unwrap();
+        for (key, range) in at {
+            assert_eq!(pack.get(key), Some(&bytes[range]));
+        }
+    }
+
     #[test]
     fn a_pack_round_trips_and_anything_else_is_refused() {
         let values = [
