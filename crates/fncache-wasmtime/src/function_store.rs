@@ -173,11 +173,7 @@ impl FunctionStore {
     /// Stores the values of `kept` that were held for a pack, one by one: for a compile that
     /// leaves no pack (it failed).
     pub fn store_held(&self, kept: &HashMap<Key, Kept>) {
-        for (key, kept) in kept {
-            if kept.unstored.is_some() {
-                self.cache.insert(&self.namespace, key, &kept.value);
-            }
-        }
+        crate::pack::store_held(&self.cache, &self.namespace, kept, &Default::default());
     }
 
     /// The value this compile made under `key` and holds for its pack, if any (not stored

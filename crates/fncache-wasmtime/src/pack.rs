@@ -163,8 +163,8 @@ fn encode_into(values: &[(Key, impl AsRef<[u8]>)], out: &mut [u8]) {
         put(key);
         put(&(value.as_ref().len() as u32).to_le_bytes());
     }
-    for (_, value) in values {
-        put(value.as_ref());
+    for ((_, value), (_, range)) in values.iter().zip(values_at(values)) {
+        out[range].copy_from_slice(value.as_ref());
     }
 }
 
@@ -191,6 +191,18 @@ pub fn store(
         return;
     }
     let in_pack = store_pack(cache, namespace, binary_digest, keys, kept, earlier);
+    store_held(cache, namespace, kept, &in_pack);
+}
+
+/// Stores one by one the values of `kept` that were held for a pack ([`Kept::unstored`]) and
+/// are not among `in_pack`, those its file keeps: all of them for a compile that leaves no
+/// pack.
+pub fn store_held(
+    cache: &Cache,
+    namespace: &Namespace,
+    kept: &HashMap<Key, Kept>,
+    in_pack: &HashSet<Key>,
+) {
     for (key, kept) in kept {
         if kept.unstored.is_some() && !in_pack.contains(key) {
             cache.insert(namespace, key, &kept.value);
@@ -248,20 +260,25 @@ fn store_pack(
     let held: Vec<_> = values_at(&values)
         .filter_map(|(key, range)| Some((key, range, kept.get(key)?.unstored.as_ref()?)))
         .collect();
-    let stored_with_values = !held.is_empty() && {
+    let stored_with_values = if held.is_empty() {
+        cache.insert_bookkeeping_in_place(namespace, &key(binary_digest), len, |out| {
+            encode_into(&values, out)
+        });
+        false
+    } else {
         let mut pack = vec![0; len];
         encode_into(&values, &mut pack);
         let members: Vec<_> = held
             .iter()
             .map(|(_, range, header)| (range.clone(), *header))
             .collect();
-        cache.insert_pack(namespace, &key(binary_digest), &pack, &members)
+        let kept_in_it = cache.insert_pack(namespace, &key(binary_digest), &pack, &members);
+        if !kept_in_it {
+            // Stored as any pack, from the layout made for it.
+            cache.insert_bookkeeping(namespace, &key(binary_digest), &pack);
+        }
+        kept_in_it
     };
-    if !stored_with_values {
-        cache.insert_bookkeeping_in_place(namespace, &key(binary_digest), len, |out| {
-            encode_into(&values, out)
-        });
-    }
     log::debug!(
         "pack of {} values, {total} bytes ({} of them kept in it alone): encoded, \
          authenticated and queued in {:.1} ms",

@@ -1244,6 +1244,25 @@ fn insert_pack_as(cache: &Cache, key: &[u8], pack: &[u8], members: &Members) -> 
     cache.insert_pack(&namespace(), key, pack, &held)
 }
 
+/// A cache in `dir` holding a committed pack of 40 values of 8 KiB, kept in its file.
+fn cache_with_a_pack(dir: &std::path::Path) -> (Cache, Vec<u8>, Members) {
+    let cache = open(dir, 1 << 30);
+    let (pack, members) = pack_of(40, 8 << 10, 100);
+    assert!(insert_pack(&cache, &pack, &members));
+    cache.flush().unwrap();
+    (cache, pack, members)
+}
+
+/// Asserts that `cache` serves each of `members` whole: the bytes of `pack` at its range.
+fn assert_serves(cache: &Cache, pack: &[u8], members: &Members) {
+    for (key, range) in members {
+        assert_eq!(
+            cache.get(&namespace(), key).as_deref(),
+            Some(&pack[range.clone()])
+        );
+    }
+}
+
 fn count_rows(dir: &std::path::Path, sql: &str) -> i64 {
     let conn = rusqlite::Connection::open(dir.join("fncache.db")).unwrap();
     conn.query_row(sql, [], |row| row.get(0)).unwrap()
@@ -1260,12 +1279,7 @@ fn a_packs_values_are_written_once_in_its_file_served_alone_and_go_with_it() {
     let (pack, members) = pack_of(64, 8 << 10, 100);
     assert!(insert_pack(&cache, &pack, &members));
     // Served before the writer has committed anything.
-    for (key, range) in &members {
-        assert_eq!(
-            cache.get(&namespace(), key).as_deref(),
-            Some(&pack[range.clone()])
-        );
-    }
+    assert_serves(&cache, &pack, &members);
     cache.flush().unwrap();
     assert_eq!(
         cache.session_counters().inserts,
@@ -1303,12 +1317,7 @@ fn a_packs_values_are_written_once_in_its_file_served_alone_and_go_with_it() {
     );
 
     let reopened = open(dir.path(), 1 << 30);
-    for (key, range) in &members {
-        assert_eq!(
-            reopened.get(&namespace(), key).as_deref(),
-            Some(&pack[range.clone()])
-        );
-    }
+    assert_serves(&reopened, &pack, &members);
     let pack_entry = reopened.get_value(&namespace(), b"pack").unwrap();
     assert_eq!(&*pack_entry, &pack[..]);
     drop(pack_entry);
@@ -1332,10 +1341,7 @@ fn a_packs_values_are_written_once_in_its_file_served_alone_and_go_with_it() {
 #[test]
 fn a_damaged_or_misplaced_value_of_a_pack_is_rejected_and_the_others_are_served() {
     let dir = tempfile::tempdir().unwrap();
-    let cache = open(dir.path(), 1 << 30);
-    let (pack, members) = pack_of(40, 8 << 10, 100);
-    assert!(insert_pack(&cache, &pack, &members));
-    cache.flush().unwrap();
+    let (cache, pack, members) = cache_with_a_pack(dir.path());
     drop(cache);
 
     // A byte of member 3 flipped in the file (ours: its mode is opened for this test).
@@ -1431,12 +1437,7 @@ fn a_small_pack_keeps_its_values_in_a_file_of_its_own() {
     assert_eq!(value_files(dir.path()).len(), 1);
     drop(cache);
     let cache = open(dir.path(), 1 << 30);
-    for (key, range) in &members {
-        assert_eq!(
-            cache.get(&namespace(), key).as_deref(),
-            Some(&small[range.clone()])
-        );
-    }
+    assert_serves(&cache, &small, &members);
     assert_eq!(
         cache.get_value(&namespace(), b"pack").as_deref(),
         Some(&small[..])
@@ -1450,10 +1451,7 @@ fn a_small_pack_keeps_its_values_in_a_file_of_its_own() {
 #[test]
 fn a_shared_cache_follows_no_row_into_a_packs_file() {
     let dir = tempfile::tempdir().unwrap();
-    let private = open(dir.path(), 1 << 30);
-    let (pack, members) = pack_of(40, 8 << 10, 100);
-    assert!(insert_pack(&private, &pack, &members));
-    private.flush().unwrap();
+    let (private, _, members) = cache_with_a_pack(dir.path());
     drop(private);
 
     let shared = Cache::open(
@@ -1534,10 +1532,7 @@ fn a_cache_at_its_limit_evicts_a_pack_with_its_values_and_stays_under_it() {
 #[test]
 fn a_pack_stored_again_replaces_its_damaged_file() {
     let dir = tempfile::tempdir().unwrap();
-    let cache = open(dir.path(), 1 << 30);
-    let (pack, members) = pack_of(40, 8 << 10, 100);
-    assert!(insert_pack(&cache, &pack, &members));
-    cache.flush().unwrap();
+    let (cache, pack, members) = cache_with_a_pack(dir.path());
     let (damaged_key, damaged_range) = &members[7];
     // Read once, so that this handle has the file mapped, then damaged in place.
     assert!(cache.get(&namespace(), &members[0].0).is_some());
@@ -1550,12 +1545,7 @@ fn a_pack_stored_again_replaces_its_damaged_file() {
 
     assert!(insert_pack(&cache, &pack, &members));
     cache.flush().unwrap();
-    for (key, range) in &members {
-        assert_eq!(
-            cache.get(&namespace(), key).as_deref(),
-            Some(&pack[range.clone()])
-        );
-    }
+    assert_serves(&cache, &pack, &members);
     assert_eq!(cache.session_counters().rejected, 1);
     drop(cache);
     let reopened = open(dir.path(), 1 << 30);

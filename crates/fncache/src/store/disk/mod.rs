@@ -661,6 +661,30 @@ impl DiskStore {
         Ok(file)
     }
 
+    /// The entry of a value kept in the pack `pack` whose row holds `within`: its slice of
+    /// the pack's file, mapped. `None` for a row that is not followed: not well formed (a
+    /// `pack` column of the wrong length is `None` here), or in a cache shared on purpose,
+    /// which never keeps values in packs (a reader would copy the whole file for one of them),
+    /// so that such a row was not written by fncache there.
+    fn member_entry(
+        &self,
+        pack: Option<Digest>,
+        within: &[u8],
+    ) -> Option<Result<StoredEntry, StoreError>> {
+        let pack = pack.filter(|_| !self.shared)?;
+        let (header, offset) = sql::parse_member_row(within)?;
+        let mapped = self.mapped_pack(&pack).map_err(|cause| StoreError::Io {
+            path: value_files::path(&self.dir, &pack),
+            cause,
+        });
+        Some(mapped.map(|file| StoredEntry::Within {
+            header: Arc::from(header),
+            file,
+            file_digest: pack,
+            offset,
+        }))
+    }
+
     /// The entry a row of [`GET_SQL`] describes: a value file is opened and mapped here, and a
     /// use is recorded if the value is old enough to need one.
     fn found(&self, key: &KeyId, row: Option<Row>) -> Result<Option<Found>, StoreError> {
@@ -668,32 +692,20 @@ impl DiskStore {
         let Some((Some(digest), stored, in_file, last_used, Some(link), pack)) = row else {
             return Ok(None);
         };
-        let followed = match pack {
-            // A cache shared on purpose never keeps values in packs (a reader would copy the
-            // whole file for one of them): such a row was not written by fncache there.
-            Some(Some(pack)) if !self.shared => {
-                sql::parse_member_row(&stored).map(|(header, offset)| (pack, header, offset))
-            }
-            _ => None,
-        };
-        let entry = if let Some((pack, header, offset)) = followed {
-            let path = value_files::path(&self.dir, &pack);
-            match self.mapped_pack(&pack) {
-                Ok(file) => StoredEntry::Within {
-                    header: Arc::from(header),
-                    file,
-                    file_digest: pack,
-                    offset,
-                },
+        let entry = if let Some(pack) = pack {
+            match self.member_entry(pack, &stored) {
+                Some(Ok(entry)) => entry,
                 // Evicted with its pack since the row was read: a miss.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-                Err(cause) => return Err(StoreError::Io { path, cause }),
+                Some(Err(StoreError::Io { cause, .. }))
+                    if cause.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    return Ok(None)
+                }
+                Some(Err(error)) => return Err(error),
+                // Handed over as it is, which is no entry, so that it is rejected, counted
+                // and removed as a damaged one.
+                None => StoredEntry::Whole(stored),
             }
-        } else if pack.is_some() {
-            // A row of a value in a pack that is not followed (above), or not well formed:
-            // handed over as it is, which is no entry, so that it is rejected, counted and
-            // removed as a damaged one.
-            StoredEntry::Whole(stored)
         } else if in_file {
             let path = value_files::path(&self.dir, &digest);
             match MappedFile::open(&self.dir, &digest, self.shared) {
@@ -1069,24 +1081,12 @@ impl Store for DiskStore {
                 if let Some(pack) = row.get_ref(3)?.as_blob_or_null()? {
                     // A value of a pack: its header and its slice of the pack's file. A row
                     // that says no such thing yields what it holds, which is rejected.
-                    let found = Digest::from_slice(pack)
-                        .filter(|_| !self.shared) // never followed there (see `found`)
-                        .zip(sql::parse_member_row(stored))
-                        .and_then(|(pack, (header, offset))| {
-                            let file = self.mapped_pack(&pack).ok()?;
-                            Some(StoredEntry::Within {
-                                header: Arc::from(header),
-                                file,
-                                file_digest: pack,
-                                offset,
-                            })
-                        });
-                    match found {
-                        Some(entry) => {
+                    match self.member_entry(Digest::from_slice(pack), stored) {
+                        Some(Ok(entry)) => {
                             let (header, body) = entry.parts();
                             visit(digest, &[header, body].concat());
                         }
-                        None => visit(digest, stored),
+                        _ => visit(digest, stored),
                     }
                 } else if row.get::<_, bool>(2)? {
                     // Header and body joined again; a missing or unreadable file leaves the
