@@ -176,13 +176,8 @@ fn an_unchanged_module_is_served_whole_and_a_damaged_one_is_rebuilt() {
             "{name} differs"
         );
     }
-    // A flipped bit in the module entry (the largest one): detected, rebuilt from functions.
-    let conn = rusqlite::Connection::open(env.cache_dir().join("fncache.db")).unwrap();
-    conn.execute_batch(
-        "UPDATE blob_data SET data = CAST(substr(data, 1, 1000) || x'00' || substr(data, 1002) AS BLOB) \
-         WHERE id = (SELECT id FROM blob_data ORDER BY length(data) DESC LIMIT 1)",
-    )
-    .unwrap();
+    // A flipped byte in the module entry: detected, rebuilt from functions.
+    flip_a_byte_of_the_module_entry(&env.cache_dir());
     let out = env.dir.path().join("repaired.cwasm");
     let (repaired, stderr) = env.compile(&module, &out, &[]);
     assert_eq!(repaired["level"], "function", "{repaired}");
@@ -193,6 +188,40 @@ fn an_unchanged_module_is_served_whole_and_a_damaged_one_is_rebuilt() {
         again["level"], "module",
         "the repaired module entry serves again"
     );
+}
+
+/// Flips a byte of the largest entry that is neither a pack nor a value kept in one: the
+/// module's, in a file of its own (from `OWN_FILE_THRESHOLD`) or in the database.
+fn flip_a_byte_of_the_module_entry(cache_dir: &Path) {
+    let conn = rusqlite::Connection::open(cache_dir.join("fncache.db")).unwrap();
+    let files: Vec<Vec<u8>> = conn
+        .prepare(
+            "SELECT digest FROM entries WHERE in_file AND digest NOT IN \
+             (SELECT pack FROM entries WHERE pack IS NOT NULL)",
+        )
+        .unwrap()
+        .query_map([], |row| row.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let largest = files
+        .iter()
+        .map(|digest| cache_dir.join("values").join(hex(digest)))
+        .max_by_key(|path| std::fs::metadata(path).unwrap().len());
+    match largest {
+        Some(path) => {
+            let mut bytes = std::fs::read(&path).unwrap();
+            bytes[1000] ^= 0xff;
+            std::fs::write(&path, bytes).unwrap();
+        }
+        None => conn
+            .execute_batch(
+                "UPDATE blob_data SET data = CAST(substr(data, 1, 1000) || x'00' || \
+                 substr(data, 1002) AS BLOB) \
+                 WHERE id = (SELECT id FROM blob_data ORDER BY length(data) DESC LIMIT 1)",
+            )
+            .unwrap(),
+    }
 }
 
 /// Whether the write-ahead log `wal` ends in the middle of a transaction: its last frame of the

@@ -797,7 +797,9 @@ impl Manifests<'_> {
 
     /// Stores `manifest` for the binary of `binary_digest`, with its name and sketch pointers.
     pub fn store(&self, name: Option<&str>, binary_digest: &[u8; 32], manifest: &Manifest) {
-        self.cache.insert_bookkeeping(
+        // In a file of its own where it is large enough (sql.js: 110 kB), rather than through
+        // the database's log.
+        self.cache.insert_bookkeeping_large(
             self.namespace,
             &tagged_digest(MANIFEST_TAG, binary_digest),
             &manifest.encode(),

@@ -397,9 +397,19 @@ impl Cache {
     /// then. Otherwise it is stored as `insert` stores it, and `false`. A whole module is
     /// megabytes, and a process waits for it to be stored before it exits.
     pub fn insert_large(&self, namespace: &Namespace, key: &[u8], value: &[u8]) -> bool {
+        self.store_large(namespace, key, value, true)
+    }
+
+    /// [`Cache::insert_large`] for the cache's own bookkeeping (a manifest): not one of the
+    /// `inserts`.
+    pub fn insert_bookkeeping_large(&self, namespace: &Namespace, key: &[u8], value: &[u8]) {
+        self.store_large(namespace, key, value, false);
+    }
+
+    fn store_large(&self, namespace: &Namespace, key: &[u8], value: &[u8], count: bool) -> bool {
         let store = &self.inner.store;
         if store.is_read_only() || !matches!(self.inner.compression, Compression::None) {
-            self.insert(namespace, key, value);
+            self.store_entry(namespace, key, value, count);
             return false;
         }
         let secret = self.inner.secret.as_ref();
@@ -408,11 +418,11 @@ impl Cache {
         let link = Link::new(secret, &key_id, &digest);
         match store.put_in_file(key_id, link, digest, Arc::from(&header[..]), value) {
             Ok(true) => {
-                self.count_write(header.len() + value.len(), true);
+                self.count_write(header.len() + value.len(), count);
                 true
             }
             Ok(false) => {
-                self.insert(namespace, key, value);
+                self.store_entry(namespace, key, value, count);
                 false
             }
             Err(error) => {

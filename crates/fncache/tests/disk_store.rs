@@ -579,6 +579,42 @@ fn a_large_value_is_written_straight_to_its_file_and_served_before_its_row_is_co
     );
 }
 
+/// A value handed over for a file of its own gets one from `OWN_FILE_THRESHOLD` (a manifest,
+/// below the size at which the writer would put it in a file), and is bookkeeping when stored
+/// with `insert_bookkeeping_large`: not one of the inserts, and verified as any entry.
+#[test]
+fn bookkeeping_handed_over_for_a_file_gets_one_from_its_threshold_and_is_not_an_insert() {
+    use fncache::store::value_files::{FILE_THRESHOLD, OWN_FILE_THRESHOLD};
+    assert!(OWN_FILE_THRESHOLD < FILE_THRESHOLD);
+    let dir = tempfile::tempdir().unwrap();
+    let cache = open(dir.path(), 1 << 30);
+    let (just, under) = (OWN_FILE_THRESHOLD, OWN_FILE_THRESHOLD - 1000);
+    cache.insert_bookkeeping_large(&namespace(), b"manifest", &value(3, just));
+    cache.insert_bookkeeping_large(&namespace(), b"short", &value(4, under));
+    cache.insert(&namespace(), b"usual", &value(5, just));
+    let files = value_files(dir.path());
+    assert_eq!(files.len(), 1, "only the one handed over at its size: {files:?}");
+    assert_eq!(std::fs::metadata(&files[0]).unwrap().len(), just as u64);
+    cache.flush().unwrap();
+    assert_eq!(cache.session_counters().inserts, 1, "bookkeeping is no insert");
+    drop(cache);
+
+    let reopened = open(dir.path(), 1 << 30);
+    let manifest = reopened
+        .get_bookkeeping_value(&namespace(), b"manifest")
+        .unwrap()
+        .0;
+    assert!(manifest.file().is_some(), "served from its file");
+    assert_eq!(&*manifest, value(3, just).as_slice());
+    assert_eq!(
+        reopened.get_bookkeeping(&namespace(), b"short"),
+        Some(value(4, under))
+    );
+    assert_eq!(reopened.get(&namespace(), b"usual"), Some(value(5, just)));
+    assert_eq!(reopened.verify().unwrap().rejected, 0);
+    assert_eq!(value_files(dir.path()).len(), 1);
+}
+
 /// Where values are not kept in files written from the caller's bytes, `insert_large` stores
 /// as `insert` does: compressed, or read-only (nothing).
 #[test]
@@ -626,10 +662,31 @@ fn insert_large_stores_as_insert_does_where_it_cannot_write_the_file_itself() {
 
 #[test]
 fn a_damaged_value_file_is_rejected_and_stored_again() {
+    damaged_in_its_file_and_stored_again(false, true);
+}
+
+/// A value file damaged in place keeps its name and length. Found damaged and stored again
+/// at once (a module recompiled after its entry was rejected, before the removal is
+/// committed), the new bytes must replace it: a file trusted for its length was kept, and the
+/// value was rejected at every read after.
+#[test]
+fn a_damaged_value_file_stored_again_before_its_removal_is_replaced() {
+    damaged_in_its_file_and_stored_again(true, false);
+    damaged_in_its_file_and_stored_again(false, false);
+}
+
+/// Stores a large value (with `insert_large`, or `insert`), flips a byte of its file, has a
+/// new handle reject it and store it again (after committing the removal, or at once), and
+/// checks that a third handle is served the value and finds nothing damaged.
+fn damaged_in_its_file_and_stored_again(large: bool, removal_committed_first: bool) {
     let dir = tempfile::tempdir().unwrap();
+    let store = |cache: &Cache| match large {
+        true => assert!(cache.insert_large(&namespace(), b"big", &value(7, LARGE))),
+        false => cache.insert(&namespace(), b"big", &value(7, LARGE)),
+    };
     {
         let cache = open(dir.path(), 1 << 30);
-        cache.insert(&namespace(), b"big", &value(7, LARGE));
+        store(&cache);
         cache.flush().unwrap();
     }
     let file = value_files(dir.path()).remove(0);
@@ -640,16 +697,23 @@ fn a_damaged_value_file_is_rejected_and_stored_again() {
         let cache = open(dir.path(), 1 << 30);
         assert_eq!(cache.get(&namespace(), b"big"), None);
         assert_eq!(cache.session_counters().rejected, 1);
-        cache.flush().unwrap();
-        assert!(
-            value_files(dir.path()).is_empty(),
-            "the damaged file is removed"
-        );
-        cache.insert(&namespace(), b"big", &value(7, LARGE));
+        if removal_committed_first {
+            cache.flush().unwrap();
+            assert!(
+                value_files(dir.path()).is_empty(),
+                "the damaged file is removed"
+            );
+        }
+        store(&cache);
         cache.flush().unwrap();
     }
     let cache = open(dir.path(), 1 << 30);
-    assert_eq!(cache.get(&namespace(), b"big"), Some(value(7, LARGE)));
+    assert!(
+        cache.get(&namespace(), b"big") == Some(value(7, LARGE)),
+        "served again, stored with insert_large: {large}"
+    );
+    assert_eq!(cache.verify().unwrap().rejected, 0);
+    assert_eq!(value_files(dir.path()).len(), 1);
 }
 
 #[test]

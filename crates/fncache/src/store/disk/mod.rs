@@ -14,8 +14,10 @@
 //!   names the pack's file and `within` holds the value's header and its offset there
 //!   (indexed by `pack`, `entries_by_pack`, so that the values go with the pack's file);
 //! - `blob_data(id, data)`: the encoded entries, or only the header of one whose body is in a
-//!   file of its own (`in_file`, for entries of at least [`FILE_THRESHOLD`] bytes: whole
-//!   modules, which load fastest mapped; see [`value_files`]). Its ids grow with every insert,
+//!   file of its own (`in_file`, for entries of at least
+//!   [`FILE_THRESHOLD`](value_files::FILE_THRESHOLD) bytes, or
+//!   [`OWN_FILE_THRESHOLD`] for those handed over for one, [`Store::put_in_file`]: whole
+//!   modules, which load fastest mapped, and manifests; see [`value_files`]). Its ids grow with every insert,
 //!   so inserts append to it and the oldest values sit together;
 //! - `meta(name, value)`: the accounted byte total, the use clock, the number of rows and the
 //!   persistent counters.
@@ -64,7 +66,7 @@ use self::schema::{
     keep_log_on_close, open_flags, open_writer, open_writer_replacing_older,
 };
 use self::sql::GET_SQL;
-use self::value_files::{MappedFile, FILE_THRESHOLD};
+use self::value_files::{MappedFile, OWN_FILE_THRESHOLD};
 use self::writer::{Op, Pending, Queue, Writer, WriterState};
 use super::{Eviction, Found, Member, Store, StoreError, StoredEntry, Usage};
 use crate::key::{Digest, KeyId, Link};
@@ -879,7 +881,7 @@ impl Store for DiskStore {
         header: Arc<[u8]>,
         body: &[u8],
     ) -> Result<bool, StoreError> {
-        if self.read_only || self.shared || header.len() + body.len() < FILE_THRESHOLD {
+        if self.read_only || self.shared || header.len() + body.len() < OWN_FILE_THRESHOLD {
             return Ok(false);
         }
         // Put whole instead if it cannot be written here: the writer tries the file again,

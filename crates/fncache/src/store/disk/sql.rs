@@ -192,9 +192,20 @@ pub(super) fn put(
         StoredEntry::Whole(entry) if !in_file => (&entry[..], len, None),
         _ => {
             // Before the row, so that a committed row always has its file (a file without a
-            // row is an orphan that `gc` sweeps); rewritten if it went missing since. (A value
-            // put `in_file` has it already, written by the caller.)
-            value_files::write(values.dir, digest, body, values.shared).map_err(|e| {
+            // row is an orphan that `gc` sweeps). A split entry's file was written by the
+            // caller, and `body` maps it: written again only if it went missing since.
+            let written = match entry {
+                StoredEntry::Split { .. }
+                    if fs::symlink_metadata(value_files::path(values.dir, digest)).is_ok() =>
+                {
+                    Ok(())
+                }
+                StoredEntry::Split { .. } => {
+                    value_files::write_anew(values.dir, digest, body, values.shared)
+                }
+                _ => value_files::write(values.dir, digest, body, values.shared),
+            };
+            written.map_err(|e| {
                 rusqlite::Error::ToSqlConversionFailure(
                     format!("cannot write the value file: {e}").into(),
                 )
