@@ -593,10 +593,18 @@ fn bookkeeping_handed_over_for_a_file_gets_one_from_its_threshold_and_is_not_an_
     cache.insert_bookkeeping_large(&namespace(), b"short", &value(4, under));
     cache.insert(&namespace(), b"usual", &value(5, just));
     let files = value_files(dir.path());
-    assert_eq!(files.len(), 1, "only the one handed over at its size: {files:?}");
+    assert_eq!(
+        files.len(),
+        1,
+        "only the one handed over at its size: {files:?}"
+    );
     assert_eq!(std::fs::metadata(&files[0]).unwrap().len(), just as u64);
     cache.flush().unwrap();
-    assert_eq!(cache.session_counters().inserts, 1, "bookkeeping is no insert");
+    assert_eq!(
+        cache.session_counters().inserts,
+        1,
+        "bookkeeping is no insert"
+    );
     drop(cache);
 
     let reopened = open(dir.path(), 1 << 30);
