@@ -585,7 +585,7 @@ fn a_large_value_is_written_straight_to_its_file_and_served_before_its_row_is_co
 #[test]
 fn bookkeeping_handed_over_for_a_file_gets_one_from_its_threshold_and_is_not_an_insert() {
     use fncache::store::value_files::{FILE_THRESHOLD, OWN_FILE_THRESHOLD};
-    assert!(OWN_FILE_THRESHOLD < FILE_THRESHOLD);
+    const { assert!(OWN_FILE_THRESHOLD < FILE_THRESHOLD) };
     let dir = tempfile::tempdir().unwrap();
     let cache = open(dir.path(), 1 << 30);
     let (just, under) = (OWN_FILE_THRESHOLD, OWN_FILE_THRESHOLD - 1000);
