@@ -683,6 +683,33 @@ fn a_damaged_value_file_stored_again_before_its_removal_is_replaced() {
     damaged_in_its_file_and_stored_again(false, false);
 }
 
+/// A file under a value's name that holds its very bytes is kept only if no one else can
+/// write it: one others can write is replaced by a private file when the value is stored.
+#[test]
+fn a_file_others_can_write_is_replaced_even_with_the_right_bytes() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let cache = open(dir.path(), 1 << 30);
+        assert!(cache.insert_large(&namespace(), b"big", &value(7, LARGE)));
+        cache.flush().unwrap();
+    }
+    let file = value_files(dir.path()).remove(0);
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o666)).unwrap();
+    {
+        let cache = open(dir.path(), 1 << 30);
+        assert!(cache.insert_large(&namespace(), b"again", &value(7, LARGE)));
+        cache.flush().unwrap();
+    }
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o077, 0, "replaced by a private file: {mode:o}");
+    let cache = open(dir.path(), 1 << 30);
+    for key in [&b"big"[..], b"again"] {
+        assert!(cache.get(&namespace(), key) == Some(value(7, LARGE)));
+    }
+    assert_eq!(cache.verify().unwrap().rejected, 0);
+}
+
 /// Stores a large value (with `insert_large`, or `insert`), flips a byte of its file, has a
 /// new handle reject it and store it again (after committing the removal, or at once), and
 /// checks that a third handle is served the value and finds nothing damaged.

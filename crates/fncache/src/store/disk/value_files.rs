@@ -216,8 +216,9 @@ fn write_file(
     renamed
 }
 
-/// Whether the file `name` in the directory `dir` holds exactly `body`, read without
-/// following a link.
+/// Whether the file `name` in the directory `dir` is this user's regular file holding exactly
+/// `body`, read without following a link. Checked on the file opened, not only on the name: a
+/// file swapped in after the caller looked is judged as itself.
 fn holds(dir: &OwnedFd, name: &str, body: &[u8]) -> io::Result<bool> {
     let fd = rustix::fs::openat(
         dir,
@@ -226,6 +227,10 @@ fn holds(dir: &OwnedFd, name: &str, body: &[u8]) -> io::Result<bool> {
         Mode::empty(),
     )?;
     let mut file = File::from(fd);
+    let meta = file.metadata()?;
+    if !meta.is_file() || !trust::is_private(&meta) || meta.len() != body.len() as u64 {
+        return Ok(false);
+    }
     let mut chunk = vec![0; (64 << 10).min(body.len().max(1))];
     let mut at = 0;
     loop {
