@@ -15,10 +15,10 @@
 //!   (indexed by `pack`, `entries_by_pack`, so that the values go with the pack's file);
 //! - `blob_data(id, data)`: the encoded entries, or only the header of one whose body is in a
 //!   file of its own (`in_file`, for entries of at least
-//!   [`FILE_THRESHOLD`](value_files::FILE_THRESHOLD) bytes, or
-//!   [`OWN_FILE_THRESHOLD`] for those handed over for one, [`Store::put_in_file`]: whole
-//!   modules, which load fastest mapped, and manifests; see [`value_files`]). Its ids grow with every insert,
-//!   so inserts append to it and the oldest values sit together;
+//!   [`FILE_THRESHOLD`](value_files::FILE_THRESHOLD) bytes, or [`OWN_FILE_THRESHOLD`] for
+//!   those handed over for one with [`Store::put_in_file`]: whole modules, which load fastest
+//!   mapped, and manifests; see [`value_files`]). Its ids grow with every insert, so inserts
+//!   append to it and the oldest values sit together;
 //! - `meta(name, value)`: the accounted byte total, the use clock, the number of rows and the
 //!   persistent counters.
 //!
