@@ -20,6 +20,10 @@ struct Cli {
     /// release of each package, with its previous release as an edit scenario
     #[arg(required_unless_present_any = ["report", "probe"])]
     inputs: Vec<PathBuf>,
+    /// Write the edit scenarios' modules of each input module into DIR (`DIR/<module>/<edit>.wasm`,
+    /// e.g. for scripts/ab) instead of measuring
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["report", "against_redis", "full_cache"])]
+    write_edits: Option<PathBuf>,
     /// Print the tables of a run saved with --json instead of measuring
     #[arg(long, value_name = "FILE.json", conflicts_with = "inputs")]
     report: Option<PathBuf>,
@@ -64,6 +68,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
     if let Some(saved) = &cli.report {
         return print_saved_bench(saved);
+    }
+    if let Some(dir) = &cli.write_edits {
+        return write_edits(&cli.inputs, dir);
     }
     let runs = cli.runs as usize;
     match (&cli.against_redis, cli.full_cache) {
@@ -139,6 +146,32 @@ fn bench(inputs: &[PathBuf], runs: usize, json: bool) -> Result<ExitCode> {
         print!("{}", suite::render(&reports));
         for family in &family_reports {
             print!("{}", suite::render_family(family));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Writes each edit that applies to each of `inputs` (files, not corpus directories) as
+/// `dir/<module name>/<edit>.wasm`, the modules the suite's edit scenarios compile.
+fn write_edits(inputs: &[PathBuf], dir: &Path) -> Result<ExitCode> {
+    use fncache_bench::edits::{self, Edit};
+    for input in inputs {
+        let wasm =
+            std::fs::read(input).with_context(|| format!("cannot read {}", input.display()))?;
+        let name = input
+            .file_stem()
+            .with_context(|| format!("{} names no file", input.display()))?;
+        let out = dir.join(name);
+        std::fs::create_dir_all(&out)
+            .with_context(|| format!("cannot create {}", out.display()))?;
+        for edit in Edit::ALL {
+            if !edits::applies(edit, &wasm)? {
+                continue;
+            }
+            let path = out.join(format!("{}.wasm", edit.name()));
+            std::fs::write(&path, edits::apply(edit, &wasm)?)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            println!("{}", path.display());
         }
     }
     Ok(ExitCode::SUCCESS)

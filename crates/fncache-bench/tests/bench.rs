@@ -214,3 +214,44 @@ fn bench_measures_source_edits_against_the_original() {
     );
     assert!(rows["source-grown/ceiling"]["median_ms"].as_f64().unwrap() > 0.0);
 }
+
+/// `--write-edits` writes the modules the suite's edit scenarios compile: each a valid module,
+/// each different from the original, the same bytes as the suite makes (`edits::apply`).
+#[test]
+fn write_edits_writes_each_edit_scenario_module() {
+    let dir = tempfile::tempdir().unwrap();
+    let module = dir.path().join("m.wasm");
+    let wasm = wat::parse_str(generated_module(20, 3)).unwrap();
+    std::fs::write(&module, &wasm).unwrap();
+    let out_dir = dir.path().join("edits");
+    let out = bench(&[
+        "--write-edits",
+        out_dir.to_str().unwrap(),
+        module.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut written = 0;
+    for edit in fncache_bench::edits::Edit::ALL {
+        if !fncache_bench::edits::applies(edit, &wasm).unwrap() {
+            continue;
+        }
+        let path = out_dir.join("m").join(format!("{}.wasm", edit.name()));
+        let edited = std::fs::read(&path).unwrap();
+        assert_ne!(edited, wasm, "{}", edit.name());
+        assert_eq!(edited, fncache_bench::edits::apply(edit, &wasm).unwrap());
+        wasmparser::Validator::new().validate_all(&edited).unwrap();
+        written += 1;
+    }
+    // A constant changed and a function appended or prepended apply to any module with
+    // functions; an import or a global added only to some.
+    assert!(written >= 3, "{written} edits written");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).lines().count(),
+        written,
+        "one path printed per module written"
+    );
+}
