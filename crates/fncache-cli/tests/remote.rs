@@ -221,10 +221,7 @@ fn a_compile_served_from_the_fleets_pack_asks_redis_nothing_per_missing_key() {
     // The next version: the same 301 functions and 40 new ones, on a new machine.
     let module = env.file("app.wat", generated_module(341, 3));
     let expected = reference(&env, &module);
-    redis::cmd("CONFIG")
-        .arg("RESETSTAT")
-        .query::<()>(&mut redis.connection().unwrap())
-        .unwrap();
+    reset_stats(&redis);
     let (report, stderr) = compile(
         &env,
         &machine(&env, "b"),
@@ -240,6 +237,114 @@ fn a_compile_served_from_the_fleets_pack_asks_redis_nothing_per_missing_key() {
     assert!(n(&report, "hits") >= 301, "served from the pack: {report}");
     let asked = gets(&redis);
     assert!(asked < 10, "{asked} GETs for {misses} misses: {report}");
+}
+
+/// Resets Redis's command statistics, so that [`gets`] counts from here.
+fn reset_stats(redis: &Redis) {
+    redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query::<()>(&mut redis.connection().unwrap())
+        .unwrap();
+}
+
+/// A module the fleet has none of: its compile asks Redis for a sample of what it lacks, then
+/// one in sixteen, not a round trip per function. A module the fleet has, looked up key by key
+/// (reading ahead off), is still asked for every key and served from Redis.
+#[test]
+#[ignore = "needs redis-server"]
+fn a_compile_asks_redis_only_a_sample_of_what_the_fleet_lacks() {
+    let redis = Redis::start(&[]);
+    let env = Env::serial();
+    let module = env.file("new.wat", generated_module(400, 11));
+    let expected = reference(&env, &module);
+    let out = env.dir.path().join("out.cwasm");
+    reset_stats(&redis);
+    let (first, stderr) = compile(
+        &env,
+        &machine(&env, "a"),
+        &redis,
+        &module,
+        &out,
+        &["--no-module-level"],
+    );
+    assert_eq!(std::fs::read(&out).unwrap(), expected);
+    let lookups = n(&first, "lookups");
+    assert!(lookups >= 400, "{first}");
+    let asked = gets(&redis);
+    // 64 asked before giving up, one in 16 of the rest, and the few bookkeeping reads (the
+    // manifest's pointers and sketch).
+    assert!(
+        asked <= 64 + lookups / 16 + 16,
+        "{asked} GETs for {lookups} lookups: {first} {stderr}"
+    );
+
+    reset_stats(&redis);
+    let (second, _) = compile(
+        &env,
+        &machine(&env, "b"),
+        &redis,
+        &module,
+        &out,
+        &["--no-module-level", "--no-prefetch"],
+    );
+    assert_eq!(std::fs::read(&out).unwrap(), expected);
+    assert!(
+        n(&second, "hits") * 10 >= n(&second, "lookups") * 9,
+        "served from Redis: {second}"
+    );
+    assert!(
+        gets(&redis) >= n(&second, "hits"),
+        "every key asked: {second}"
+    );
+}
+
+/// A compile that gave up on Redis (its first hundred functions are new to the fleet) asks it
+/// again from the first of its sampled lookups that Redis has, and is served the functions the
+/// fleet shares with it.
+#[test]
+#[ignore = "needs redis-server"]
+fn a_compile_that_gave_up_on_redis_asks_again_when_the_fleet_has_its_functions() {
+    let redis = Redis::start(&[]);
+    let env = Env::serial();
+    // The 300 shared functions come after 100 others in both modules, so that their calls
+    // are encoded alike (a function index from 128 takes one more byte, which moves the
+    // offsets Wasmtime records in the code).
+    let shared = fncache_bench::synthetic::generated_functions(300, 3);
+    let export = "(func (export \"run\") (result i32) (call $f299 (i32.const 1))))";
+    let others =
+        |salt| fncache_bench::synthetic::generated_functions(100, salt).replace("$f", "$g");
+    let library = env.file(
+        "lib.wat",
+        format!("(module (memory 1)\n{}{shared}{export}", others(50)),
+    );
+    let out = env.dir.path().join("out.cwasm");
+    compile(
+        &env,
+        &machine(&env, "a"),
+        &redis,
+        &library,
+        &out,
+        &["--no-module-level"],
+    );
+
+    // The same 300 functions after 100 of its own.
+    let module = env.file(
+        "app.wat",
+        format!("(module (memory 1)\n{}{shared}{export}", others(99)),
+    );
+    let expected = reference(&env, &module);
+    let (report, stderr) = compile(
+        &env,
+        &machine(&env, "b"),
+        &redis,
+        &module,
+        &out,
+        &["--no-module-level", "--no-prefetch"],
+    );
+    assert_eq!(std::fs::read(&out).unwrap(), expected);
+    // Compiled in index order on one thread: the 100 of its own miss (Redis gives up after
+    // 64), and of the 300 shared, at most the 16 before the first sampled lookup are lost.
+    assert!(n(&report, "hits") >= 300 - 16, "{report} {stderr}");
 }
 
 #[test]

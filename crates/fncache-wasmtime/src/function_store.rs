@@ -59,6 +59,75 @@ pub struct FunctionStore {
     /// The pack lookups are served from first, if any: values verified as a whole when the
     /// pack was loaded.
     pack: RwLock<Option<Arc<Pack>>>,
+    /// Whether this compile still asks the remote tier for what this machine lacks
+    /// ([`RemoteProbe`]).
+    remote: RemoteProbe,
+}
+
+/// A compile's lookups that miss on this machine go on to the remote tier (Redis), a round trip
+/// each on a compile thread, until the fleet is seen not to have the compile's functions: after
+/// [`RemoteProbe::SAMPLE`] such lookups, if fewer than one in [`RemoteProbe::MIN_HIT_RATIO`]
+/// was found there, the compile asks only one in [`RemoteProbe::MIN_HIT_RATIO`] lookups, and
+/// asks them all again from the first of those that is found. A new module on a fleet whose
+/// Redis holds none of it paid a round trip for every lookup (sql.js: 2,551, now about 220):
+/// 1.41-1.47x cold on loopback, 1.33-1.35x now, where an empty disk alone takes 1.05-1.09x
+/// (the rest is Redis storing what the compile makes, on the same two cores;
+/// docs/performance.md, seventeenth run), and on a real network each round trip costs more.
+/// What it costs is the hits a compile would have had from functions the fleet has, seen only
+/// after that many it has not and between two sampled lookups: compiled here, never wrong.
+#[derive(Debug, Default)]
+struct RemoteProbe {
+    asked: AtomicU64,
+    found: AtomicU64,
+    /// Set once the remote tier was seen to lack the compile's functions.
+    given_up: std::sync::atomic::AtomicBool,
+    /// Lookups since it gave up, for asking one in `MIN_HIT_RATIO` of them.
+    since_given_up: AtomicU64,
+}
+
+impl RemoteProbe {
+    const SAMPLE: u64 = 64;
+    const MIN_HIT_RATIO: u64 = 16;
+
+    /// Starts over, for the next compile.
+    fn reset(&self) {
+        self.asked.store(0, Ordering::Relaxed);
+        self.found.store(0, Ordering::Relaxed);
+        self.given_up.store(false, Ordering::Relaxed);
+        self.since_given_up.store(0, Ordering::Relaxed);
+    }
+
+    /// Whether the next lookup that misses on this machine may ask the remote tier.
+    fn may_ask(&self) -> bool {
+        !self.given_up.load(Ordering::Relaxed)
+            || self.since_given_up.fetch_add(1, Ordering::Relaxed) % Self::MIN_HIT_RATIO
+                == Self::MIN_HIT_RATIO - 1
+    }
+
+    /// Records a lookup that asked the remote tier, which `found` the value or not.
+    fn record(&self, found: bool) {
+        if found {
+            if self.given_up.swap(false, Ordering::Relaxed) {
+                log::debug!("the remote tier has this compile's functions again: asking it");
+                self.asked.store(0, Ordering::Relaxed);
+                self.found.store(0, Ordering::Relaxed);
+            }
+            self.found.fetch_add(1, Ordering::Relaxed);
+        }
+        let asked = self.asked.fetch_add(1, Ordering::Relaxed) + 1;
+        let found = self.found.load(Ordering::Relaxed);
+        if asked >= Self::SAMPLE
+            && found * Self::MIN_HIT_RATIO < asked
+            && !self.given_up.swap(true, Ordering::Relaxed)
+        {
+            log::debug!(
+                "the remote tier had {found} of the {asked} values this compile asked it for: \
+                 asking it for one in {} from now on",
+                Self::MIN_HIT_RATIO
+            );
+            self.since_given_up.store(0, Ordering::Relaxed);
+        }
+    }
 }
 
 /// A value kept for a compile's pack.
@@ -106,6 +175,7 @@ impl FunctionStore {
             keeping: std::sync::atomic::AtomicBool::new(false),
             holding: std::sync::atomic::AtomicBool::new(false),
             pack: RwLock::new(None),
+            remote: RemoteProbe::default(),
         }
     }
 
@@ -198,9 +268,11 @@ impl FunctionStore {
         Some(value)
     }
 
-    /// Serves lookups from `pack` first (or from none), until the next call.
+    /// Serves lookups from `pack` first (or from none), until the next call; a compile calls
+    /// it before its first lookup, which also starts its judgement of the remote tier afresh.
     pub fn serve_from(&self, pack: Option<Arc<Pack>>) {
         *self.pack.write().unwrap() = pack;
+        self.remote.reset();
     }
 
     /// The pack lookups are served from first, if any.
@@ -269,8 +341,17 @@ impl CacheStore for FunctionStore {
                     // one by one, they were a round trip each on a compile thread (sql.js warm
                     // from Redis: 132-197 of them, 17-31 ms; docs/performance.md).
                     self.cache.get_local(&self.namespace, key)
-                } else {
+                } else if !self.cache.has_remote_tier() {
                     self.cache.get(&self.namespace, key)
+                } else if self.remote.may_ask() {
+                    let found = self.cache.get_with_origin(&self.namespace, key);
+                    let origin = found.as_ref().map(|(_, origin)| *origin);
+                    if origin != Some(Origin::Local) {
+                        self.remote.record(origin == Some(Origin::Remote));
+                    }
+                    found.map(|(value, _)| value)
+                } else {
+                    self.cache.get_local(&self.namespace, key)
                 };
                 if let Some(value) = &value {
                     self.keep(key, &value[..], None);

@@ -245,6 +245,18 @@ impl Cache {
         self.lookup(namespace, key, false, true)
     }
 
+    /// [`Cache::get`], with the tier the value came from.
+    pub fn get_with_origin(&self, namespace: &Namespace, key: &[u8]) -> Option<(Vec<u8>, Origin)> {
+        self.lookup_in(namespace, key, true, true, Tiers::All)
+            .map(|(value, origin)| (value.into_vec(), origin))
+    }
+
+    /// Whether a lookup this machine's stores miss goes on to a remote tier (Redis), a round
+    /// trip.
+    pub fn has_remote_tier(&self) -> bool {
+        self.inner.store.has_remote_tier()
+    }
+
     /// [`Cache::get`] from this machine's stores only: a remote tier (Redis) is not asked.
     /// For a key that would cost a round trip and that the fleet is not expected to have;
     /// what is found is verified and counted as `get` does.

@@ -318,6 +318,12 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         false
     }
 
+    /// Whether a lookup that misses on this machine goes on to a [`Store::is_remote`] tier.
+    /// Default: [`Store::is_remote`].
+    fn has_remote_tier(&self) -> bool {
+        self.is_remote()
+    }
+
     /// [`Store::get`] from the stores on this machine only, skipping any [`Store::is_remote`]
     /// tier. Default: `get`, or nothing for a remote store.
     fn get_local(&self, key: &KeyId) -> Result<Option<Found>, StoreError> {

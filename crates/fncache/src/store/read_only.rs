@@ -108,4 +108,8 @@ impl Store for ReadOnlyStore {
     fn is_remote(&self) -> bool {
         self.inner.is_remote()
     }
+
+    fn has_remote_tier(&self) -> bool {
+        self.inner.has_remote_tier()
+    }
 }

@@ -78,6 +78,10 @@ impl Store for TieredStore {
         self.tiers.iter().all(|tier| tier.is_remote())
     }
 
+    fn has_remote_tier(&self) -> bool {
+        self.tiers.iter().any(|tier| tier.has_remote_tier())
+    }
+
     /// Each tier is asked, in one batch, for the keys the faster ones did not have.
     fn get_many(
         &self,
