@@ -59,8 +59,9 @@ pub struct FunctionStore {
     /// The pack lookups are served from first, if any: values verified as a whole when the
     /// pack was loaded.
     pack: RwLock<Option<Arc<Pack>>>,
-    /// Whether this compile still asks the remote tier for what this machine lacks
-    /// ([`RemoteProbe`]).
+    /// Whether the cache has a remote tier (fixed when it was opened), and whether this
+    /// compile still asks it for what this machine lacks ([`RemoteProbe`]).
+    has_remote_tier: bool,
     remote: RemoteProbe,
 }
 
@@ -158,6 +159,7 @@ pub struct FunctionCounters {
 impl FunctionStore {
     pub fn new(cache: Cache, namespace: Namespace) -> FunctionStore {
         FunctionStore {
+            has_remote_tier: cache.has_remote_tier(),
             cache,
             namespace,
             lookups: AtomicU64::new(0),
@@ -341,7 +343,7 @@ impl CacheStore for FunctionStore {
                     // one by one, they were a round trip each on a compile thread (sql.js warm
                     // from Redis: 132-197 of them, 17-31 ms; docs/performance.md).
                     self.cache.get_local(&self.namespace, key)
-                } else if !self.cache.has_remote_tier() {
+                } else if !self.has_remote_tier {
                     self.cache.get(&self.namespace, key)
                 } else if self.remote.may_ask() {
                     let found = self.cache.get_with_origin(&self.namespace, key);

@@ -187,19 +187,8 @@ fn write_file(
     let name = digest.to_hex();
     // Kept only if it is this user's own regular file holding `body`; anything else under the
     // name (another user's file, a link, other bytes) is replaced by the rename below.
-    let existing = (!replace)
-        .then(|| rustix::fs::statat(&values, &name, AtFlags::SYMLINK_NOFOLLOW).ok())
-        .flatten();
-    if let Some(stat) = existing {
-        let regular = rustix::fs::FileType::from_raw_mode(stat.st_mode).is_file();
-        let private = stat.st_uid == trust::euid() && stat.st_mode & 0o022 == 0;
-        if regular
-            && private
-            && stat.st_size as u64 == body.len() as u64
-            && holds(&values, &name, body).unwrap_or(false)
-        {
-            return Ok(());
-        }
+    if !replace && holds(&values, &name, body).unwrap_or(false) {
+        return Ok(());
     }
     let nanos = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -216,10 +205,11 @@ fn write_file(
     renamed
 }
 
-/// Whether the file `name` in the directory `dir` is this user's regular file holding exactly
-/// `body`, read without following a link. Checked on the file opened, not only on the name: a
-/// file swapped in after the caller looked is judged as itself.
+/// Whether the file `name` in the directory `dir` is this user's own regular file, writable by
+/// no one else, holding exactly `body`; read without following a link, and judged on the file
+/// opened, not on the name (a file swapped in meanwhile is judged as itself).
 fn holds(dir: &OwnedFd, name: &str, body: &[u8]) -> io::Result<bool> {
+    use std::os::unix::fs::MetadataExt;
     let fd = rustix::fs::openat(
         dir,
         name,
@@ -228,7 +218,8 @@ fn holds(dir: &OwnedFd, name: &str, body: &[u8]) -> io::Result<bool> {
     )?;
     let mut file = File::from(fd);
     let meta = file.metadata()?;
-    if !meta.is_file() || !trust::is_private(&meta) || meta.len() != body.len() as u64 {
+    let own = meta.uid() == trust::euid() && meta.mode() & 0o022 == 0;
+    if !meta.is_file() || !own || meta.len() != body.len() as u64 {
         return Ok(false);
     }
     let mut chunk = vec![0; (64 << 10).min(body.len().max(1))];
