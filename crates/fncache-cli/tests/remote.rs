@@ -152,6 +152,19 @@ fn two_machines_share_modules_and_functions_through_redis() {
     assert_eq!(first["level"], "function");
     assert_eq!(std::fs::read(&out).unwrap(), expected);
     assert!(!redis.keys().is_empty(), "the first machine wrote to Redis");
+    // Its own disk keeps the compile's values once, in their pack's file, as a machine
+    // without Redis does; Redis got each of them as an entry of its own.
+    let db = rusqlite::Connection::open(machine(&env, "a").join("fncache.db")).unwrap();
+    let count = |sql: &str| db.query_row(sql, [], |row| row.get::<_, i64>(0)).unwrap();
+    let members = count("SELECT COUNT(*) FROM entries WHERE pack IS NOT NULL");
+    assert!(members >= 301, "{members} values kept in the pack: {first}");
+    assert!(count("SELECT COUNT(*) FROM entries WHERE pack IS NULL") <= 8);
+    drop(db);
+    assert!(
+        redis.keys().len() as i64 >= members,
+        "{}",
+        redis.keys().len()
+    );
 
     // A second machine, empty disk: the whole module comes from Redis.
     let b = machine(&env, "b");

@@ -8,10 +8,15 @@
 //! a read-only tier nothing). One tier is the tier of record: its limits, counters and
 //! statistics are the cache's, and the other tiers' own counts (a remote tier's errors) are
 //! added to it.
+//!
+//! A value the tier of record keeps in a file of its own, or once in its pack's file (the
+//! disk store: [`Store::put_in_file`], [`Store::put_with_members`]), is kept so there, and
+//! handed whole to the other tiers: Redis keeps an entry per key, whichever file the local
+//! disk keeps it in.
 
 use std::sync::Arc;
 
-use super::{Eviction, Found, Store, StoreError, StoredEntry, Usage};
+use super::{Eviction, Found, Member, Store, StoreError, StoredEntry, Usage};
 use crate::key::{Digest, KeyId, Link};
 use crate::stats::Counters;
 
@@ -140,6 +145,73 @@ impl Store for TieredStore {
         result
     }
 
+    /// The tier of record writes the file; the others get the entry whole. `false` (nothing
+    /// stored) if the tier of record does not keep values so: the caller puts it whole.
+    fn put_in_file(
+        &self,
+        key: KeyId,
+        link: Link,
+        digest: Digest,
+        header: Arc<[u8]>,
+        body: &[u8],
+    ) -> Result<bool, StoreError> {
+        let kept = self
+            .record_tier()
+            .put_in_file(key, link, digest, header.clone(), body);
+        if let Ok(false) = kept {
+            return kept;
+        }
+        self.put_to_others(key, link, digest, whole(&header, body));
+        kept
+    }
+
+    fn keeps_members(&self) -> bool {
+        self.record_tier().keeps_members()
+    }
+
+    /// The tier of record keeps the values once, in the pack's file; the others get the pack
+    /// and each value whole, as if each had been put on its own.
+    fn put_with_members(
+        &self,
+        key: KeyId,
+        link: Link,
+        digest: Digest,
+        header: Arc<[u8]>,
+        body: &[u8],
+        members: Vec<Member>,
+    ) -> Result<bool, StoreError> {
+        let wholes: Vec<_> = members
+            .iter()
+            .map(|member| {
+                let value = (|| {
+                    let start = usize::try_from(member.offset).ok()?;
+                    let len = usize::try_from(crate::entry::body_len(&member.header)?).ok()?;
+                    body.get(start..start.checked_add(len)?)
+                })();
+                (
+                    member.key,
+                    member.link,
+                    member.digest,
+                    value.map(|value| whole(&member.header, value)),
+                )
+            })
+            .collect();
+        let kept =
+            self.record_tier()
+                .put_with_members(key, link, digest, header.clone(), body, members);
+        if let Ok(false) = kept {
+            return kept;
+        }
+        self.put_to_others(key, link, digest, whole(&header, body));
+        for (key, link, digest, entry) in wholes {
+            // A member whose slice is not in the pack is stored nowhere; it is compiled again.
+            if let Some(entry) = entry {
+                self.put_to_others(key, link, digest, entry);
+            }
+        }
+        kept
+    }
+
     fn remove_key(&self, key: &KeyId) -> Result<(), StoreError> {
         self.each(|tier| tier.remove_key(key))
     }
@@ -238,7 +310,24 @@ impl Store for TieredStore {
     }
 }
 
+/// An entry made of `header` and `body`, as [`Store::put`] takes it.
+fn whole(header: &[u8], body: &[u8]) -> Arc<[u8]> {
+    let mut entry = Vec::with_capacity(header.len() + body.len());
+    entry.extend_from_slice(header);
+    entry.extend_from_slice(body);
+    entry.into()
+}
+
 impl TieredStore {
+    /// Puts `entry` into every tier but the tier of record (which stored it its own way).
+    fn put_to_others(&self, key: KeyId, link: Link, digest: Digest, entry: Arc<[u8]>) {
+        for (index, tier) in self.tiers.iter().enumerate() {
+            if index != self.of_record {
+                let _ = tier.put(key, link, digest, entry.clone());
+            }
+        }
+    }
+
     /// Runs `op` on every tier; the result is the tier of record's.
     fn each(
         &self,
@@ -321,6 +410,94 @@ mod tests {
             stores[2].get(&key).unwrap().is_some(),
             "a shared tier is not cleared"
         );
+    }
+
+    /// A header and its link for `value` under `key`, as the cache makes them.
+    fn header_for(key: &KeyId, value: &[u8]) -> (Arc<[u8]>, Digest, Link) {
+        let (header, digest) = crate::entry::header_of(value, None);
+        (
+            Arc::from(&header[..]),
+            digest,
+            Link::new(None, key, &digest),
+        )
+    }
+
+    /// The disk keeps a pack's values once, in its file, and a module in a file of its own;
+    /// the tiers beside it (Redis, memory) get each entry whole, as a put would have made it.
+    #[test]
+    fn the_disk_keeps_files_its_way_and_the_other_tiers_get_whole_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk =
+            Arc::new(super::super::disk::DiskStore::open(dir.path(), 1 << 30, false).unwrap());
+        let remote = Arc::new(MemoryStore::new(1 << 30));
+        let tiered = TieredStore::new(vec![disk.clone(), remote.clone()], 0);
+        assert!(tiered.keeps_members());
+
+        let values: Vec<Vec<u8>> = (0..3u8).map(|seed| vec![seed; 40_000]).collect();
+        let pack: Vec<u8> = values.concat();
+        let mut members = Vec::new();
+        let mut expected = Vec::new();
+        for (index, value) in values.iter().enumerate() {
+            let key = KeyId(Digest::of(&[index as u8, 9]));
+            let (header, digest, link) = header_for(&key, value);
+            expected.push((key, whole(&header, value)));
+            members.push(Member {
+                key,
+                link,
+                digest,
+                header,
+                offset: (index * value.len()) as u64,
+            });
+        }
+        let pack_key = KeyId(Digest::of(b"pack"));
+        let (header, digest, link) = header_for(&pack_key, &pack);
+        assert!(tiered
+            .put_with_members(pack_key, link, digest, header.clone(), &pack, members)
+            .unwrap());
+        let module = vec![7u8; 100_000];
+        let module_key = KeyId(Digest::of(b"module"));
+        let (module_header, module_digest, module_link) = header_for(&module_key, &module);
+        assert!(tiered
+            .put_in_file(
+                module_key,
+                module_link,
+                module_digest,
+                module_header.clone(),
+                &module
+            )
+            .unwrap());
+        tiered.flush().unwrap();
+
+        expected.push((pack_key, whole(&header, &pack)));
+        expected.push((module_key, whole(&module_header, &module)));
+        for (key, entry) in &expected {
+            let found = remote
+                .get(key)
+                .unwrap()
+                .expect("the other tier has it whole");
+            assert!(matches!(&found.entry, StoredEntry::Whole(bytes) if bytes == entry));
+            let local = disk.get(key).unwrap().expect("the disk has it");
+            assert!(
+                !matches!(local.entry, StoredEntry::Whole(_)),
+                "the disk serves it from a file"
+            );
+            let (local_header, local_body) = local.entry.parts();
+            assert_eq!([local_header, local_body].concat(), entry[..]);
+        }
+    }
+
+    /// Where the tier of record keeps no files, nothing is stored and the caller puts whole.
+    #[test]
+    fn without_files_in_the_tier_of_record_nothing_is_stored_by_the_file_puts() {
+        let (stores, tiered) = three();
+        assert!(!tiered.keeps_members());
+        let key = KeyId(Digest::of(b"module"));
+        let module = vec![1u8; 100_000];
+        let (header, digest, link) = header_for(&key, &module);
+        assert!(!tiered
+            .put_in_file(key, link, digest, header, &module)
+            .unwrap());
+        assert!(stores.iter().all(|s| s.get(&key).unwrap().is_none()));
     }
 
     #[test]
