@@ -38,6 +38,8 @@ const KEY_PREFIX: &str = "fncache:v1:";
 const TAG_LEN: usize = 32;
 /// Writes sent in one pipeline at most.
 const WRITE_BATCH: usize = 256;
+/// How long a write waits for others to go in its pipeline (no longer than a flush waits).
+const WRITE_LINGER: Duration = Duration::from_millis(5);
 /// Reads sent in one pipeline at most by [`Store::get_many`].
 const READ_BATCH: usize = 256;
 
@@ -328,12 +330,23 @@ fn redis_key(key: &KeyId) -> String {
 
 fn write_loop(shared: &Shared, ttl: Option<Duration>, rx: mpsc::Receiver<WriteOp>) {
     while let Ok(first) = rx.recv() {
+        // Writes made during a compile come one at a time: each sent at once was a round trip
+        // of its own (sql.js: 2,034 of them), and the waking and switching slowed the compile
+        // threads on two cores. The batch waits up to WRITE_LINGER for more, unless a flush is
+        // waiting for it.
+        let linger_until = Instant::now() + WRITE_LINGER;
+        let mut flushing = matches!(first, WriteOp::Flush(_));
         let mut batch = vec![first];
         while batch.len() < WRITE_BATCH {
-            match rx.try_recv() {
-                Ok(op) => batch.push(op),
-                Err(_) => break,
-            }
+            let next = if flushing {
+                rx.try_recv().ok()
+            } else {
+                let left = linger_until.saturating_duration_since(Instant::now());
+                rx.recv_timeout(left).ok()
+            };
+            let Some(op) = next else { break };
+            flushing |= matches!(op, WriteOp::Flush(_));
+            batch.push(op);
         }
         let mut commands = Vec::new();
         let mut flushes = Vec::new();
