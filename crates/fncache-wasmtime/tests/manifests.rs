@@ -930,3 +930,100 @@ fn a_compile_keeps_the_values_it_makes_once_in_its_pack_and_others_hit_them_by_k
     assert!(report.hits >= 1499, "{report:?}");
     assert!(report.misses <= 2, "{report:?}");
 }
+
+/// A compile predicted to need a pack of its own holds the values it makes for it; served
+/// most of its values from the earlier pack after all, it points at that one, and the values
+/// it made are kept once, in one file of their own, each under its key, rather than one by
+/// one through the database's log.
+#[test]
+fn values_held_for_a_pack_that_was_not_written_are_kept_in_one_file() {
+    let dir = tempfile::tempdir().unwrap();
+    // A chain of calls, each function with a loop: values of about a kilobyte.
+    let chain = |extra: usize, changed: &dyn Fn(usize) -> bool| {
+        let mut wat = String::from("(module (memory 1)\n");
+        for i in 0..extra {
+            wat.push_str(&format!("(func $extra{i} (result i32) (i32.const {i}))\n"));
+        }
+        for i in 0..1200 {
+            let next = if i + 1 < 1200 {
+                format!("(call $f{} (local.get $acc))", i + 1)
+            } else {
+                "(local.get $acc)".into()
+            };
+            let k = if changed(i) {
+                2_000_000 + i
+            } else {
+                i * 13 + 5
+            };
+            let step = |m: usize| {
+                format!(
+                    "(local.set $acc (i32.add (i32.mul (local.get $acc) (i32.const {m}))
+                                              (local.get $x)))
+                     (i32.store offset={m} (i32.and (local.get $acc) (i32.const 1020))
+                                           (local.get $acc))"
+                )
+            };
+            let steps: String = (3..15).map(step).collect();
+            wat.push_str(&format!(
+                "(func $f{i} (export \"f{i}\") (param $x i32) (result i32) (local $acc i32)
+                   (local.set $acc (i32.const {k}))
+                   (block $done (loop $next
+                     (br_if $done (i32.ge_u (local.get $acc) (i32.const 1000000)))
+                     {steps}
+                     (br $next)))
+                   {next})\n"
+            ));
+        }
+        wat.push(')');
+        wat::parse_str(&wat).unwrap()
+    };
+    let old = chain(0, &|_| false);
+    fill(dir.path(), &old, Some("app"));
+    let members = |conn: &rusqlite::Connection| -> Vec<(Vec<u8>, i64)> {
+        let mut statement = conn
+            .prepare("SELECT pack, COUNT(*) FROM entries WHERE pack IS NOT NULL GROUP BY pack")
+            .unwrap();
+        statement
+            .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    };
+    assert_eq!(members(&database(dir.path())).len(), 1, "the first pack");
+
+    // Every callee index moves (a function added first) and one function in eight changed:
+    // byte for byte hardly a body is the same, so its values are held; by key, most hit.
+    let edited = chain(1, &|i| i % 8 == 0);
+    let editing = compiler(dir.path());
+    let (code, report) = editing.precompile_named(&edited, "app").unwrap();
+    editing.cache().unwrap().flush().unwrap();
+    drop(editing);
+    assert_eq!(code, uncached(&edited));
+    assert!(report.predicted_reuse.unwrap() < 0.5, "{report:?}");
+    assert!(report.inserts >= 150, "{report:?}");
+    assert!(report.inserted_bytes >= 96 << 10, "{report:?}");
+    let pack = pack_of(dir.path(), &edited).expect("found through the pointer");
+    assert_eq!(
+        pack.owner(),
+        blake3::hash(&old).as_bytes(),
+        "no pack of its own"
+    );
+    let members = members(&database(dir.path()));
+    assert_eq!(
+        members.len(),
+        2,
+        "the values it made, in a file of their own: {members:?}"
+    );
+    let made = members.iter().map(|(_, count)| *count).min().unwrap() as u64;
+    assert!((150..=report.inserts).contains(&made), "{made}: {report:?}");
+
+    // Another compile of it finds each value by key, with nothing to read ahead.
+    let (code, report) = compiler(dir.path())
+        .prefetch(false)
+        .precompile(&edited)
+        .unwrap();
+    assert_eq!(code, uncached(&edited));
+    assert!(report.misses <= 2, "{report:?}");
+    let verification = open(dir.path()).verify().unwrap();
+    assert_eq!(verification.rejected, 0, "{verification:?}");
+}
