@@ -45,8 +45,9 @@ const POINTER_TAG: &[u8; 8] = b"packof\0\0";
 /// `"held\0\0\0\0" ‖ BLAKE3(binary)`: the values a compile made and held for a pack of its
 /// own, when it wrote none after all (it points at an earlier pack), one after another. Never
 /// read whole: it is the file those values are kept in, each under its own key
-/// ([`Cache::insert_pack`]), so that they are written once rather than one by one through
-/// the database's log after the compile (esbuild with a global added: 14.6 MB of them).
+/// ([`Cache::insert_values_in_file`]; a remote tier gets the values alone), so that they are
+/// written once rather than one by one through the database's log after the compile (esbuild
+/// with a global added: 14.6 MB of them).
 const HELD_TAG: &[u8; 8] = b"held\0\0\0\0";
 
 /// Held values of fewer bytes than this are stored one by one: a file of their own would
@@ -235,7 +236,7 @@ fn store_held_together(
         members.push((start..values.len(), *header));
     }
     let key = tagged_digest(HELD_TAG, binary_digest);
-    if !cache.insert_pack(namespace, &key, &values, &members) {
+    if !cache.insert_values_in_file(namespace, &key, &values, &members) {
         return HashSet::new();
     }
     log::debug!(

@@ -482,6 +482,30 @@ impl Cache {
         pack: &[u8],
         members: &[(std::ops::Range<usize>, &ValueHeader)],
     ) -> bool {
+        self.store_with_members(namespace, key, pack, members, true)
+    }
+
+    /// [`Cache::insert_pack`] for a file that only holds its members' values, one after
+    /// another, and is never read whole (the values a compile made, kept together): a tier
+    /// that keeps each entry whole (Redis) gets the members alone.
+    pub fn insert_values_in_file(
+        &self,
+        namespace: &Namespace,
+        key: &[u8],
+        values: &[u8],
+        members: &[(std::ops::Range<usize>, &ValueHeader)],
+    ) -> bool {
+        self.store_with_members(namespace, key, values, members, false)
+    }
+
+    fn store_with_members(
+        &self,
+        namespace: &Namespace,
+        key: &[u8],
+        pack: &[u8],
+        members: &[(std::ops::Range<usize>, &ValueHeader)],
+        read_whole: bool,
+    ) -> bool {
         if !self.keeps_values_in_packs() {
             return false;
         }
@@ -507,11 +531,13 @@ impl Cache {
         let key = KeyId::new(namespace, key);
         let link = Link::new(secret, &key, &digest);
         let header = Arc::from(&header[..]);
-        match self
-            .inner
-            .store
-            .put_with_members(key, link, digest, header, pack, stored)
-        {
+        let store = &self.inner.store;
+        let stored = if read_whole {
+            store.put_with_members(key, link, digest, header, pack, stored)
+        } else {
+            store.put_members_in_file(key, link, digest, header, pack, stored)
+        };
+        match stored {
             Ok(true) => {
                 self.count_write(entry::HEADER_LEN + pack.len(), false);
                 for (range, _) in members {

@@ -238,6 +238,21 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         Ok(false)
     }
 
+    /// [`Store::put_with_members`] for a file that only holds its members' values and is
+    /// never read whole (the values a compile made, kept together): a store that keeps each
+    /// entry whole needs the members alone. Default: `put_with_members`.
+    fn put_members_in_file(
+        &self,
+        key: KeyId,
+        link: Link,
+        digest: Digest,
+        header: Arc<[u8]>,
+        body: &[u8],
+        members: Vec<Member>,
+    ) -> Result<bool, StoreError> {
+        self.put_with_members(key, link, digest, header, body, members)
+    }
+
     /// Copies what a slower tier `found` under `key`, verified by the cache, into the faster
     /// tiers. Default: nothing (a store of one tier).
     fn fill(&self, _key: KeyId, _found: &Found) {}

@@ -180,36 +180,20 @@ impl Store for TieredStore {
         body: &[u8],
         members: Vec<Member>,
     ) -> Result<bool, StoreError> {
-        let wholes: Vec<_> = members
-            .iter()
-            .map(|member| {
-                let value = (|| {
-                    let start = usize::try_from(member.offset).ok()?;
-                    let len = usize::try_from(crate::entry::body_len(&member.header)?).ok()?;
-                    body.get(start..start.checked_add(len)?)
-                })();
-                (
-                    member.key,
-                    member.link,
-                    member.digest,
-                    value.map(|value| whole(&member.header, value)),
-                )
-            })
-            .collect();
-        let kept =
-            self.record_tier()
-                .put_with_members(key, link, digest, header.clone(), body, members);
-        if let Ok(false) = kept {
-            return kept;
-        }
-        self.put_to_others(key, link, digest, whole(&header, body));
-        for (key, link, digest, entry) in wholes {
-            // A member whose slice is not in the pack is stored nowhere; it is compiled again.
-            if let Some(entry) = entry {
-                self.put_to_others(key, link, digest, entry);
-            }
-        }
-        kept
+        self.put_members(key, link, digest, header, body, members, true)
+    }
+
+    /// As [`TieredStore::put_with_members`], but the others get the values alone.
+    fn put_members_in_file(
+        &self,
+        key: KeyId,
+        link: Link,
+        digest: Digest,
+        header: Arc<[u8]>,
+        body: &[u8],
+        members: Vec<Member>,
+    ) -> Result<bool, StoreError> {
+        self.put_members(key, link, digest, header, body, members, false)
     }
 
     fn remove_key(&self, key: &KeyId) -> Result<(), StoreError> {
@@ -319,6 +303,56 @@ fn whole(header: &[u8], body: &[u8]) -> Arc<[u8]> {
 }
 
 impl TieredStore {
+    /// The tier of record keeps the values once, in one file; the others get each value
+    /// whole, and the file's entry whole too if it is `read_whole` (a pack).
+    #[allow(clippy::too_many_arguments)]
+    fn put_members(
+        &self,
+        key: KeyId,
+        link: Link,
+        digest: Digest,
+        header: Arc<[u8]>,
+        body: &[u8],
+        members: Vec<Member>,
+        read_whole: bool,
+    ) -> Result<bool, StoreError> {
+        let wholes: Vec<_> = members
+            .iter()
+            .map(|member| {
+                let value = (|| {
+                    let start = usize::try_from(member.offset).ok()?;
+                    let len = usize::try_from(crate::entry::body_len(&member.header)?).ok()?;
+                    body.get(start..start.checked_add(len)?)
+                })();
+                (
+                    member.key,
+                    member.link,
+                    member.digest,
+                    value.map(|value| whole(&member.header, value)),
+                )
+            })
+            .collect();
+        let record = self.record_tier();
+        let kept = if read_whole {
+            record.put_with_members(key, link, digest, header.clone(), body, members)
+        } else {
+            record.put_members_in_file(key, link, digest, header.clone(), body, members)
+        };
+        if let Ok(false) = kept {
+            return kept;
+        }
+        if read_whole {
+            self.put_to_others(key, link, digest, whole(&header, body));
+        }
+        for (key, link, digest, entry) in wholes {
+            // A member whose slice is not in the pack is stored nowhere; it is compiled again.
+            if let Some(entry) = entry {
+                self.put_to_others(key, link, digest, entry);
+            }
+        }
+        kept
+    }
+
     /// Puts `entry` into every tier but the tier of record (which stored it its own way).
     fn put_to_others(&self, key: KeyId, link: Link, digest: Digest, entry: Arc<[u8]>) {
         for (index, tier) in self.tiers.iter().enumerate() {
@@ -483,6 +517,45 @@ mod tests {
             );
             let (local_header, local_body) = local.entry.parts();
             assert_eq!([local_header, local_body].concat(), entry[..]);
+        }
+    }
+
+    /// A file that only holds its members' values is not handed to the other tiers: they get
+    /// the values alone.
+    #[test]
+    fn a_file_of_values_alone_reaches_the_other_tiers_as_its_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk =
+            Arc::new(super::super::disk::DiskStore::open(dir.path(), 1 << 30, false).unwrap());
+        let remote = Arc::new(MemoryStore::new(1 << 30));
+        let tiered = TieredStore::new(vec![disk.clone(), remote.clone()], 0);
+        let values: Vec<Vec<u8>> = (0..2u8).map(|seed| vec![seed; 50_000]).collect();
+        let file: Vec<u8> = values.concat();
+        let mut members = Vec::new();
+        for (index, value) in values.iter().enumerate() {
+            let key = KeyId(Digest::of(&[index as u8, 7]));
+            let (header, digest, link) = header_for(&key, value);
+            members.push(Member {
+                key,
+                link,
+                digest,
+                header,
+                offset: (index * value.len()) as u64,
+            });
+        }
+        let keys: Vec<KeyId> = members.iter().map(|member| member.key).collect();
+        let file_key = KeyId(Digest::of(b"held"));
+        let (header, digest, link) = header_for(&file_key, &file);
+        assert!(tiered
+            .put_members_in_file(file_key, link, digest, header, &file, members)
+            .unwrap());
+        tiered.flush().unwrap();
+        assert!(disk.get(&file_key).unwrap().is_some());
+        assert!(remote.get(&file_key).unwrap().is_none(), "never read whole");
+        for (key, value) in keys.iter().zip(&values) {
+            let found = remote.get(key).unwrap().expect("each value");
+            assert_eq!(found.entry.parts().1, &value[..]);
+            assert!(disk.get(key).unwrap().is_some());
         }
     }
 
