@@ -469,17 +469,19 @@ impl Cache {
         }
     }
 
-    /// Stores `pack` under `key` (bookkeeping: not one of the `inserts`), and each of
-    /// `members`, a value lying in `pack` at its range, under the key its header was made for
-    /// ([`Cache::value_header`], in this cache): each value is written once, in the pack's
-    /// file, and is verified on its own when read, as any entry. `false` if the store cannot
-    /// keep them so ([`Cache::keeps_values_in_packs`], a pack too small for a file of its
-    /// own): nothing is stored then, and the caller inserts them one by one.
+    /// Stores the pack made of `parts`, one after another, under `key` (bookkeeping: not one
+    /// of the `inserts`), and each of `members`, a value lying in it at its range, under the
+    /// key its header was made for ([`Cache::value_header`], in this cache): each value is
+    /// written once, in the pack's file, and is verified on its own when read, as any entry.
+    /// The parts are written where they lie (a compile's pack: its index, then each value),
+    /// with no buffer of the whole. `false` if the store cannot keep them so
+    /// ([`Cache::keeps_values_in_packs`]): nothing is stored then, and the caller inserts
+    /// them one by one.
     pub fn insert_pack(
         &self,
         namespace: &Namespace,
         key: &[u8],
-        pack: &[u8],
+        pack: &[&[u8]],
         members: &[(std::ops::Range<usize>, &ValueHeader)],
     ) -> bool {
         self.store_with_members(namespace, key, pack, members, true)
@@ -492,7 +494,7 @@ impl Cache {
         &self,
         namespace: &Namespace,
         key: &[u8],
-        values: &[u8],
+        values: &[&[u8]],
         members: &[(std::ops::Range<usize>, &ValueHeader)],
     ) -> bool {
         self.store_with_members(namespace, key, values, members, false)
@@ -502,20 +504,21 @@ impl Cache {
         &self,
         namespace: &Namespace,
         key: &[u8],
-        pack: &[u8],
+        pack: &[&[u8]],
         members: &[(std::ops::Range<usize>, &ValueHeader)],
         read_whole: bool,
     ) -> bool {
         if !self.keeps_values_in_packs() {
             return false;
         }
+        let pack_len: usize = pack.iter().map(|part| part.len()).sum();
         let mut stored = Vec::with_capacity(members.len());
         for (range, value_header) in members {
-            let Some(value) = pack.get(range.clone()) else {
+            if range.start > range.end || range.end > pack_len {
                 return false;
-            };
+            }
             // A header made for other bytes would be stored and rejected at every read.
-            if entry::body_len(&value_header.header) != Some(value.len() as u64) {
+            if entry::body_len(&value_header.header) != Some(range.len() as u64) {
                 return false;
             }
             stored.push(crate::store::Member {
@@ -527,7 +530,7 @@ impl Cache {
             });
         }
         let secret = self.inner.secret.as_ref();
-        let (header, digest) = entry::header_of(pack, secret);
+        let (header, digest) = entry::header_of_parts(pack, secret);
         let key = KeyId::new(namespace, key);
         let link = Link::new(secret, &key, &digest);
         let header = Arc::from(&header[..]);
@@ -539,7 +542,7 @@ impl Cache {
         };
         match stored {
             Ok(true) => {
-                self.count_write(entry::HEADER_LEN + pack.len(), false);
+                self.count_write(entry::HEADER_LEN + pack_len, false);
                 for (range, _) in members {
                     self.count_write(entry::HEADER_LEN + range.len(), true);
                 }

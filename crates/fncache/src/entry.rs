@@ -93,6 +93,16 @@ pub fn header_of(payload: &[u8], secret: Option<&Secret>) -> ([u8; HEADER_LEN], 
     (header, digest)
 }
 
+/// [`header_of`] the concatenation of `parts`, without making it.
+pub fn header_of_parts(parts: &[&[u8]], secret: Option<&Secret>) -> ([u8; HEADER_LEN], Digest) {
+    let digest = Digest::authenticated_parts(secret, parts);
+    let len: usize = parts.iter().map(|part| part.len()).sum();
+    (
+        header_for(len, CODEC_NONE, len, secret.is_some(), &digest),
+        digest,
+    )
+}
+
 /// [`encode_with`], straight into the shared buffer a store takes: one copy of the payload
 /// where `encode_with(..).0.into()` makes two. A whole module is megabytes, and this is on the
 /// way to the flush a process waits for.
@@ -159,15 +169,26 @@ fn prepare(
         Some(body) => (CODEC_ZSTD, body.len()),
         None => (CODEC_NONE, payload.len()),
     };
+    let header = header_for(payload.len(), codec, body_len, secret.is_some(), &digest);
+    (header, compressed, digest)
+}
+
+fn header_for(
+    payload_len: usize,
+    codec: u8,
+    body_len: usize,
+    keyed: bool,
+    digest: &Digest,
+) -> [u8; HEADER_LEN] {
     let mut header = [0u8; HEADER_LEN];
     header[0..4].copy_from_slice(&MAGIC);
     header[4] = FORMAT_VERSION;
     header[5] = codec;
-    header[6] = if secret.is_some() { FLAG_KEYED } else { 0 };
-    header[8..16].copy_from_slice(&(payload.len() as u64).to_le_bytes());
+    header[6] = if keyed { FLAG_KEYED } else { 0 };
+    header[8..16].copy_from_slice(&(payload_len as u64).to_le_bytes());
     header[16..24].copy_from_slice(&(body_len as u64).to_le_bytes());
     header[24..56].copy_from_slice(digest.as_bytes());
-    (header, compressed, digest)
+    header
 }
 
 // zstd contexts are kept per thread: creating one per entry cost more than compressing
@@ -302,6 +323,37 @@ pub fn decode_parts<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The header of parts is the header of their concatenation, keyed or not, however the
+    /// parts are cut (small ones gathered, large ones on their own).
+    #[test]
+    fn the_header_of_parts_is_that_of_their_concatenation() {
+        let secret = Secret::from_bytes([3; 32]);
+        let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let cuts: [&[usize]; 4] = [
+            &[],
+            &[1],
+            &[1000, 1001, 70_000, 200_000],
+            &[65_536, 131_072],
+        ];
+        for cut in cuts {
+            let mut parts = Vec::new();
+            let mut at = 0;
+            for &to in cut {
+                parts.push(&big[at..to]);
+                at = to;
+            }
+            parts.push(&big[at..]);
+            for secret in [None, Some(&secret)] {
+                assert_eq!(
+                    header_of_parts(&parts, secret),
+                    header_of(&big, secret),
+                    "{cut:?}"
+                );
+            }
+        }
+        assert_eq!(header_of_parts(&[], None), header_of(&[], None));
+    }
 
     fn sample() -> Vec<u8> {
         (0..5000u32).flat_map(|i| (i % 251).to_le_bytes()).collect()

@@ -51,6 +51,39 @@ impl Digest {
         hash(secret, bytes, PARALLEL_HASH_THRESHOLD_WRITING)
     }
 
+    /// [`Digest::authenticated_for_writing`] of the concatenation of `parts`, without making
+    /// it: a compile's pack is thousands of values, and a fresh buffer of their size costs
+    /// about as much again as copying them (docs/performance.md, eighteenth run).
+    pub fn authenticated_parts(secret: Option<&crate::Secret>, parts: &[&[u8]]) -> Digest {
+        let mut hasher = match secret {
+            Some(secret) => blake3::Hasher::new_keyed(secret.as_bytes()),
+            None => blake3::Hasher::new(),
+        };
+        // Small parts are gathered into a block first: BLAKE3 hashes many chunks at once only
+        // within one update, and a value is about a kilobyte, one chunk.
+        const BLOCK: usize = 64 << 10;
+        let mut block = Vec::with_capacity(BLOCK);
+        for part in parts {
+            if block.len() + part.len() <= BLOCK {
+                block.extend_from_slice(part);
+                continue;
+            }
+            hasher.update(&block);
+            block.clear();
+            if part.len() >= BLOCK {
+                if part.len() >= PARALLEL_HASH_THRESHOLD_WRITING {
+                    hasher.update_rayon(part);
+                } else {
+                    hasher.update(part);
+                }
+            } else {
+                block.extend_from_slice(part);
+            }
+        }
+        hasher.update(&block);
+        Digest(*hasher.finalize().as_bytes())
+    }
+
     pub fn as_bytes(&self) -> &[u8; 32] {
         &self.0
     }

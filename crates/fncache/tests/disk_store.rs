@@ -1340,7 +1340,17 @@ fn insert_pack_as(cache: &Cache, key: &[u8], pack: &[u8], members: &Members) -> 
         .zip(&headers)
         .map(|((_, range), header)| (range.clone(), header))
         .collect();
-    cache.insert_pack(&namespace(), key, pack, &held)
+    // Handed over in parts cut at each value, as a compile hands its pack: each value where
+    // it lies.
+    let mut cuts: Vec<usize> = members
+        .iter()
+        .flat_map(|(_, range)| [range.start, range.end])
+        .chain([0, pack.len()])
+        .collect();
+    cuts.sort_unstable();
+    cuts.dedup();
+    let parts: Vec<&[u8]> = cuts.windows(2).map(|at| &pack[at[0]..at[1]]).collect();
+    cache.insert_pack(&namespace(), key, &parts, &held)
 }
 
 /// A cache in `dir` holding a committed pack of 40 values of 8 KiB, kept in its file.

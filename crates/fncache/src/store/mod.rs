@@ -220,8 +220,10 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         false
     }
 
-    /// Stores the entry of `header` and `body` as [`Store::put_in_file`] does (a compile's
-    /// pack of values), and points each of `members` at its slice of `body`, with a header of
+    /// Stores the entry of `header` and `body`, the concatenation of its parts, as
+    /// [`Store::put_in_file`] does (a compile's pack of values: the parts are written as they
+    /// lie, with no buffer of the whole), and points each of `members` at its slice of `body`,
+    /// with a header of
     /// its own: each value is then written once, in the pack's file, and its key is a row
     /// that says where. A member lives as long as the pack's file: once that is evicted, its
     /// rows go with it. `false` if this store does not keep values so (nothing was stored;
@@ -232,7 +234,7 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         _link: Link,
         _digest: Digest,
         _header: Arc<[u8]>,
-        _body: &[u8],
+        _body: &[&[u8]],
         _members: Vec<Member>,
     ) -> Result<bool, StoreError> {
         Ok(false)
@@ -247,7 +249,7 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         link: Link,
         digest: Digest,
         header: Arc<[u8]>,
-        body: &[u8],
+        body: &[&[u8]],
         members: Vec<Member>,
     ) -> Result<bool, StoreError> {
         self.put_with_members(key, link, digest, header, body, members)

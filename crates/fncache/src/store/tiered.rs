@@ -177,10 +177,10 @@ impl Store for TieredStore {
         link: Link,
         digest: Digest,
         header: Arc<[u8]>,
-        body: &[u8],
+        parts: &[&[u8]],
         members: Vec<Member>,
     ) -> Result<bool, StoreError> {
-        self.put_members(key, link, digest, header, body, members, true)
+        self.put_members(key, link, digest, header, parts, members, true)
     }
 
     /// As [`TieredStore::put_with_members`], but the others get the values alone.
@@ -190,10 +190,10 @@ impl Store for TieredStore {
         link: Link,
         digest: Digest,
         header: Arc<[u8]>,
-        body: &[u8],
+        parts: &[&[u8]],
         members: Vec<Member>,
     ) -> Result<bool, StoreError> {
-        self.put_members(key, link, digest, header, body, members, false)
+        self.put_members(key, link, digest, header, parts, members, false)
     }
 
     fn remove_key(&self, key: &KeyId) -> Result<(), StoreError> {
@@ -312,10 +312,12 @@ impl TieredStore {
         link: Link,
         digest: Digest,
         header: Arc<[u8]>,
-        body: &[u8],
+        parts: &[&[u8]],
         members: Vec<Member>,
         read_whole: bool,
     ) -> Result<bool, StoreError> {
+        // The other tiers keep whole entries: made from the whole body, here only.
+        let body = parts.concat();
         let wholes: Vec<_> = members
             .iter()
             .map(|member| {
@@ -334,15 +336,15 @@ impl TieredStore {
             .collect();
         let record = self.record_tier();
         let kept = if read_whole {
-            record.put_with_members(key, link, digest, header.clone(), body, members)
+            record.put_with_members(key, link, digest, header.clone(), parts, members)
         } else {
-            record.put_members_in_file(key, link, digest, header.clone(), body, members)
+            record.put_members_in_file(key, link, digest, header.clone(), parts, members)
         };
         if let Ok(false) = kept {
             return kept;
         }
         if read_whole {
-            self.put_to_others(key, link, digest, whole(&header, body));
+            self.put_to_others(key, link, digest, whole(&header, &body));
         }
         for (key, link, digest, entry) in wholes {
             // A member whose slice is not in the pack is stored nowhere; it is compiled again.
@@ -486,7 +488,7 @@ mod tests {
         let pack_key = KeyId(Digest::of(b"pack"));
         let (header, digest, link) = header_for(&pack_key, &pack);
         assert!(tiered
-            .put_with_members(pack_key, link, digest, header.clone(), &pack, members)
+            .put_with_members(pack_key, link, digest, header.clone(), &[&pack], members)
             .unwrap());
         let module = vec![7u8; 100_000];
         let module_key = KeyId(Digest::of(b"module"));
@@ -547,7 +549,7 @@ mod tests {
         let file_key = KeyId(Digest::of(b"held"));
         let (header, digest, link) = header_for(&file_key, &file);
         assert!(tiered
-            .put_members_in_file(file_key, link, digest, header, &file, members)
+            .put_members_in_file(file_key, link, digest, header, &[&file], members)
             .unwrap());
         tiered.flush().unwrap();
         assert!(disk.get(&file_key).unwrap().is_some());

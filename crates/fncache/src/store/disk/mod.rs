@@ -624,13 +624,12 @@ impl DiskStore {
     fn write_value_file(
         &self,
         digest: &Digest,
-        body: &[u8],
+        parts: &[&[u8]],
         anew: bool,
     ) -> Option<Arc<MappedFile>> {
-        let written = if anew {
-            value_files::write_anew(&self.dir, digest, body, self.shared)
-        } else {
-            value_files::write(&self.dir, digest, body, self.shared)
+        let written = match (anew, parts) {
+            (false, [body]) => value_files::write(&self.dir, digest, body, self.shared),
+            _ => value_files::write_anew(&self.dir, digest, parts, self.shared),
         };
         let written = written.and_then(|()| MappedFile::open(&self.dir, digest, self.shared));
         match written {
@@ -886,7 +885,7 @@ impl Store for DiskStore {
         }
         // Put whole instead if it cannot be written here: the writer tries the file again,
         // and warns if it fails.
-        let Some(body) = self.write_value_file(&digest, body, false) else {
+        let Some(body) = self.write_value_file(&digest, &[body], false) else {
             return Ok(false);
         };
         self.queue_put(key, link, digest, StoredEntry::Split { header, body })?;
@@ -908,7 +907,7 @@ impl Store for DiskStore {
         link: Link,
         digest: Digest,
         header: Arc<[u8]>,
-        body: &[u8],
+        body: &[&[u8]],
         members: Vec<Member>,
     ) -> Result<bool, StoreError> {
         if !self.keeps_members() {

@@ -58,7 +58,7 @@ pub fn park(dir: &Path, counters: &Counters, shared: bool) -> io::Result<()> {
             text.push_str(&format!("{name} {value}\n"));
         }
     }
-    value_files::create_new(&parked, &unique_name(), text.as_bytes(), shared)
+    value_files::create_new(&parked, &unique_name(), &[text.as_bytes()], shared)
 }
 
 /// Claims, reads and removes every parked file in `dir`'s `counters/`: their sum, for the

@@ -201,7 +201,7 @@ pub(super) fn put(
                     Ok(())
                 }
                 StoredEntry::Split { .. } => {
-                    value_files::write_anew(values.dir, digest, body, values.shared)
+                    value_files::write_anew(values.dir, digest, &[body], values.shared)
                 }
                 _ => value_files::write(values.dir, digest, body, values.shared),
             };

@@ -158,21 +158,22 @@ pub fn path(dir: &Path, digest: &Digest) -> PathBuf {
 /// right length with other bytes (damaged in place) is replaced: trusted by its length, it was
 /// kept when the value found damaged was stored again, and every later read rejected it.
 pub fn write(dir: &Path, digest: &Digest, body: &[u8], shared: bool) -> io::Result<()> {
-    write_file(dir, digest, body, shared, false)
+    write_file(dir, digest, &[body], shared, false)
 }
 
 /// [`write`], replacing whatever file has the name. For a compile's pack, whose values are
 /// read as slices of its file and checked one by one: a file damaged under the right name
 /// is found only value by value, and it would otherwise be kept when the same pack is stored
 /// again (the same program compiled again, the damaged value among what it recompiled).
-pub fn write_anew(dir: &Path, digest: &Digest, body: &[u8], shared: bool) -> io::Result<()> {
-    write_file(dir, digest, body, shared, true)
+/// The body is the concatenation of `parts`, written as they lie (a pack's values).
+pub fn write_anew(dir: &Path, digest: &Digest, parts: &[&[u8]], shared: bool) -> io::Result<()> {
+    write_file(dir, digest, parts, shared, true)
 }
 
 fn write_file(
     dir: &Path,
     digest: &Digest,
-    body: &[u8],
+    parts: &[&[u8]],
     shared: bool,
     replace: bool,
 ) -> io::Result<()> {
@@ -187,15 +188,17 @@ fn write_file(
     let name = digest.to_hex();
     // Kept only if it is this user's own regular file holding `body`; anything else under the
     // name (another user's file, a link, other bytes) is replaced by the rename below.
-    if !replace && holds(&values, &name, body).unwrap_or(false) {
-        return Ok(());
+    if let (false, [body]) = (replace, parts) {
+        if holds(&values, &name, body).unwrap_or(false) {
+            return Ok(());
+        }
     }
     let nanos = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or_default()
         .subsec_nanos();
     let temporary = format!("{name}.{}.{nanos}.tmp", std::process::id());
-    create_new(&values, &temporary, body, shared)?;
+    create_new(&values, &temporary, parts, shared)?;
     // rename(2) replaces whatever has the name (a link, another user's file) without following.
     let renamed =
         rustix::fs::renameat(&values, &temporary, &values, &name).map_err(io::Error::from);
@@ -237,9 +240,14 @@ fn holds(dir: &OwnedFd, name: &str, body: &[u8]) -> io::Result<bool> {
 }
 
 /// Creates `name` in the directory `dir` (a handle: nothing is reached through a path), never
-/// through a link nor over an existing file, with the cache's file mode, and writes `bytes` to
-/// it. Nothing is left behind when it fails.
-pub(super) fn create_new(dir: &OwnedFd, name: &str, bytes: &[u8], shared: bool) -> io::Result<()> {
+/// through a link nor over an existing file, with the cache's file mode, and writes the
+/// concatenation of `parts` to it, from where each lies. Nothing is left behind when it fails.
+pub(super) fn create_new(
+    dir: &OwnedFd,
+    name: &str,
+    parts: &[&[u8]],
+    shared: bool,
+) -> io::Result<()> {
     let file_mode = Mode::from_raw_mode(if shared { 0o640 } else { 0o600 });
     let written = rustix::fs::openat(
         dir,
@@ -248,11 +256,32 @@ pub(super) fn create_new(dir: &OwnedFd, name: &str, bytes: &[u8], shared: bool) 
         file_mode,
     )
     .map_err(io::Error::from)
-    .and_then(|fd| File::from(fd).write_all(bytes));
+    .and_then(|fd| write_all_parts(&mut File::from(fd), parts));
     if written.is_err() {
         let _ = rustix::fs::unlinkat(dir, name, AtFlags::empty());
     }
     written
+}
+
+/// Writes every byte of `parts`, in order, a batch of them per system call.
+fn write_all_parts(file: &mut File, parts: &[&[u8]]) -> io::Result<()> {
+    /// Linux takes at most this many buffers in one `writev`.
+    const MAX_SLICES: usize = 1024;
+    for batch in parts.chunks(MAX_SLICES) {
+        let mut slices: Vec<io::IoSlice<'_>> =
+            batch.iter().map(|part| io::IoSlice::new(part)).collect();
+        let mut slices = &mut slices[..];
+        io::IoSlice::advance_slices(&mut slices, 0); // skips empty parts
+        while !slices.is_empty() {
+            match file.write_vectored(slices) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(written) => io::IoSlice::advance_slices(&mut slices, written),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Removes a value's file; a file already gone is not an error.
