@@ -296,10 +296,21 @@ impl Store for TieredStore {
 
 /// An entry made of `header` and `body`, as [`Store::put`] takes it.
 fn whole(header: &[u8], body: &[u8]) -> Arc<[u8]> {
-    let mut entry = Vec::with_capacity(header.len() + body.len());
-    entry.extend_from_slice(header);
-    entry.extend_from_slice(body);
-    entry.into()
+    whole_of_parts(header, &[body])
+}
+
+/// An entry made of `header` and the concatenation of `parts`, copied once.
+fn whole_of_parts(header: &[u8], parts: &[&[u8]]) -> Arc<[u8]> {
+    let len = header.len() + parts.iter().map(|part| part.len()).sum::<usize>();
+    let mut entry = Arc::<[u8]>::new_uninit_slice(len);
+    let slots = Arc::get_mut(&mut entry).expect("a new Arc is not shared");
+    let mut at = 0;
+    for piece in std::iter::once(header).chain(parts.iter().copied()) {
+        slots[at..at + piece.len()].write_copy_of_slice(piece);
+        at += piece.len();
+    }
+    // SAFETY: every byte was written just above.
+    unsafe { entry.assume_init() }
 }
 
 impl TieredStore {
@@ -316,22 +327,35 @@ impl TieredStore {
         members: Vec<Member>,
         read_whole: bool,
     ) -> Result<bool, StoreError> {
-        // The other tiers keep whole entries: made from the whole body, here only.
-        let body = parts.concat();
+        // The other tiers keep whole entries, made here from the parts: a member lies within
+        // one part (the parts are cut at each value), else it is taken from the whole body.
+        let starts: Vec<usize> = parts
+            .iter()
+            .scan(0, |at, part| {
+                let start = *at;
+                *at += part.len();
+                Some(start)
+            })
+            .collect();
+        let mut body = None;
         let wholes: Vec<_> = members
             .iter()
             .map(|member| {
                 let value = (|| {
                     let start = usize::try_from(member.offset).ok()?;
                     let len = usize::try_from(crate::entry::body_len(&member.header)?).ok()?;
-                    body.get(start..start.checked_add(len)?)
+                    let end = start.checked_add(len)?;
+                    let part = starts.partition_point(|&at| at <= start).checked_sub(1)?;
+                    let within = start - starts[part];
+                    match parts[part].get(within..within + len) {
+                        Some(value) => Some(whole(&member.header, value)),
+                        None => body
+                            .get_or_insert_with(|| parts.concat())
+                            .get(start..end)
+                            .map(|value| whole(&member.header, value)),
+                    }
                 })();
-                (
-                    member.key,
-                    member.link,
-                    member.digest,
-                    value.map(|value| whole(&member.header, value)),
-                )
+                (member.key, member.link, member.digest, value)
             })
             .collect();
         let record = self.record_tier();
@@ -344,7 +368,7 @@ impl TieredStore {
             return kept;
         }
         if read_whole {
-            self.put_to_others(key, link, digest, whole(&header, &body));
+            self.put_to_others(key, link, digest, whole_of_parts(&header, parts));
         }
         for (key, link, digest, entry) in wholes {
             // A member whose slice is not in the pack is stored nowhere; it is compiled again.
@@ -485,10 +509,12 @@ mod tests {
                 offset: (index * value.len()) as u64,
             });
         }
+        // Handed over as a compile hands its pack: each value a part of its own.
+        let parts: Vec<&[u8]> = values.iter().map(|value| &value[..]).collect();
         let pack_key = KeyId(Digest::of(b"pack"));
         let (header, digest, link) = header_for(&pack_key, &pack);
         assert!(tiered
-            .put_with_members(pack_key, link, digest, header.clone(), &[&pack], members)
+            .put_with_members(pack_key, link, digest, header.clone(), &parts, members)
             .unwrap());
         let module = vec![7u8; 100_000];
         let module_key = KeyId(Digest::of(b"module"));
@@ -523,7 +549,7 @@ mod tests {
     }
 
     /// A file that only holds its members' values is not handed to the other tiers: they get
-    /// the values alone.
+    /// the values alone, whole even where the parts were cut inside one.
     #[test]
     fn a_file_of_values_alone_reaches_the_other_tiers_as_its_values() {
         let dir = tempfile::tempdir().unwrap();
@@ -549,7 +575,14 @@ mod tests {
         let file_key = KeyId(Digest::of(b"held"));
         let (header, digest, link) = header_for(&file_key, &file);
         assert!(tiered
-            .put_members_in_file(file_key, link, digest, header, &[&file], members)
+            .put_members_in_file(
+                file_key,
+                link,
+                digest,
+                header,
+                &[&file[..30_000], &file[30_000..]],
+                members
+            )
             .unwrap());
         tiered.flush().unwrap();
         assert!(disk.get(&file_key).unwrap().is_some());
