@@ -1017,13 +1017,15 @@ fn values_held_for_a_pack_that_was_not_written_are_kept_in_one_file() {
     let made = members.iter().map(|(_, count)| *count).min().unwrap() as u64;
     assert!((150..=report.inserts).contains(&made), "{made}: {report:?}");
 
-    // Another compile of it finds each value by key, with nothing to read ahead.
+    // Another compile of it finds the values by key, with nothing to read ahead (but for the
+    // few keys Cranelift gives a function after another thread's trampoline: docs/design.md,
+    // "A function's key depends on whether the functions compiled before it hit or missed").
     let (code, report) = compiler(dir.path())
         .prefetch(false)
         .precompile(&edited)
         .unwrap();
     assert_eq!(code, uncached(&edited));
-    assert!(report.misses <= 2, "{report:?}");
+    assert!(report.misses * 100 <= report.lookups(), "{report:?}");
     let verification = open(dir.path()).verify().unwrap();
     assert_eq!(verification.rejected, 0, "{verification:?}");
 }
