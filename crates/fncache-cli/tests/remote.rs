@@ -295,10 +295,12 @@ fn values_stored_as_they_are_made_reach_redis_in_batches() {
     assert!(sets >= 400, "{sets} SETs: {report}");
     // Besides the pipelines of SETs, Redis read the sampled GETs of the lookups it lacked
     // (64 and one in 16 of the rest), each in a read of its own, and the connections' first
-    // commands. One SET per round trip made 328-340 reads here, 111-114 in batches.
+    // commands. One SET per round trip made 250 reads besides the GETs for 411 SETs here; in
+    // batches about 22 (a compile slowed by the other tests makes smaller batches: the bound
+    // leaves room for that).
     let gets = gets(&redis);
     assert!(
-        reads.saturating_sub(gets) * 4 <= sets,
+        reads.saturating_sub(gets) * 5 <= sets * 2,
         "{reads} reads for {sets} SETs and {gets} GETs: {report}"
     );
 }
