@@ -534,12 +534,18 @@ impl Cache {
         let key = KeyId::new(namespace, key);
         let link = Link::new(secret, &key, &digest);
         let header = Arc::from(&header[..]);
-        let store = &self.inner.store;
-        let stored = if read_whole {
-            store.put_with_members(key, link, digest, header, pack, stored)
-        } else {
-            store.put_members_in_file(key, link, digest, header, pack, stored)
-        };
+        let stored = self
+            .inner
+            .store
+            .put_with_members(crate::store::FileOfValues {
+                key,
+                link,
+                digest,
+                header,
+                parts: pack,
+                members: stored,
+                read_whole,
+            });
         match stored {
             Ok(true) => {
                 self.count_write(entry::HEADER_LEN + pack_len, false);

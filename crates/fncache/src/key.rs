@@ -55,10 +55,7 @@ impl Digest {
     /// it: a compile's pack is thousands of values, and a fresh buffer of their size costs
     /// about as much again as copying them (docs/performance.md, eighteenth run).
     pub fn authenticated_parts(secret: Option<&crate::Secret>, parts: &[&[u8]]) -> Digest {
-        let mut hasher = match secret {
-            Some(secret) => blake3::Hasher::new_keyed(secret.as_bytes()),
-            None => blake3::Hasher::new(),
-        };
+        let mut hasher = hasher(secret);
         // Small parts are gathered into a block first: BLAKE3 hashes many chunks at once only
         // within one update, and a value is about a kilobyte, one chunk.
         const BLOCK: usize = 64 << 10;
@@ -109,12 +106,17 @@ impl Digest {
     }
 }
 
-/// BLAKE3 of `bytes`, keyed with `secret` if given, on all cores from `parallel_from` bytes.
-fn hash(secret: Option<&crate::Secret>, bytes: &[u8], parallel_from: usize) -> Digest {
-    let mut hasher = match secret {
+/// BLAKE3, keyed with `secret` if given.
+fn hasher(secret: Option<&crate::Secret>) -> blake3::Hasher {
+    match secret {
         Some(secret) => blake3::Hasher::new_keyed(secret.as_bytes()),
         None => blake3::Hasher::new(),
-    };
+    }
+}
+
+/// BLAKE3 of `bytes`, keyed with `secret` if given, on all cores from `parallel_from` bytes.
+fn hash(secret: Option<&crate::Secret>, bytes: &[u8], parallel_from: usize) -> Digest {
+    let mut hasher = hasher(secret);
     if bytes.len() >= parallel_from {
         hasher.update_rayon(bytes);
     } else {

@@ -143,6 +143,22 @@ pub struct Member {
     pub offset: u64,
 }
 
+/// A file of values, as [`Store::put_with_members`] takes it: an entry of its own under `key`
+/// (bookkeeping), whose body is `parts` one after another, and `members`, values lying in it.
+pub struct FileOfValues<'a> {
+    pub key: KeyId,
+    pub link: Link,
+    pub digest: Digest,
+    pub header: Arc<[u8]>,
+    pub parts: &'a [&'a [u8]],
+    pub members: Vec<Member>,
+    /// Whether the file's own entry is read whole (a compile's pack, read ahead by the next
+    /// compile), so that a store that keeps each entry whole (Redis) gets it too; a file that
+    /// only holds the values a compile made is never read whole, and such a store gets the
+    /// values alone.
+    pub read_whole: bool,
+}
+
 /// Bytes accounted for each stored value on top of its entry bytes (index rows, page slack).
 pub const VALUE_OVERHEAD: u64 = 128;
 /// Bytes accounted for each key.
@@ -220,39 +236,15 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         false
     }
 
-    /// Stores the entry of `header` and `body`, the concatenation of its parts, as
-    /// [`Store::put_in_file`] does (a compile's pack of values: the parts are written as they
-    /// lie, with no buffer of the whole), and points each of `members` at its slice of `body`,
-    /// with a header of
-    /// its own: each value is then written once, in the pack's file, and its key is a row
-    /// that says where. A member lives as long as the pack's file: once that is evicted, its
-    /// rows go with it. `false` if this store does not keep values so (nothing was stored;
-    /// the caller puts the pack and each value whole). Default: `false`.
-    fn put_with_members(
-        &self,
-        _key: KeyId,
-        _link: Link,
-        _digest: Digest,
-        _header: Arc<[u8]>,
-        _body: &[&[u8]],
-        _members: Vec<Member>,
-    ) -> Result<bool, StoreError> {
+    /// Stores `file`'s entry (its header, and a body made of its parts one after another) as
+    /// [`Store::put_in_file`] does, the parts written as they lie with no buffer of the whole,
+    /// and points each of its members at its slice of the body, with a header of its own: each
+    /// value is then written once, in the file, and its key is a row that says where. A member
+    /// lives as long as the file: once that is evicted, its rows go with it. `false` if this
+    /// store does not keep values so (nothing was stored; the caller puts each value, and the
+    /// file's entry if it is read whole, on its own). Default: `false`.
+    fn put_with_members(&self, _file: FileOfValues<'_>) -> Result<bool, StoreError> {
         Ok(false)
-    }
-
-    /// [`Store::put_with_members`] for a file that only holds its members' values and is
-    /// never read whole (the values a compile made, kept together): a store that keeps each
-    /// entry whole needs the members alone. Default: `put_with_members`.
-    fn put_members_in_file(
-        &self,
-        key: KeyId,
-        link: Link,
-        digest: Digest,
-        header: Arc<[u8]>,
-        body: &[&[u8]],
-        members: Vec<Member>,
-    ) -> Result<bool, StoreError> {
-        self.put_with_members(key, link, digest, header, body, members)
     }
 
     /// Copies what a slower tier `found` under `key`, verified by the cache, into the faster

@@ -16,7 +16,7 @@
 
 use std::sync::Arc;
 
-use super::{Eviction, Found, Member, Store, StoreError, StoredEntry, Usage};
+use super::{Eviction, FileOfValues, Found, Store, StoreError, StoredEntry, Usage};
 use crate::key::{Digest, KeyId, Link};
 use crate::stats::Counters;
 
@@ -169,31 +169,37 @@ impl Store for TieredStore {
         self.record_tier().keeps_members()
     }
 
-    /// The tier of record keeps the values once, in the pack's file; the others get the pack
-    /// and each value whole, as if each had been put on its own.
-    fn put_with_members(
-        &self,
-        key: KeyId,
-        link: Link,
-        digest: Digest,
-        header: Arc<[u8]>,
-        parts: &[&[u8]],
-        members: Vec<Member>,
-    ) -> Result<bool, StoreError> {
-        self.put_members(key, link, digest, header, parts, members, true)
-    }
-
-    /// As [`TieredStore::put_with_members`], but the others get the values alone.
-    fn put_members_in_file(
-        &self,
-        key: KeyId,
-        link: Link,
-        digest: Digest,
-        header: Arc<[u8]>,
-        parts: &[&[u8]],
-        members: Vec<Member>,
-    ) -> Result<bool, StoreError> {
-        self.put_members(key, link, digest, header, parts, members, false)
+    /// The tier of record keeps the values once, in their file; the others get each value
+    /// whole, as if each had been put on its own, and the file's entry whole too if it is
+    /// read whole (a pack).
+    fn put_with_members(&self, values: FileOfValues<'_>) -> Result<bool, StoreError> {
+        let (key, link, digest, parts) = (values.key, values.link, values.digest, values.parts);
+        let (header, read_whole) = (values.header.clone(), values.read_whole);
+        let members = values.members.clone(); // their headers are shared, not copied
+        let kept = self.record_tier().put_with_members(values);
+        if let Ok(false) = kept {
+            return kept;
+        }
+        if read_whole {
+            self.put_to_others(key, link, digest, whole_of_parts(&header, parts));
+        }
+        let starts = part_starts(parts);
+        for member in &members {
+            // A member whose slice is not in the file is stored nowhere; it is compiled again.
+            let value = usize::try_from(member.offset).ok().zip(
+                crate::entry::body_len(&member.header).and_then(|len| usize::try_from(len).ok()),
+            );
+            if let Some(value) = value.and_then(|(at, len)| range_of_parts(parts, &starts, at, len))
+            {
+                self.put_to_others(
+                    member.key,
+                    member.link,
+                    member.digest,
+                    whole(&member.header, &value),
+                );
+            }
+        }
+        kept
     }
 
     fn remove_key(&self, key: &KeyId) -> Result<(), StoreError> {
@@ -294,6 +300,47 @@ impl Store for TieredStore {
     }
 }
 
+/// Where each of `parts` starts in their concatenation.
+fn part_starts(parts: &[&[u8]]) -> Vec<usize> {
+    let mut at = 0;
+    parts
+        .iter()
+        .map(|part| {
+            let start = at;
+            at += part.len();
+            start
+        })
+        .collect()
+}
+
+/// The bytes at `start..start + len` of the concatenation of `parts` (which start at
+/// `starts`): borrowed where they lie within one part (a file of values is cut at each value),
+/// else gathered.
+fn range_of_parts<'a>(
+    parts: &[&'a [u8]],
+    starts: &[usize],
+    start: usize,
+    len: usize,
+) -> Option<std::borrow::Cow<'a, [u8]>> {
+    let first = starts.partition_point(|&at| at <= start).checked_sub(1)?;
+    let within = start - starts[first];
+    if let Some(bytes) = parts[first].get(within..within.checked_add(len)?) {
+        return Some(std::borrow::Cow::Borrowed(bytes));
+    }
+    let mut gathered = Vec::with_capacity(len);
+    let mut skip = within;
+    for part in &parts[first..] {
+        let part = part.get(skip..).unwrap_or_default();
+        skip = 0;
+        let take = part.len().min(len - gathered.len());
+        gathered.extend_from_slice(&part[..take]);
+        if gathered.len() == len {
+            return Some(std::borrow::Cow::Owned(gathered));
+        }
+    }
+    None
+}
+
 /// An entry made of `header` and `body`, as [`Store::put`] takes it.
 fn whole(header: &[u8], body: &[u8]) -> Arc<[u8]> {
     whole_of_parts(header, &[body])
@@ -314,71 +361,6 @@ fn whole_of_parts(header: &[u8], parts: &[&[u8]]) -> Arc<[u8]> {
 }
 
 impl TieredStore {
-    /// The tier of record keeps the values once, in one file; the others get each value
-    /// whole, and the file's entry whole too if it is `read_whole` (a pack).
-    #[allow(clippy::too_many_arguments)]
-    fn put_members(
-        &self,
-        key: KeyId,
-        link: Link,
-        digest: Digest,
-        header: Arc<[u8]>,
-        parts: &[&[u8]],
-        members: Vec<Member>,
-        read_whole: bool,
-    ) -> Result<bool, StoreError> {
-        // The other tiers keep whole entries, made here from the parts: a member lies within
-        // one part (the parts are cut at each value), else it is taken from the whole body.
-        let starts: Vec<usize> = parts
-            .iter()
-            .scan(0, |at, part| {
-                let start = *at;
-                *at += part.len();
-                Some(start)
-            })
-            .collect();
-        let mut body = None;
-        let wholes: Vec<_> = members
-            .iter()
-            .map(|member| {
-                let value = (|| {
-                    let start = usize::try_from(member.offset).ok()?;
-                    let len = usize::try_from(crate::entry::body_len(&member.header)?).ok()?;
-                    let end = start.checked_add(len)?;
-                    let part = starts.partition_point(|&at| at <= start).checked_sub(1)?;
-                    let within = start - starts[part];
-                    match parts[part].get(within..within + len) {
-                        Some(value) => Some(whole(&member.header, value)),
-                        None => body
-                            .get_or_insert_with(|| parts.concat())
-                            .get(start..end)
-                            .map(|value| whole(&member.header, value)),
-                    }
-                })();
-                (member.key, member.link, member.digest, value)
-            })
-            .collect();
-        let record = self.record_tier();
-        let kept = if read_whole {
-            record.put_with_members(key, link, digest, header.clone(), parts, members)
-        } else {
-            record.put_members_in_file(key, link, digest, header.clone(), parts, members)
-        };
-        if let Ok(false) = kept {
-            return kept;
-        }
-        if read_whole {
-            self.put_to_others(key, link, digest, whole_of_parts(&header, parts));
-        }
-        for (key, link, digest, entry) in wholes {
-            // A member whose slice is not in the pack is stored nowhere; it is compiled again.
-            if let Some(entry) = entry {
-                self.put_to_others(key, link, digest, entry);
-            }
-        }
-        kept
-    }
-
     /// Puts `entry` into every tier but the tier of record (which stored it its own way).
     fn put_to_others(&self, key: KeyId, link: Link, digest: Digest, entry: Arc<[u8]>) {
         for (index, tier) in self.tiers.iter().enumerate() {
@@ -409,6 +391,7 @@ mod tests {
     use super::*;
     use crate::store::memory::MemoryStore;
     use crate::store::read_only::ReadOnlyStore;
+    use crate::store::Member;
 
     fn entry(seed: u8) -> (KeyId, Link, Digest, Arc<[u8]>) {
         let key = KeyId(Digest::of(&[seed, 1]));
@@ -514,7 +497,15 @@ mod tests {
         let pack_key = KeyId(Digest::of(b"pack"));
         let (header, digest, link) = header_for(&pack_key, &pack);
         assert!(tiered
-            .put_with_members(pack_key, link, digest, header.clone(), &parts, members)
+            .put_with_members(FileOfValues {
+                key: pack_key,
+                link,
+                digest,
+                header: header.clone(),
+                parts: &parts,
+                members,
+                read_whole: true,
+            })
             .unwrap());
         let module = vec![7u8; 100_000];
         let module_key = KeyId(Digest::of(b"module"));
@@ -575,14 +566,15 @@ mod tests {
         let file_key = KeyId(Digest::of(b"held"));
         let (header, digest, link) = header_for(&file_key, &file);
         assert!(tiered
-            .put_members_in_file(
-                file_key,
+            .put_with_members(FileOfValues {
+                key: file_key,
                 link,
                 digest,
                 header,
-                &[&file[..30_000], &file[30_000..]],
-                members
-            )
+                parts: &[&file[..30_000], &file[30_000..]],
+                members,
+                read_whole: false,
+            })
             .unwrap());
         tiered.flush().unwrap();
         assert!(disk.get(&file_key).unwrap().is_some());

@@ -68,7 +68,7 @@ use self::schema::{
 use self::sql::GET_SQL;
 use self::value_files::{MappedFile, OWN_FILE_THRESHOLD};
 use self::writer::{Op, Pending, Queue, Writer, WriterState};
-use super::{Eviction, Found, Member, Store, StoreError, StoredEntry, Usage};
+use super::{Eviction, FileOfValues, Found, Store, StoreError, StoredEntry, Usage};
 use crate::key::{Digest, KeyId, Link};
 use crate::stats::Counters;
 
@@ -901,24 +901,24 @@ impl Store for DiskStore {
     /// Writes the pack's file here, as [`Store::put_in_file`] does, whatever its size, then
     /// hands the writer the pack's row and a row per member, each served from the mapped file
     /// until committed.
-    fn put_with_members(
-        &self,
-        key: KeyId,
-        link: Link,
-        digest: Digest,
-        header: Arc<[u8]>,
-        body: &[&[u8]],
-        members: Vec<Member>,
-    ) -> Result<bool, StoreError> {
+    fn put_with_members(&self, values: FileOfValues<'_>) -> Result<bool, StoreError> {
         if !self.keeps_members() {
             return Ok(false);
         }
+        let FileOfValues {
+            key,
+            link,
+            digest,
+            header,
+            parts,
+            mut members,
+            read_whole: _, // a file here either way
+        } = values;
         // In key order, the writer's inserts walk the table's leaves once, in order, and add
         // to the two indexes of the values' rows (by use, by pack: the same for all of them)
         // one after another: sql.js's 2,035 rows took 5.8-7.4 ms instead of 7.2-8.5.
-        let mut members = members;
         members.sort_unstable_by_key(|member| member.key);
-        let Some(file) = self.write_value_file(&digest, body, true) else {
+        let Some(file) = self.write_value_file(&digest, parts, true) else {
             return Ok(false); // the caller puts the pack and its values whole
         };
         // A mapping of the file it replaced (damaged, if its values were recompiled) is not
