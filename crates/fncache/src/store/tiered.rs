@@ -465,15 +465,27 @@ mod tests {
         )
     }
 
+    /// A real disk store as the tier of record, with a memory store behind it standing for
+    /// Redis (a tier that keeps each entry whole).
+    fn disk_then_remote(
+        dir: &std::path::Path,
+    ) -> (
+        Arc<super::super::disk::DiskStore>,
+        Arc<MemoryStore>,
+        TieredStore,
+    ) {
+        let disk = Arc::new(super::super::disk::DiskStore::open(dir, 1 << 30, false).unwrap());
+        let remote = Arc::new(MemoryStore::new(1 << 30));
+        let tiered = TieredStore::new(vec![disk.clone(), remote.clone()], 0);
+        (disk, remote, tiered)
+    }
+
     /// The disk keeps a pack's values once, in its file, and a module in a file of its own;
     /// the tiers beside it (Redis, memory) get each entry whole, as a put would have made it.
     #[test]
     fn the_disk_keeps_files_its_way_and_the_other_tiers_get_whole_entries() {
         let dir = tempfile::tempdir().unwrap();
-        let disk =
-            Arc::new(super::super::disk::DiskStore::open(dir.path(), 1 << 30, false).unwrap());
-        let remote = Arc::new(MemoryStore::new(1 << 30));
-        let tiered = TieredStore::new(vec![disk.clone(), remote.clone()], 0);
+        let (disk, remote, tiered) = disk_then_remote(dir.path());
         assert!(tiered.keeps_members());
 
         let values: Vec<Vec<u8>> = (0..3u8).map(|seed| vec![seed; 40_000]).collect();
@@ -544,10 +556,7 @@ mod tests {
     #[test]
     fn a_file_of_values_alone_reaches_the_other_tiers_as_its_values() {
         let dir = tempfile::tempdir().unwrap();
-        let disk =
-            Arc::new(super::super::disk::DiskStore::open(dir.path(), 1 << 30, false).unwrap());
-        let remote = Arc::new(MemoryStore::new(1 << 30));
-        let tiered = TieredStore::new(vec![disk.clone(), remote.clone()], 0);
+        let (disk, remote, tiered) = disk_then_remote(dir.path());
         let values: Vec<Vec<u8>> = (0..2u8).map(|seed| vec![seed; 50_000]).collect();
         let file: Vec<u8> = values.concat();
         let mut members = Vec::new();
