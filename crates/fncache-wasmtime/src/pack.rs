@@ -316,12 +316,7 @@ fn store_pack(
     let held: Vec<_> = values_at(&values)
         .filter_map(|(key, range)| Some((key, range, kept.get(key)?.unstored.as_ref()?)))
         .collect();
-    let stored_with_values = if held.is_empty() {
-        cache.insert_bookkeeping_in_place(namespace, &key(binary_digest), len, |out| {
-            encode_into(&values, out)
-        });
-        false
-    } else {
+    let stored_with_values = !held.is_empty() && {
         // Its index, then each value where it lies: written so, with no buffer of the whole
         // (a fresh one cost as much again as the copy into it: esbuild's 39 MB, 49-54 ms).
         let index = encode_index(&values);
@@ -332,15 +327,14 @@ fn store_pack(
             .iter()
             .map(|(_, range, header)| (range.clone(), *header))
             .collect();
-        let kept_in_it = cache.insert_pack(namespace, &key(binary_digest), &parts, &members);
-        if !kept_in_it {
-            // Stored as any pack.
-            cache.insert_bookkeeping_in_place(namespace, &key(binary_digest), len, |out| {
-                encode_into(&values, out)
-            });
-        }
-        kept_in_it
+        cache.insert_pack(namespace, &key(binary_digest), &parts, &members)
     };
+    if !stored_with_values {
+        // Stored as any pack: bookkeeping, laid out in place.
+        cache.insert_bookkeeping_in_place(namespace, &key(binary_digest), len, |out| {
+            encode_into(&values, out)
+        });
+    }
     log::debug!(
         "pack of {} values, {total} bytes ({} of them kept in it alone): encoded, \
          authenticated and queued in {:.1} ms",
