@@ -37,8 +37,12 @@ pub const PREFETCH_MIN_SHARED: f64 = 0.25;
 /// The adaptive compile ([`Compiler::adaptive`]) compiles without the incremental cache when
 /// the earlier compile it resembles shares less than this share of the function-body bytes (or
 /// there is none): Cranelift's key hashing and serialization on every miss would then cost
-/// more than the few hits save.
-pub const ADAPTIVE_MIN_SHARED: f64 = 0.25;
+/// more than the few hits save. The prediction runs a little under what is then served
+/// (docs/performance.md, nineteenth run: zstd's edits 0.06-0.08 against 0.10-0.14, brotli's
+/// import 0.125 against 0.19, canvaskit's 0.21 against 0.24), and from about a fifth served
+/// the function level is as fast or faster: canvaskit-wasm 0.42.0 with an import added, 0.95x
+/// cold through it against 1.04x without the cache (25% was the threshold until then).
+pub const ADAPTIVE_MIN_SHARED: f64 = 0.15;
 
 /// The adaptive compile compiles without the incremental cache only a binary with at least this
 /// many bytes of function bodies (default of [`Compiler::adaptive_min_code_bytes`]): below, the
