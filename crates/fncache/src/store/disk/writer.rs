@@ -477,7 +477,7 @@ impl WriterState {
     fn commit(&mut self, ops: &[Op]) -> Result<(), StoreError> {
         let known_ratio = self.disk_ratio;
         let mut measured_ratio = None;
-        let (dir, db_path) = (self.dir.clone(), self.db_path.clone());
+        let dir = self.dir.clone();
         let shared = self.shared;
         let mut unlink = Vec::new();
         let evicted = self.in_transaction(|tx| {
@@ -539,7 +539,7 @@ impl WriterState {
             let ratio = match known_ratio {
                 Some(ratio) => ratio,
                 None if bytes as f64 * MAX_DISK_RATIO > max_bytes as f64 => {
-                    *measured_ratio.insert(disk_ratio(&db_path, &dir, bytes, free_bytes(tx)?))
+                    *measured_ratio.insert(disk_ratio(&dir, bytes, used_database_bytes(tx)?))
                 }
                 None => 1.0,
             };
@@ -728,8 +728,10 @@ impl WriterState {
                 row.get::<_, i64>(0)
             })
             .unwrap_or(0);
-        let free = free_bytes(&self.conn).unwrap_or(0);
-        self.disk_ratio = Some(disk_ratio(&self.db_path, &self.dir, accounted, free));
+        let Ok(database) = used_database_bytes(&self.conn) else {
+            return; // measured by the next commit that needs it
+        };
+        self.disk_ratio = Some(disk_ratio(&self.dir, accounted, database));
     }
 
     /// [`WriterState::disk_ratio`], measured now if it is not known yet.
@@ -784,21 +786,26 @@ const FREE_PAGE_SLACK: u64 = 32;
 const MAX_DISK_RATIO: f64 = 4.0;
 
 /// Bytes on disk per accounted byte (see [`WriterState::disk_ratio`]), between 1 and
-/// [`MAX_DISK_RATIO`]. Free pages in the database (`free`, in bytes) are left out: they are
-/// what the next inserts take before the file grows.
-fn disk_ratio(db_path: &Path, dir: &Path, accounted: i64, free: u64) -> f64 {
+/// [`MAX_DISK_RATIO`], from the database's pages in use (`database`, in bytes) and the value
+/// files in `dir`.
+fn disk_ratio(dir: &Path, accounted: i64, database: u64) -> f64 {
     // Below this, the fixed size of an empty database says nothing about page slack.
     if accounted < 64 << 10 {
         return 1.0;
     }
-    let used = resting_disk_bytes(db_path, dir).saturating_sub(free);
+    let used = database + value_files::total_bytes(dir);
     (used as f64 / accounted as f64).clamp(1.0, MAX_DISK_RATIO)
 }
 
-/// The bytes of the database's free pages.
-fn free_bytes(conn: &Connection) -> rusqlite::Result<u64> {
+/// The bytes of the database's pages in use, as `conn` sees them: the pages still in the log
+/// included, which the file has only once the log is copied into it. (Measured from the file,
+/// the ratio read about 1.0 when commits made during a compile had not been copied yet, and
+/// eviction left the directory 2.5% over the limit's tolerance.) Free pages are left out:
+/// they are what the next inserts take before the file grows.
+fn used_database_bytes(conn: &Connection) -> rusqlite::Result<u64> {
     conn.query_row(
-        "SELECT freelist_count * page_size FROM pragma_freelist_count, pragma_page_size",
+        "SELECT (page_count - freelist_count) * page_size \
+         FROM pragma_page_count, pragma_freelist_count, pragma_page_size",
         [],
         |row| row.get::<_, i64>(0),
     )
@@ -828,6 +835,28 @@ const AUTOCHECKPOINT_PAGES: u32 = 1000;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The database's size for the limit counts the pages a commit left in the log, which the
+    /// file has only once the log is copied into it: eviction measured from the file left a
+    /// cache over the limit when a compile's commits had not been copied yet.
+    #[test]
+    fn the_database_is_measured_with_the_pages_still_in_its_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fncache.db");
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA wal_autocheckpoint = 0; CREATE TABLE t (b BLOB);",
+        )
+        .unwrap();
+        conn.execute("INSERT INTO t VALUES (zeroblob(1000000))", [])
+            .unwrap();
+        let file = fs::metadata(&path).unwrap().len();
+        assert!(file < 100_000, "the pages are still in the log: {file}");
+        let measured = used_database_bytes(&conn).unwrap();
+        assert!(measured >= 1_000_000, "{measured}");
+        let ratio = disk_ratio(dir.path(), 1_000_000, measured);
+        assert!((1.0..1.1).contains(&ratio), "{ratio}");
+    }
 
     /// A writer whose connection could not be opened answers every flush with the error and
     /// forgets what waited to be written, instead of leaving callers blocked or served
