@@ -44,6 +44,16 @@ pub const PREFETCH_MIN_SHARED: f64 = 0.25;
 /// cold through it against 1.04x without the cache (25% was the threshold until then).
 pub const ADAPTIVE_MIN_SHARED: f64 = 0.15;
 
+/// An adaptive compile that shares less than this byte for byte with the earlier compile looks
+/// again with the callees left out (a function or an import added before the others renumbers
+/// them, and their keys still hit) before it decides: the prediction then decides the read-ahead
+/// too, so it is made below the higher of the two thresholds.
+const LOOK_AGAIN_BELOW: f64 = if PREFETCH_MIN_SHARED > ADAPTIVE_MIN_SHARED {
+    PREFETCH_MIN_SHARED
+} else {
+    ADAPTIVE_MIN_SHARED
+};
+
 /// The adaptive compile compiles without the incremental cache only a binary with at least this
 /// many bytes of function bodies (default of [`Compiler::adaptive_min_code_bytes`]): below, the
 /// second engine, loading its output into the first, storing it and the fill beside it cost
@@ -727,7 +737,7 @@ impl Compiler {
                     }
                     Err(error) => log::debug!("no estimate after a moved layout: {error:#}"),
                 }
-            } else if self.adaptive_on && shared < ADAPTIVE_MIN_SHARED && abstracted {
+            } else if self.adaptive_on && shared < LOOK_AGAIN_BELOW && abstracted {
                 // Too little byte for byte; callees renumbered (a function or an import added
                 // before them) still hit, so look again with them left out before deciding:
                 // estimated from a sample of the changed bodies, as a parse of them all is

@@ -485,6 +485,42 @@ fn renumbered_callees_count_as_reuse_so_the_adaptive_compile_keeps_the_function_
     assert!(report.hits * 10 >= report.lookups() * 7, "{report:?}");
 }
 
+/// Renumbered callees are looked for below the read-ahead's threshold too, not only below the
+/// adaptive compile's: with a fifth of the code unchanged byte for byte (functions that call
+/// nothing) and the rest renumbered, the prediction is that nearly all of it hits, as it does.
+#[test]
+fn renumbered_callees_are_looked_for_when_a_fifth_is_unchanged_byte_for_byte() {
+    let with_leaves = |extra: usize| {
+        // The call chain's functions, then functions that call nothing.
+        let mut wat = String::from("(module\n");
+        for i in 0..extra {
+            wat.push_str(&format!("(func $extra{i} (result i32) (i32.const {i}))\n"));
+        }
+        for i in 0..80 {
+            let next = match i + 1 < 80 {
+                true => format!("(call $f{})", i + 1),
+                false => "(i32.const 1)".into(),
+            };
+            wat.push_str(&format!(
+                "(func $f{i} (export \"f{i}\") (result i32) (i32.add (i32.const {i}) {next}))\n"
+            ));
+        }
+        for i in 0..30 {
+            wat.push_str(&format!("(func (result i32) (i32.const {}))\n", i * 7 + 3));
+        }
+        wat.push(')');
+        wat::parse_str(&wat).unwrap()
+    };
+    let (old, new) = (with_leaves(0), with_leaves(1));
+    let byte_for_byte = BodyPrints::of(&new)
+        .unwrap()
+        .shared_with(&BodyPrints::of(&old).unwrap());
+    assert!((0.15..0.25).contains(&byte_for_byte), "{byte_for_byte}");
+    let report = adaptive_edit(&old, &new);
+    assert!(report.predicted_reuse.unwrap() > 0.9, "{report:?}");
+    assert!(!report.deferred_fill, "{report:?}");
+}
+
 /// A prediction from a sample of the changed bodies still leaves a manifest with every print:
 /// the edit after next is predicted from it, and would find only the sampled bodies' prints
 /// (about half of 200 here) if the others were left out.
