@@ -477,7 +477,7 @@ impl WriterState {
     fn commit(&mut self, ops: &[Op]) -> Result<(), StoreError> {
         let known_ratio = self.disk_ratio;
         let mut measured_ratio = None;
-        let dir = self.dir.clone();
+        let (dir, db_path) = (self.dir.clone(), self.db_path.clone());
         let shared = self.shared;
         let mut unlink = Vec::new();
         let evicted = self.in_transaction(|tx| {
@@ -538,9 +538,8 @@ impl WriterState {
             // The ratio is at most MAX_DISK_RATIO: below the limit by that much, it cannot matter.
             let ratio = match known_ratio {
                 Some(ratio) => ratio,
-                None if bytes as f64 * MAX_DISK_RATIO > max_bytes as f64 => {
-                    *measured_ratio.insert(disk_ratio(&dir, bytes, used_database_bytes(tx)?))
-                }
+                None if bytes as f64 * MAX_DISK_RATIO > max_bytes as f64 => *measured_ratio
+                    .insert(disk_ratio(&dir, bytes, used_database_bytes(tx, &db_path)?)),
                 None => 1.0,
             };
             if bytes as f64 * ratio > max_bytes as f64 {
@@ -728,7 +727,7 @@ impl WriterState {
                 row.get::<_, i64>(0)
             })
             .unwrap_or(0);
-        let Ok(database) = used_database_bytes(&self.conn) else {
+        let Ok(database) = used_database_bytes(&self.conn, &self.db_path) else {
             return; // measured by the next commit that needs it
         };
         self.disk_ratio = Some(disk_ratio(&self.dir, accounted, database));
@@ -797,19 +796,22 @@ fn disk_ratio(dir: &Path, accounted: i64, database: u64) -> f64 {
     (used as f64 / accounted as f64).clamp(1.0, MAX_DISK_RATIO)
 }
 
-/// The bytes of the database's pages in use, as `conn` sees them: the pages still in the log
-/// included, which the file has only once the log is copied into it. (Measured from the file,
-/// the ratio read about 1.0 when commits made during a compile had not been copied yet, and
-/// eviction left the directory 2.5% over the limit's tolerance.) Free pages are left out:
-/// they are what the next inserts take before the file grows.
-fn used_database_bytes(conn: &Connection) -> rusqlite::Result<u64> {
-    conn.query_row(
-        "SELECT (page_count - freelist_count) * page_size \
+/// The bytes the database takes on disk, its free pages left out (they are what the next
+/// inserts take before the file grows): the larger of its pages in use as `conn` sees them,
+/// those still in the log included (which the file has only once the log is copied into it),
+/// and the blocks of its file, which the file system may have allocated ahead of the pages.
+/// (Measured from the file alone, the ratio read about 1.0 when commits made during a compile
+/// had not been copied yet, and eviction left the directory 2.5% over the limit's tolerance.)
+fn used_database_bytes(conn: &Connection, db_path: &Path) -> rusqlite::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let (pages, free): (i64, i64) = conn.query_row(
+        "SELECT (page_count - freelist_count) * page_size, freelist_count * page_size \
          FROM pragma_page_count, pragma_freelist_count, pragma_page_size",
         [],
-        |row| row.get::<_, i64>(0),
-    )
-    .map(|bytes| bytes.max(0) as u64)
+        |row| Ok((row.get(0)?, row.get(1)?)),
+    )?;
+    let file = fs::symlink_metadata(db_path).map_or(0, |m| m.blocks() * 512);
+    Ok((pages.max(0) as u64).max(file.saturating_sub(free.max(0) as u64)))
 }
 
 /// What the cache takes on disk once no process has it open: the database and the value
@@ -852,7 +854,7 @@ mod tests {
             .unwrap();
         let file = fs::metadata(&path).unwrap().len();
         assert!(file < 100_000, "the pages are still in the log: {file}");
-        let measured = used_database_bytes(&conn).unwrap();
+        let measured = used_database_bytes(&conn, &path).unwrap();
         assert!(measured >= 1_000_000, "{measured}");
         let ratio = disk_ratio(dir.path(), 1_000_000, measured);
         assert!((1.0..1.1).contains(&ratio), "{ratio}");
