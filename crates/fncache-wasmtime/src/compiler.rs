@@ -40,8 +40,9 @@ pub const PREFETCH_MIN_SHARED: f64 = 0.25;
 /// more than the few hits save. The prediction runs a little under what is then served
 /// (docs/performance.md, nineteenth run: zstd's edits 0.06-0.08 against 0.10-0.14, brotli's
 /// import 0.125 against 0.19, canvaskit's 0.21 against 0.24), and from about a fifth served
-/// the function level is as fast or faster: canvaskit-wasm 0.42.0 with an import added, 0.95x
-/// cold through it against 1.04x without the cache (25% was the threshold until then).
+/// the function level is as fast or faster: canvaskit-wasm 0.42.0 with an import added, 0.93x
+/// cold through it against 1.03x without the cache, paired 0.90 (25% was the threshold until
+/// then).
 pub const ADAPTIVE_MIN_SHARED: f64 = 0.15;
 
 /// An adaptive compile that shares less than this byte for byte with the earlier compile looks
