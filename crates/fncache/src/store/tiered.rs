@@ -467,6 +467,27 @@ mod tests {
 
     /// A real disk store as the tier of record, with a memory store behind it standing for
     /// Redis (a tier that keeps each entry whole).
+    /// `values` as the members of a file holding them one after another, keyed by their index
+    /// and `tag`.
+    fn members_of(values: &[Vec<u8>], tag: u8) -> Vec<Member> {
+        let mut offset = 0;
+        (values.iter().enumerate())
+            .map(|(index, value)| {
+                let key = KeyId(Digest::of(&[index as u8, tag]));
+                let (header, digest, link) = header_for(&key, value);
+                let member = Member {
+                    key,
+                    link,
+                    digest,
+                    header,
+                    offset,
+                };
+                offset += value.len() as u64;
+                member
+            })
+            .collect()
+    }
+
     fn disk_then_remote(
         dir: &std::path::Path,
     ) -> (
@@ -490,20 +511,10 @@ mod tests {
 
         let values: Vec<Vec<u8>> = (0..3u8).map(|seed| vec![seed; 40_000]).collect();
         let pack: Vec<u8> = values.concat();
-        let mut members = Vec::new();
-        let mut expected = Vec::new();
-        for (index, value) in values.iter().enumerate() {
-            let key = KeyId(Digest::of(&[index as u8, 9]));
-            let (header, digest, link) = header_for(&key, value);
-            expected.push((key, whole(&header, value)));
-            members.push(Member {
-                key,
-                link,
-                digest,
-                header,
-                offset: (index * value.len()) as u64,
-            });
-        }
+        let members = members_of(&values, 9);
+        let mut expected: Vec<_> = (members.iter().zip(&values))
+            .map(|(member, value)| (member.key, whole(&member.header, value)))
+            .collect();
         // Handed over as a compile hands its pack: each value a part of its own.
         let parts: Vec<&[u8]> = values.iter().map(|value| &value[..]).collect();
         let pack_key = KeyId(Digest::of(b"pack"));
@@ -559,18 +570,7 @@ mod tests {
         let (disk, remote, tiered) = disk_then_remote(dir.path());
         let values: Vec<Vec<u8>> = (0..2u8).map(|seed| vec![seed; 50_000]).collect();
         let file: Vec<u8> = values.concat();
-        let mut members = Vec::new();
-        for (index, value) in values.iter().enumerate() {
-            let key = KeyId(Digest::of(&[index as u8, 7]));
-            let (header, digest, link) = header_for(&key, value);
-            members.push(Member {
-                key,
-                link,
-                digest,
-                header,
-                offset: (index * value.len()) as u64,
-            });
-        }
+        let members = members_of(&values, 7);
         let keys: Vec<KeyId> = members.iter().map(|member| member.key).collect();
         let file_key = KeyId(Digest::of(b"held"));
         let (header, digest, link) = header_for(&file_key, &file);
